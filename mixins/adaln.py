@@ -1,0 +1,83 @@
+"""AdaLNMixin: CogVideoX's expert adaptive LayerNorm (``layer_forward``) and qk-LayerNorm (``process_qkv``).
+
+Per layer, ``SiLU -> Linear(time_embed_dim, 12 D)`` of the timestep embedding gives 12 chunks:
+shift / scale / gate for attention and MLP of the video tokens, then the same six for the text
+tokens. Text and video share the LayerNorms, the attention and the MLP; only the modulation and the
+gates are per modality ("experts"). The modulation linears start at zero, so every block starts as
+the identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sat_video.hooks import Mixin
+from sat_video.modulation import modulate
+from sat_video.registry import register_mixin
+
+
+def _per_modality(x: torch.Tensor, text_length: int, text_fn, video_fn) -> torch.Tensor:
+    return torch.cat([text_fn(x[:, :text_length]), video_fn(x[:, text_length:])], dim=1)
+
+
+@register_mixin("adaln")
+class AdaLNMixin(Mixin):
+    """Expert AdaLN modulation of every block, plus per-layer q/k LayerNorm over the head dim.
+
+    State dict: ``adaLN_modulations.{i}.1.{weight,bias}`` ``[12 D, time_embed_dim]`` and, with
+    ``qk_layernorm``, ``query_layernorm_list.{i}`` / ``key_layernorm_list.{i}`` ``[head_dim]``.
+    """
+
+    @dataclass
+    class Config:
+        qk_layernorm: bool = True
+        """LayerNorm (eps 1e-6, shared across heads) on queries and keys before attention."""
+
+    chain_priority = {"process_qkv": -10}  # normalise q/k before any rotation
+
+    def __init__(self, dims, config=None):
+        super().__init__(dims, config)
+        self.adaLN_modulations = nn.ModuleList(
+            nn.Sequential(nn.SiLU(), nn.Linear(dims.time_embed_dim, 12 * dims.hidden_size)) for _ in range(dims.num_layers)
+        )
+        if self.config.qk_layernorm:
+            self.query_layernorm_list = nn.ModuleList(nn.LayerNorm(dims.head_dim, eps=1e-6) for _ in range(dims.num_layers))
+            self.key_layernorm_list = nn.ModuleList(nn.LayerNorm(dims.head_dim, eps=1e-6) for _ in range(dims.num_layers))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for modulation in self.adaLN_modulations:
+            nn.init.zeros_(modulation[1].weight)
+            nn.init.zeros_(modulation[1].bias)
+
+    def implemented_hooks(self) -> list[str]:
+        hooks = super().implemented_hooks()
+        return hooks if self.config.qk_layernorm else [h for h in hooks if h != "process_qkv"]
+
+    def layer_forward(self, layer, hidden, ctx, layer_idx):
+        n = ctx.text_length
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
+         text_shift_msa, text_scale_msa, text_gate_msa, text_shift_mlp, text_scale_mlp, text_gate_mlp,
+         ) = self.adaLN_modulations[layer_idx](ctx.temb)[:, None].chunk(12, dim=-1)  # each [B, 1, D]
+
+        # attention over the joint sequence, modulated and gated per modality
+        x = _per_modality(
+            layer.input_layernorm(hidden), n,
+            lambda t: modulate(t, text_shift_msa, text_scale_msa), lambda v: modulate(v, shift_msa, scale_msa),
+        )
+        attention = layer.attention(x, ctx, layer_idx)
+        hidden = hidden + _per_modality(attention, n, lambda t: text_gate_msa * t, lambda v: gate_msa * v)
+
+        # MLP likewise
+        x = _per_modality(
+            layer.post_attention_layernorm(hidden), n,
+            lambda t: modulate(t, text_shift_mlp, text_scale_mlp), lambda v: modulate(v, shift_mlp, scale_mlp),
+        )
+        mlp = layer.mlp(x, ctx, layer_idx)
+        return hidden + _per_modality(mlp, n, lambda t: text_gate_mlp * t, lambda v: gate_mlp * v)
+
+    def process_qkv(self, q, k, v, ctx, layer_idx):
+        return self.query_layernorm_list[layer_idx](q), self.key_layernorm_list[layer_idx](k), v

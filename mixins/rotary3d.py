@@ -1,0 +1,107 @@
+"""Rotary3DMixin: 3D rotary positions on the video queries and keys (CogVideoX-5B, 1.5).
+
+The head dim is split ``[t | h | w] = [hd/4 | 3hd/8 | 3hd/8]``; each axis rotates adjacent pairs
+``(x_2i, x_2i+1)`` by ``pos * theta^(-2i/d)`` at *integer* positions, so other grids extrapolate
+(no interpolation). Text tokens are not rotated. It runs after qk-LayerNorm when the AdaLN mixin is
+added first (``process_qkv`` chains in insertion order).
+
+``learned_table: true`` adds the 5B-I2V learned ``[1, L + T*H*W, D]`` table (zero init) to all
+tokens, text included; it exists only for the training grid (shorter clips use its prefix, as SAT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sat_video.context import TokenGrid
+from sat_video.hooks import Mixin
+from sat_video.registry import register_mixin
+
+
+def _axis_angles(dim: int, length: int, theta: float) -> torch.Tensor:
+    freqs = 1.0 / theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim)
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * freqs[None]
+    return angles.repeat_interleave(2, dim=-1)  # [length, dim]: [f0, f0, f1, f1, ...]
+
+
+def rotary_3d_cos_sin(head_dim: int, grid: TokenGrid, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of shape ``[T*H*W, head_dim]`` in float32, rows ordered t, h, w."""
+    dim_t, dim_hw = head_dim // 4, head_dim // 8 * 3
+    shape = (grid.frames, grid.height, grid.width)
+    angles = torch.cat(
+        [
+            _axis_angles(dim_t, grid.frames, theta)[:, None, None].expand(*shape, -1),
+            _axis_angles(dim_hw, grid.height, theta)[None, :, None].expand(*shape, -1),
+            _axis_angles(dim_hw, grid.width, theta)[None, None].expand(*shape, -1),
+        ],
+        dim=-1,
+    ).reshape(grid.num_tokens, -1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Adjacent pairs ``(x_2i, x_2i+1) -> (-x_2i+1, x_2i)``."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+@register_mixin("rotary_3d")
+class Rotary3DMixin(Mixin):
+    """3D RoPE (``process_qkv`` hook) with an optional learned absolute table (``add_position`` hook)."""
+
+    @dataclass
+    class Config:
+        theta: float = 10000.0
+        """RoPE base."""
+        learned_table: bool = False
+        """Add the learned absolute table of CogVideoX-5B-I2V (``pos_embedding``)."""
+
+    derived_checkpoint_keys = ("freqs_sin", "freqs_cos")
+
+    def __init__(self, dims, config=None):
+        super().__init__(dims, config)
+        if dims.head_dim % 16:
+            raise ValueError(f"3D RoPE splits the head dim 4/8 : 3/8 : 3/8 into even parts; head dim {dims.head_dim} is not a multiple of 16")
+        self._cos_sin: dict = {}
+        if self.config.learned_table:
+            patch_t = dims.patch_size_t or 1
+            self.train_grid = TokenGrid(dims.latent_frames // patch_t, dims.latent_height // dims.patch_size, dims.latent_width // dims.patch_size)
+            self.pos_embedding = nn.Parameter(torch.zeros(1, dims.text_length + self.train_grid.num_tokens, dims.hidden_size))
+
+    def reset_parameters(self) -> None:
+        if self.config.learned_table:
+            nn.init.zeros_(self.pos_embedding)
+
+    def implemented_hooks(self) -> list[str]:
+        hooks = super().implemented_hooks()
+        return hooks if self.config.learned_table else [h for h in hooks if h != "add_position"]
+
+    def cos_sin(self, grid: TokenGrid, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (grid, device, dtype)
+        if key not in self._cos_sin:
+            cos, sin = rotary_3d_cos_sin(self.dims.head_dim, grid, self.config.theta)
+            self._cos_sin[key] = (cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype))
+        return self._cos_sin[key]
+
+    def process_qkv(self, q, k, v, ctx, layer_idx):
+        n = ctx.text_length
+        cos, sin = self.cos_sin(ctx.grid, q.device, q.dtype)  # [N, hd], broadcast over batch and heads
+
+        def rotate(x):
+            video = x[:, :, n:]
+            return torch.cat([x[:, :, :n], video * cos + rotate_half(video) * sin], dim=2)
+
+        return rotate(q), rotate(k), v
+
+    def add_position(self, hidden, ctx):
+        grid, train = ctx.grid, self.train_grid
+        if (grid.height, grid.width) != (train.height, train.width) or grid.frames > train.frames or ctx.text_length != self.dims.text_length:
+            raise ValueError(
+                f"the learned position table covers {self.dims.text_length} text tokens and a "
+                f"{train.frames}x{train.height}x{train.width} grid; this input has {ctx.text_length} text "
+                f"tokens and a {grid.frames}x{grid.height}x{grid.width} grid (only fewer frames are possible)"
+            )
+        return hidden + self.pos_embedding[:, : hidden.shape[1]]

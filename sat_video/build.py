@@ -1,0 +1,27 @@
+"""Config -> model: the DiT with the mixins its config lists, added in order."""
+
+from __future__ import annotations
+
+from typing import Union
+
+from omegaconf import DictConfig
+
+from .config import DiTConfig, dit_config
+from .dit import DiffusionTransformer
+from .registry import resolve_mixin_class
+
+
+def build_dit(cfg: Union[DictConfig, DiTConfig]) -> DiffusionTransformer:
+    """Build the DiT described by ``cfg`` (a config from :func:`load_config`, or a :class:`DiTConfig`).
+
+    Weights are initialised as for training from scratch. Build under ``torch.device("meta")`` to get
+    the structure without memory, then load weights with :func:`sat_video.load_checkpoint`.
+    """
+    dims = dit_config(cfg)
+    dims.validate()
+    model = DiffusionTransformer(dims)
+    for name, entry in dims.mixins.items():
+        params = dict(entry)
+        cls = resolve_mixin_class(params.pop("type"), dims.mixin_modules)
+        model.add_mixin(name, cls(dims, cls.Config(**params)))
+    return model

@@ -1,0 +1,235 @@
+"""Typed configuration: YAML files merged left to right, then ``key=value`` overrides.
+
+Every section maps to a dataclass; unknown keys and wrong types fail at load time with the file, the
+full key and the closest valid key. Mixin parameters (``model.dit.mixins.<name>``) are validated
+against the ``Config`` dataclass of the mixin class their ``type`` names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+@dataclass
+class DiTConfig:
+    """``model.dit``: the shared sizes of the diffusion transformer and its mixins.
+
+    Mixins read these sizes from the model rather than repeating them. Defaults are CogVideoX-2B's.
+    """
+
+    hidden_size: int = 1920
+    """Width ``D`` of every token."""
+    num_layers: int = 30
+    """Number of transformer blocks."""
+    num_attention_heads: int = 30
+    """Attention heads; ``hidden_size / num_attention_heads`` is the head dim (64 in CogVideoX)."""
+    in_channels: int = 16
+    """Latent channels entering the patch embedding (32 for I2V: 16 noisy + 16 image condition)."""
+    out_channels: int = 16
+    """Latent channels predicted."""
+    patch_size: int = 2
+    """Spatial patch size ``p``."""
+    patch_size_t: Optional[int] = None
+    """Temporal patch size. ``null``: per-frame Conv2d patches (CogVideoX 1.0 layout); an integer:
+    a Linear over ``patch_size_t x p x p`` tubes (CogVideoX 1.5 layout)."""
+    latent_height: int = 60
+    """Latent height the model was trained at (sizes learned tables; other sizes still run)."""
+    latent_width: int = 90
+    """Latent width the model was trained at."""
+    num_frames: int = 49
+    """Pixel frames of a training clip (SAT's and diffusers' convention); latent frames are
+    ``(num_frames - 1) // temporal_compression_ratio + 1``."""
+    temporal_compression_ratio: int = 4
+    """Frames per latent frame of the VAE (after the first)."""
+    text_length: int = 226
+    """Text tokens per sample (T5 padded / truncated to this)."""
+    text_hidden_size: int = 4096
+    """Width of the text encoder's output (T5-XXL: 4096)."""
+    time_embed_dim: int = 512
+    """Width of the timestep embedding that drives the modulations."""
+    ofs_embed_dim: Optional[int] = None
+    """Width of the ofs embedding (CogVideoX 1.5 I2V); ``null`` for none. It is added to the timestep
+    embedding, so it must equal ``time_embed_dim``."""
+    mixins: Dict[str, Any] = field(default_factory=dict)
+    """Mixins in the order they are added, ``<name>: {type: <registered type>, <param>: ...}``. The
+    name is the state-dict prefix (``mixins.<name>.*``); ``<name>: null`` removes an inherited one."""
+    mixin_modules: List[str] = field(default_factory=list)
+    """Extra Python modules to import so that their ``@register_mixin`` classes can be named in ``type``."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.num_frames - 1) // self.temporal_compression_ratio + 1
+
+    def validate(self) -> None:
+        problems = []
+        for name in ("hidden_size", "num_layers", "num_attention_heads", "in_channels", "out_channels",
+                     "patch_size", "latent_height", "latent_width", "num_frames", "temporal_compression_ratio",
+                     "text_length", "text_hidden_size", "time_embed_dim"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, found {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            problems.append(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})")
+        if self.patch_size_t is not None and self.patch_size_t <= 0:
+            problems.append(f"patch_size_t must be null or positive, found {self.patch_size_t}")
+        if self.ofs_embed_dim is not None and self.ofs_embed_dim != self.time_embed_dim:
+            problems.append(f"ofs_embed_dim ({self.ofs_embed_dim}) must equal time_embed_dim ({self.time_embed_dim}): the two embeddings are summed")
+        for axis in ("latent_height", "latent_width"):
+            if getattr(self, axis) % self.patch_size:
+                problems.append(f"{axis} ({getattr(self, axis)}) must be divisible by patch_size ({self.patch_size})")
+        if problems:
+            raise ConfigError("model.dit: " + "; ".join(problems))
+
+
+@dataclass
+class DiffusionConfig:
+    """``model.diffusion``: the noise schedule the model was trained with (CogVideoX: scaled-linear betas
+    0.00085..0.012, v-prediction, zero terminal SNR)."""
+
+    snr_shift_scale: float = 3.0
+    """SNR shift ``s`` of the schedule: 3.0 for CogVideoX-2B, 1.0 for the 5B models."""
+    num_train_timesteps: int = 1000
+    """Number of DDPM steps."""
+
+
+@dataclass
+class ModelConfig:
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+
+@dataclass
+class Config:
+    """The root of every config file."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def _closest(key: str, choices: Sequence[str]) -> str:
+    match = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _check_known_keys(data: Any, schema: type, path: str, source: str) -> None:
+    """Walk a plain mapping against dataclass ``schema``; open ``Dict`` fields are left to later checks."""
+    if not isinstance(data, dict):
+        return
+    fields = typing.get_type_hints(schema)
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            where = f"'{path}'" if path else "the top level"
+            raise ConfigError(
+                f"{source}: unknown key '{full}'{_closest(str(key), list(fields))} "
+                f"(valid keys under {where}: {', '.join(fields)})"
+            )
+        if dataclasses.is_dataclass(fields[key]):
+            _check_known_keys(value, fields[key], full, source)
+
+
+def _dotlist_to_nested(overrides: Sequence[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+
+
+def _validate_mixins(dit: DictConfig) -> None:
+    from .registry import UnknownMixinError, resolve_mixin_class
+
+    for name in list(dit.mixins.keys()):
+        entry = dit.mixins[name]
+        where = f"model.dit.mixins.{name}"
+        if entry is None:
+            del dit.mixins[name]
+            continue
+        if not isinstance(entry, DictConfig) or "type" not in entry:
+            raise ConfigError(f"{where}: expected a mapping with a 'type' key, found {OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else entry!r}")
+        if not str(name).isidentifier():
+            raise ConfigError(f"{where}: mixin names must be Python identifiers")
+        params = {k: v for k, v in OmegaConf.to_container(entry, resolve=True).items() if k != "type"}
+        try:
+            cls = resolve_mixin_class(entry.type, dit.mixin_modules)
+        except UnknownMixinError as err:
+            raise ConfigError(f"{where}.type: {err}") from None
+        valid = [f.name for f in dataclasses.fields(cls.Config)]
+        for key in params:
+            if key not in valid:
+                raise ConfigError(
+                    f"unknown key '{where}.{key}' for mixin type '{entry.type}'{_closest(key, valid)} "
+                    f"(valid: {', '.join(valid) or 'none'})"
+                )
+        try:
+            typed = OmegaConf.merge(OmegaConf.structured(cls.Config), params)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{where}: {err.msg if hasattr(err, 'msg') else err}") from None
+        dit.mixins[name] = {"type": entry.type, **OmegaConf.to_container(typed)}
+
+
+def load_config(paths: Union[str, Path, dict, Sequence[Union[str, Path, dict]]], overrides: Sequence[str] = ()) -> DictConfig:
+    """Load YAML files merged left to right, then apply ``key=value`` overrides.
+
+    Args:
+        paths: one path or a list; an item may also be a mapping (an in-memory config layer).
+        overrides: dotted ``key=value`` strings, applied last (``model.dit.num_layers=4``).
+    Returns:
+        A typed, resolved ``DictConfig`` following :class:`Config` (read ``cfg.model.dit.hidden_size``).
+    Raises:
+        ConfigError: unknown key (with the closest valid one), wrong type, or inconsistent sizes.
+    """
+    if isinstance(paths, (str, Path, dict, DictConfig)):
+        paths = [paths]
+    cfg = OmegaConf.structured(Config)
+    layers = []
+    for path in paths:
+        if isinstance(path, (dict, DictConfig)):
+            layers.append(("in-memory config", OmegaConf.to_container(OmegaConf.create(path))))
+            continue
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = OmegaConf.to_container(OmegaConf.load(path))
+        except Exception as err:  # yaml errors carry the line and column
+            raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
+        layers.append((str(path), data or {}))
+    if overrides:
+        layers.append(("command-line override", _dotlist_to_nested(overrides)))
+    for source, data in layers:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, found {type(data).__name__}")
+        _check_known_keys(data, Config, "", source)
+        try:
+            cfg = OmegaConf.merge(cfg, data)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{source}: {err.msg if hasattr(err, 'msg') else err} (key '{err.full_key}')") from None
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot resolve interpolation at '{err.full_key}': {err.msg}") from None
+    _validate_mixins(cfg.model.dit)
+    dit_config(cfg).validate()
+    return cfg
+
+
+def dit_config(cfg: Union[DictConfig, DiTConfig]) -> DiTConfig:
+    """The ``model.dit`` section of a loaded config as a :class:`DiTConfig` instance."""
+    if isinstance(cfg, DiTConfig):
+        return cfg
+    node = cfg.model.dit if "model" in cfg else cfg
+    return OmegaConf.to_object(node)

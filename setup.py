@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="sat_video",
+    version="0.1.0",
+    description="SAT-style video diffusion transformers (CogVideoX) built from mixins",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["sat_video", "mixins"],
+    install_requires=[
+        "torch>=2.4",
+        "einops",
+        "omegaconf>=2.3",
+        "numpy",
+        "safetensors",
+        "sentencepiece",
+        "transformers",
+        "diffusers>=0.32",
+        "deepspeed",
+        "decord",
+        "imageio",
+        "imageio-ffmpeg",
+    ],
+    extras_require={"test": ["pytest", "pytest-timeout"], "dev": ["pytest", "pytest-timeout", "ruff"]},
+)

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Widen a text-to-video checkpoint into an image-to-video starting point.
+
+    python tools/widen_to_i2v.py --base configs/cogvideox_5b.yaml --ckpt ckpts/5b --out ckpts/5b-i2v-init \
+        [--in-channels 32] [key=value ...]
+
+The target model is the base config with ``model.dit.in_channels`` set to ``--in-channels`` plus the
+overrides (e.g. ``model.dit.mixins.pos_embed.learned_table=true`` for the 5B-I2V layout). The patch
+embedding gets zero weights for the new channels; parameters the T2V checkpoint lacks entirely keep the
+target's own initialisation (the learned table starts at zero) and are listed. Writes a SAT checkpoint
+and ``<out>/config.yaml``.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+import sat_video
+from sat_video.checkpoint import dit_state_dict, read_state_dict
+from sat_video.config import dit_config
+from sat_video.i2v import widen_patch_embedding
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", nargs="+", required=True, help="the T2V model's configs")
+    parser.add_argument("--ckpt", required=True, help="the T2V checkpoint")
+    parser.add_argument("--out", required=True, help="output checkpoint folder (must not exist)")
+    parser.add_argument("--in-channels", type=int, default=32, help="input channels of the I2V model (default 32)")
+    parser.add_argument("overrides", nargs="*", help="overrides for the I2V model, key=value")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    try:
+        if out.exists():
+            raise FileExistsError(f"{out} already exists; choose a new --out (nothing was written)")
+        source_cfg = sat_video.load_config(args.base)
+        with torch.device("meta"):
+            source = sat_video.build_dit(source_cfg)
+        sat_video.load_checkpoint(source, args.ckpt)  # validates the T2V checkpoint against its config
+        target_cfg = sat_video.load_config(args.base, [f"model.dit.in_channels={args.in_channels}", *args.overrides])
+        target = sat_video.build_dit(target_cfg)
+        patch_embed = next(n for n, e in dit_config(source_cfg).mixins.items() if e["type"] == "image_patch_embed")
+        state = widen_patch_embedding(source.state_dict(), dit_config(source_cfg), args.in_channels, patch_embed)
+        fresh = [k for k in target.state_dict() if k not in state]
+        state.update({k: target.state_dict()[k] for k in fresh})
+        target.load_state_dict(sat_video.checkpoint.check_state_dict(target, state, args.ckpt))
+        file = sat_video.save_checkpoint(target, out, 0)
+        OmegaConf.save(target_cfg, out / "config.yaml")
+    except (sat_video.ConfigError, sat_video.CheckpointError, FileExistsError, ValueError, KeyError) as err:
+        print(f"widen_to_i2v: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {file} and {out / 'config.yaml'}")
+    for key in fresh:
+        print(f"  initialised fresh (not in the T2V checkpoint): {key}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
