@@ -1,0 +1,43 @@
+"""Shared helpers: tiny configs of every shipped model, randomised weights, inputs."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import sat_video
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ["cogvideox_2b", "cogvideox_5b", "cogvideox_5b_i2v", "cogvideox1.5_5b", "cogvideox1.5_5b_i2v"]
+
+
+def tiny_config(variant: str, *overrides: str):
+    return sat_video.load_config([ROOT / "configs" / f"{variant}.yaml", ROOT / "configs" / "tiny.yaml"], overrides)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
+    """Perturb every parameter so zero-initialised parts (modulations, gates, tables) matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * std)
+    return model
+
+
+def tiny_inputs(cfg, batch=2, frames=4, height=None, width=None, seed=0):
+    dims = cfg.model.dit
+    generator = torch.Generator().manual_seed(seed)
+    height, width = height or dims.latent_height, width or dims.latent_width
+    x = torch.randn(batch, frames, dims.in_channels, height, width, generator=generator)
+    context = torch.randn(batch, dims.text_length, dims.text_hidden_size, generator=generator)
+    timesteps = torch.randint(0, 1000, (batch,), generator=generator)
+    ofs = torch.full((batch,), 2.0) if dims.ofs_embed_dim else None
+    return x, timesteps, context, ofs
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request):
+    return request.param
