@@ -64,7 +64,8 @@ class DiTConfig:
     embedding, so it must equal ``time_embed_dim``."""
     mixins: Dict[str, Any] = field(default_factory=dict)
     """Mixins in the order they are added, ``<name>: {type: <registered type>, <param>: ...}``. The
-    name is the state-dict prefix (``mixins.<name>.*``); ``<name>: null`` removes an inherited one."""
+    name is the state-dict prefix (``mixins.<name>.*``); ``<name>: null`` removes an inherited one, and a
+    later file giving it another ``type`` replaces it (parameters are not carried over)."""
     mixin_modules: List[str] = field(default_factory=list)
     """Extra Python modules to import so that their ``@register_mixin`` classes can be named in ``type``."""
 
@@ -149,6 +150,15 @@ def _dotlist_to_nested(overrides: Sequence[str]) -> dict:
     return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
 
 
+def _drop_retyped_mixins(cfg: DictConfig, data: dict) -> None:
+    """A layer that gives a mixin another ``type`` replaces the entry instead of merging parameters into it."""
+    incoming = ((data.get("model") or {}).get("dit") or {}).get("mixins") or {}
+    current = cfg.model.dit.mixins
+    for name, entry in incoming.items():
+        if isinstance(entry, dict) and "type" in entry and current.get(name) is not None and current[name].get("type") != entry["type"]:
+            current[name] = None
+
+
 def _validate_mixins(dit: DictConfig) -> None:
     from .registry import UnknownMixinError, resolve_mixin_class
 
@@ -214,6 +224,7 @@ def load_config(paths: Union[str, Path, dict, Sequence[Union[str, Path, dict]]],
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level, found {type(data).__name__}")
         _check_known_keys(data, Config, "", source)
+        _drop_retyped_mixins(cfg, data)
         try:
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as err:

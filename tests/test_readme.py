@@ -1,0 +1,33 @@
+"""README keeps exactly two set-up commands, CI runs the test one verbatim, and the main job works."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+
+def _setup_commands():
+    section = ROOT.joinpath("README.md").read_text().split("## Set-up commands", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)\n```", section, flags=re.S)
+
+
+def test_readme_has_two_set_up_commands_and_ci_runs_the_test_one():
+    commands = _setup_commands()
+    assert len(commands) == 2 and all("\n" not in c for c in commands)
+    main_job, tests = commands
+    assert "torch==2.13.0" in main_job and "tools/quickstart.py" in main_job
+    assert "torch==2.13.0" in tests and "pytest" in tests
+    assert tests in ROOT.joinpath(".ci", "run").read_text().splitlines()
+
+
+@pytest.mark.slow
+def test_main_job_runs_end_to_end(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "quickstart.py"), "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all checks passed" in result.stdout
+    run = next(tmp_path.iterdir())
+    assert (run / "cogvideox_5b" / "diffusers" / "transformer" / "config.json").is_file()
