@@ -20,26 +20,29 @@ class MissingHookError(RuntimeError):
     """A required hook has no provider."""
 
 
-def _chain(spec: HookSpec, links: list[Callable]) -> Callable:
-    count = spec.threaded_args
+class _Chain:
+    """Calls each link on the previous link's output. A class rather than a closure so that
+    ``copy.deepcopy(model)`` rebinds the links to the copied mixins."""
 
-    def chained(*args, **kwargs):
-        for link in links:
+    def __init__(self, spec: HookSpec, links: list[Callable]):
+        self.count, self.links = spec.threaded_args, links
+
+    def __call__(self, *args, **kwargs):
+        for link in self.links:
             out = link(*args, **kwargs)
-            args = ((out,) if count == 1 else tuple(out)) + args[count:]
-        return args[0] if count == 1 else args[:count]
-
-    return chained
+            args = ((out,) if self.count == 1 else tuple(out)) + args[self.count:]
+        return args[0] if self.count == 1 else args[: self.count]
 
 
-def _missing(spec: HookSpec) -> Callable:
-    def missing(*args, **kwargs):
+class _Missing:
+    def __init__(self, spec: HookSpec):
+        self.spec = spec
+
+    def __call__(self, *args, **kwargs):
         raise MissingHookError(
-            f"no mixin provides the required hook '{spec.name}'; add one (for example "
-            f"{'ImagePatchEmbedMixin' if spec.name == 'embed' else 'FinalLayerMixin'}) under model.dit.mixins"
+            f"no mixin provides the required hook '{self.spec.name}'; add one (for example {self.spec.example}) "
+            "under model.dit.mixins"
         )
-
-    return missing
 
 
 class HookTable:
@@ -64,7 +67,7 @@ class HookTable:
             if spec.composition is Composition.CHAIN:
                 providers.sort(key=lambda item: item[1].chain_priority.get(spec.name, 0))  # stable: ties keep insertion order
                 links = [getattr(m, spec.name) for _, m in providers]
-                resolved[spec.name] = _chain(spec, links)
+                resolved[spec.name] = _Chain(spec, links)
                 origins[spec.name] = [name for name, _ in providers]
                 continue
 
@@ -81,7 +84,7 @@ class HookTable:
             elif spec.name in defaults:
                 impl, chain = defaults[spec.name], ["default"]
             else:
-                impl, chain = _missing(spec), ["<missing>"]
+                impl, chain = _Missing(spec), ["<missing>"]
             for name, mixin in wrappers:
                 impl = functools.partial(getattr(mixin, spec.name), inner=impl)
                 chain.append(name)

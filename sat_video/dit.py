@@ -77,8 +77,9 @@ class DiffusionTransformer(nn.Module):
             raise ValueError(f"mixin name '{name}' must be a Python identifier (it becomes the state-dict prefix)")
         if name in self.mixins:
             raise ValueError(f"a mixin named '{name}' ({type(self.mixins[name]).__name__}) is already added; del_mixin it first")
-        if _sizes(mixin.dims) != _sizes(self.dims):
-            diff = {k: (v, _sizes(mixin.dims)[k]) for k, v in _sizes(self.dims).items() if _sizes(mixin.dims)[k] != v}
+        ours, theirs = _sizes(self.dims), _sizes(mixin.dims)
+        if ours != theirs:
+            diff = {k: (v, theirs[k]) for k, v in ours.items() if theirs[k] != v}
             raise ValueError(f"mixin '{name}' was built for other sizes (model vs mixin): {diff}")
         table = HookTable.build({**self.mixins, name: mixin}, DEFAULT_HOOKS)
         self.mixins[name] = mixin

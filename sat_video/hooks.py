@@ -45,17 +45,18 @@ class HookSpec:
     name: str
     composition: Composition
     required: bool = False  # forward refuses to run until some mixin provides it
+    example: str = ""  # a shipped mixin that provides it, for error messages
     threaded_args: int = 1  # CHAIN: how many leading arguments each link returns to the next
 
 
 HOOKS: tuple[HookSpec, ...] = (
-    HookSpec("embed", Composition.REPLACE, required=True),
+    HookSpec("embed", Composition.REPLACE, required=True, example="ImagePatchEmbedMixin"),
     HookSpec("add_position", Composition.CHAIN),
     HookSpec("layer_forward", Composition.REPLACE),
     HookSpec("process_qkv", Composition.CHAIN, threaded_args=3),
     HookSpec("attention_kernel", Composition.REPLACE),
     HookSpec("mlp_forward", Composition.REPLACE),
-    HookSpec("final_forward", Composition.REPLACE, required=True),
+    HookSpec("final_forward", Composition.REPLACE, required=True, example="FinalLayerMixin"),
 )
 HOOK_SPECS = {spec.name: spec for spec in HOOKS}
 

@@ -37,11 +37,6 @@ def register_mixin(name: str):
     return decorator
 
 
-def registered_mixins() -> dict[str, type[Mixin]]:
-    _import_builtin()
-    return dict(_REGISTRY)
-
-
 def _import_builtin() -> None:
     importlib.import_module("mixins")
 

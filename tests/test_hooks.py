@@ -174,3 +174,17 @@ def test_rotary_learned_table_only_registers_add_position_when_enabled():
     dims = dit_config(tiny_config("cogvideox_5b"))
     assert "add_position" not in Rotary3DMixin(dims).implemented_hooks()
     assert "add_position" in Rotary3DMixin(dims, Rotary3DMixin.Config(learned_table=True)).implemented_hooks()
+
+
+def test_deep_copies_dispatch_to_their_own_mixins():
+    import copy
+
+    model = _model()
+    clone = copy.deepcopy(model)
+    x, t, c, _ = tiny_inputs(tiny_config("cogvideox_5b"))
+    with torch.no_grad():
+        reference = model(x, t, c)
+        for layernorm in clone.mixins.adaln_layer.query_layernorm_list:
+            layernorm.weight.mul_(3.0)  # only the copy's qk-norm (a CHAIN link) changes
+        assert torch.equal(model(x, t, c), reference)
+        assert not torch.allclose(clone(x, t, c), reference)
