@@ -132,3 +132,10 @@ def test_widening_to_the_5b_i2v_layout_lists_the_fresh_learned_table(tmp_path, c
     widened = sat_video.build_dit(sat_video.load_config(tmp_path / "i2v" / "config.yaml"))
     sat_video.load_checkpoint(widened, tmp_path / "i2v")
     assert widened.mixins.pos_embed.pos_embedding.abs().sum() == 0
+
+
+def test_overrides_may_follow_the_base_files_directly(tmp_path, capsys):
+    _, ckpt = _saved(tmp_path)
+    code = convert_to_diffusers(["--ckpt", str(ckpt), "--out", str(tmp_path / "hf"), "--base", *_base("cogvideox_5b"),
+                                 "model.dit.num_layers=3"])
+    assert code == 2 and "transformer.layers.2." in capsys.readouterr().err  # the override was applied, not read as a file

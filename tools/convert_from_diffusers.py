@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 import sat_video
+from sat_video.cli import add_config_arguments, split_config_arguments
 from sat_video.config import dit_config
 from sat_video.diffusers_export import ConversionError, from_diffusers_config, from_diffusers_state_dict, read_diffusers_transformer
 
@@ -25,19 +26,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--diffusers", required=True, help="diffusers transformer folder (or pipeline folder)")
     parser.add_argument("--out", required=True, help="output checkpoint folder (must not exist)")
-    parser.add_argument("--base", nargs="*", default=[], help="optional configs the model must match")
+    add_config_arguments(parser, required=False)
     parser.add_argument("--iteration", type=int, default=1, help="iteration number to save under")
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:
         if out.exists():
             raise FileExistsError(f"{out} already exists; choose a new --out (nothing was written)")
         hf_config, hf_state = read_diffusers_transformer(args.diffusers)
-        derived = sat_video.load_config([{"model": {"dit": from_diffusers_config(hf_config)}}], args.overrides)
+        paths, overrides = split_config_arguments(args)
+        derived = sat_video.load_config([{"model": {"dit": from_diffusers_config(hf_config)}}], overrides)
         cfg = derived
-        if args.base:
-            cfg = sat_video.load_config(args.base, args.overrides)
+        if paths:
+            cfg = sat_video.load_config(paths, overrides)
             mine, theirs = OmegaConf.to_container(cfg.model.dit), OmegaConf.to_container(derived.model.dit)
             differ = {k: (mine.get(k), theirs.get(k)) for k in set(mine) | set(theirs)
                       if k != "mixin_modules" and mine.get(k) != theirs.get(k)}

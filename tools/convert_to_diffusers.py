@@ -15,6 +15,7 @@ import sys
 import torch
 
 import sat_video
+from sat_video.cli import add_config_arguments, config_from_arguments
 from sat_video.diffusers_export import ConversionError, write_diffusers_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -22,15 +23,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", nargs="+", required=True, help="config files, merged left to right")
+    add_config_arguments(parser)
     parser.add_argument("--ckpt", required=True, help="SAT run folder, iteration folder, .pt or .safetensors")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep the checkpoint's)")
     parser.add_argument("--lora-alpha", type=float, default=1.0, help="SAT LoRA alpha; merge scale is alpha / rank")
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
     try:
-        cfg = sat_video.load_config(args.base, args.overrides)
+        cfg = config_from_arguments(args)
         with torch.device("meta"):
             model = sat_video.build_dit(cfg)
         sat_video.load_checkpoint(model, args.ckpt, lora_alpha=args.lora_alpha)

@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 import sat_video
+from sat_video.cli import add_config_arguments, split_config_arguments
 from sat_video.checkpoint import dit_state_dict, read_state_dict
 from sat_video.config import dit_config
 from sat_video.i2v import widen_patch_embedding
@@ -26,21 +27,21 @@ from sat_video.i2v import widen_patch_embedding
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", nargs="+", required=True, help="the T2V model's configs")
+    add_config_arguments(parser)
     parser.add_argument("--ckpt", required=True, help="the T2V checkpoint")
     parser.add_argument("--out", required=True, help="output checkpoint folder (must not exist)")
     parser.add_argument("--in-channels", type=int, default=32, help="input channels of the I2V model (default 32)")
-    parser.add_argument("overrides", nargs="*", help="overrides for the I2V model, key=value")
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:
         if out.exists():
             raise FileExistsError(f"{out} already exists; choose a new --out (nothing was written)")
-        source_cfg = sat_video.load_config(args.base)
+        paths, overrides = split_config_arguments(args)  # the overrides shape the I2V model only
+        source_cfg = sat_video.load_config(paths)
         with torch.device("meta"):
             source = sat_video.build_dit(source_cfg)
         sat_video.load_checkpoint(source, args.ckpt)  # validates the T2V checkpoint against its config
-        target_cfg = sat_video.load_config(args.base, [f"model.dit.in_channels={args.in_channels}", *args.overrides])
+        target_cfg = sat_video.load_config(paths, [f"model.dit.in_channels={args.in_channels}", *overrides])
         target = sat_video.build_dit(target_cfg)
         patch_embed = next(n for n, e in dit_config(source_cfg).mixins.items() if e["type"] == "image_patch_embed")
         state = widen_patch_embedding(source.state_dict(), dit_config(source_cfg), args.in_channels, patch_embed)
