@@ -19,6 +19,7 @@ setup(
         "sentencepiece",
         "transformers",
         "diffusers>=0.32",
+        "accelerate",
         "deepspeed",
         "decord",
         "imageio",
