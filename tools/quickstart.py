@@ -73,7 +73,7 @@ def main() -> int:
     args = parser.parse_args()
     run_dir = Path(args.out) / time.strftime("quickstart-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=False)
-    print(f"sat_video quickstart: tiny random CogVideoX variants -> SAT checkpoint -> diffusers -> back\n")
+    print("sat_video quickstart: tiny random CogVideoX variants -> SAT checkpoint -> diffusers -> back\n")
     print(f"{'config':<22} {'params':>9} {'max |ours - diffusers|':>24} {'weights after round trip':>26}")
     ok, start = True, time.time()
     for variant in VARIANTS:

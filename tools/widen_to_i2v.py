@@ -20,9 +20,24 @@ from omegaconf import OmegaConf
 
 import sat_video
 from sat_video.cli import add_config_arguments, split_config_arguments
-from sat_video.checkpoint import dit_state_dict, read_state_dict
 from sat_video.config import dit_config
 from sat_video.i2v import widen_patch_embedding
+from sat_video.registry import resolve_mixin_class
+
+
+def _fresh_mixin_weights(cfg, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Initial values for ``keys`` that the T2V checkpoint lacks, from freshly built copies of their mixins."""
+    dims = dit_config(cfg)
+    owners = {key.split(".")[1] for key in keys if key.startswith("mixins.")}
+    if any(not key.startswith("mixins.") for key in keys):
+        raise sat_video.CheckpointError(f"the T2V checkpoint lacks non-mixin weights of the target model: {keys}")
+    weights = {}
+    for name in owners:
+        params = dict(dims.mixins[name])
+        cls = resolve_mixin_class(params.pop("type"), dims.mixin_modules)
+        mixin_state = cls(dims, cls.Config(**params)).state_dict()
+        weights.update({f"mixins.{name}.{k}": v for k, v in mixin_state.items() if f"mixins.{name}.{k}" in keys})
+    return weights
 
 
 def main(argv=None) -> int:
@@ -42,12 +57,13 @@ def main(argv=None) -> int:
             source = sat_video.build_dit(source_cfg)
         sat_video.load_checkpoint(source, args.ckpt)  # validates the T2V checkpoint against its config
         target_cfg = sat_video.load_config(paths, [f"model.dit.in_channels={args.in_channels}", *overrides])
-        target = sat_video.build_dit(target_cfg)
+        with torch.device("meta"):  # no second full-size copy in memory
+            target = sat_video.build_dit(target_cfg)
         patch_embed = next(n for n, e in dit_config(source_cfg).mixins.items() if e["type"] == "image_patch_embed")
         state = widen_patch_embedding(source.state_dict(), dit_config(source_cfg), args.in_channels, patch_embed)
         fresh = [k for k in target.state_dict() if k not in state]
-        state.update({k: target.state_dict()[k] for k in fresh})
-        target.load_state_dict(sat_video.checkpoint.check_state_dict(target, state, args.ckpt))
+        state.update(_fresh_mixin_weights(target_cfg, fresh))
+        target.load_state_dict(sat_video.checkpoint.check_state_dict(target, state, args.ckpt), assign=True)
         file = sat_video.save_checkpoint(target, out, 0)
         OmegaConf.save(target_cfg, out / "config.yaml")
     except (sat_video.ConfigError, sat_video.CheckpointError, FileExistsError, ValueError, KeyError) as err:
