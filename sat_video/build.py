@@ -8,7 +8,15 @@ from omegaconf import DictConfig
 
 from .config import DiTConfig, dit_config
 from .dit import DiffusionTransformer
+from .hooks import Mixin
 from .registry import resolve_mixin_class
+
+
+def build_mixin(dims: DiTConfig, entry) -> Mixin:
+    """One mixin from its ``model.dit.mixins`` entry (``{type: ..., <params>}``)."""
+    params = dict(entry)
+    cls = resolve_mixin_class(params.pop("type"), dims.mixin_modules)
+    return cls(dims, cls.Config(**params))
 
 
 def build_dit(cfg: Union[DictConfig, DiTConfig]) -> DiffusionTransformer:
@@ -21,7 +29,5 @@ def build_dit(cfg: Union[DictConfig, DiTConfig]) -> DiffusionTransformer:
     dims.validate()
     model = DiffusionTransformer(dims)
     for name, entry in dims.mixins.items():
-        params = dict(entry)
-        cls = resolve_mixin_class(params.pop("type"), dims.mixin_modules)
-        model.add_mixin(name, cls(dims, cls.Config(**params)))
+        model.add_mixin(name, build_mixin(dims, entry))
     return model

@@ -243,6 +243,17 @@ def from_diffusers_state_dict(hf_state: dict[str, torch.Tensor], dims: DiTConfig
     return out
 
 
+def diffusers_rotary_embedding(dims: DiTConfig, frames: int, height: int, width: int):
+    """The ``image_rotary_emb`` to pass to diffusers' transformer so that it rotates as SAT does (integer
+    positions on the input's own grid) for latents ``[B, frames, C, height, width]``; ``None`` without RoPE."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    if dims.mixins[mixin_names(dims)["pos"]]["type"] != "rotary_3d":
+        return None
+    grid = (height // dims.patch_size, width // dims.patch_size)
+    return get_3d_rotary_pos_embed(dims.head_dim, None, grid, frames // (dims.patch_size_t or 1), grid_type="slice", max_size=grid)
+
+
 def scheduler_config(snr_shift_scale: float, num_train_timesteps: int = 1000) -> dict[str, Any]:
     """Keyword arguments of the matching ``CogVideoXDDIMScheduler`` (CogVideoX's training schedule)."""
     return {

@@ -3,25 +3,15 @@
 import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
-from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
 import sat_video
 from sat_video.config import dit_config
-from sat_video.diffusers_export import to_diffusers_config
+from sat_video.diffusers_export import diffusers_rotary_embedding, to_diffusers_config
 from tools.convert_to_diffusers import main as convert_to_diffusers
 
 from .conftest import ROOT, VARIANTS, randomize_, tiny_config, tiny_inputs
 
 TOLERANCE = 1e-5
-
-
-def _diffusers_rope(cfg, frames, height, width):
-    dims = cfg.model.dit
-    if dims.mixins.pos_embed.type != "rotary_3d":
-        return None
-    grid = (height // dims.patch_size, width // dims.patch_size)
-    return get_3d_rotary_pos_embed(dims.hidden_size // dims.num_attention_heads, None, grid,
-                                   frames // (dims.patch_size_t or 1), grid_type="slice", max_size=grid)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +43,8 @@ def test_forward_matches_diffusers(exported, variant, label, frames, height, wid
     x, t, context, ofs = tiny_inputs(cfg, frames=frames, height=height, width=width)
     with torch.no_grad():
         ours = model(x, t, context, ofs=ofs)
-        theirs = hf(x, context, t, ofs=ofs, image_rotary_emb=_diffusers_rope(cfg, *x.shape[1:2], *x.shape[3:]),
-                    return_dict=False)[0]
+        rope = diffusers_rotary_embedding(dit_config(cfg), x.shape[1], *x.shape[3:])
+        theirs = hf(x, context, t, ofs=ofs, image_rotary_emb=rope, return_dict=False)[0]
     diff = (ours - theirs).abs().max().item()
     print(f"{variant} {label} {tuple(x.shape)}: max |sat_video - diffusers| = {diff:.2e} (output max {ours.abs().max():.2f})")
     assert ours.shape == theirs.shape == (*x.shape[:2], cfg.model.dit.out_channels, *x.shape[3:])

@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sat_video  # noqa: E402
+from sat_video.config import dit_config  # noqa: E402
+from sat_video.diffusers_export import diffusers_rotary_embedding  # noqa: E402
 
 VARIANTS = ["cogvideox_2b", "cogvideox_5b", "cogvideox_5b_i2v", "cogvideox1.5_5b", "cogvideox1.5_5b_i2v"]
 TOLERANCE = 1e-5
@@ -32,9 +34,8 @@ def _tool(name, *args):
     return result.stdout.strip()
 
 
-def run_variant(variant: str, out: Path) -> tuple[float, bool]:
+def run_variant(variant: str, out: Path) -> tuple[int, float, bool]:
     from diffusers import CogVideoXTransformer3DModel
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
     base = [ROOT / "configs" / f"{variant}.yaml", ROOT / "configs" / "tiny.yaml"]
     cfg = sat_video.load_config(base)
@@ -51,11 +52,7 @@ def run_variant(variant: str, out: Path) -> tuple[float, bool]:
     x = torch.randn(1, 4, dims.in_channels, dims.latent_height, dims.latent_width, generator=generator)
     context = torch.randn(1, dims.text_length, dims.text_hidden_size, generator=generator)
     timestep, ofs = torch.tensor([500]), (torch.tensor([2.0]) if dims.ofs_embed_dim else None)
-    rope = None
-    if dims.mixins.pos_embed.type == "rotary_3d":
-        grid = (dims.latent_height // dims.patch_size, dims.latent_width // dims.patch_size)
-        rope = get_3d_rotary_pos_embed(dims.hidden_size // dims.num_attention_heads, None, grid,
-                                       4 // (dims.patch_size_t or 1), grid_type="slice", max_size=grid)
+    rope = diffusers_rotary_embedding(dit_config(cfg), 4, dims.latent_height, dims.latent_width)
     with torch.no_grad():
         diff = (model(x, timestep, context, ofs=ofs) - hf(x, context, timestep, ofs=ofs, image_rotary_emb=rope,
                                                            return_dict=False)[0]).abs().max().item()
@@ -64,7 +61,7 @@ def run_variant(variant: str, out: Path) -> tuple[float, bool]:
     back = sat_video.build_dit(sat_video.load_config(out / "sat_from_diffusers" / "config.yaml"))
     sat_video.load_checkpoint(back, out / "sat_from_diffusers")
     same = all(torch.allclose(v, back.state_dict()[k], rtol=1e-6, atol=0) for k, v in model.state_dict().items())
-    return diff, same
+    return sum(p.numel() for p in model.parameters()), diff, same
 
 
 def main() -> int:
@@ -77,10 +74,8 @@ def main() -> int:
     print(f"{'config':<22} {'params':>9} {'max |ours - diffusers|':>24} {'weights after round trip':>26}")
     ok, start = True, time.time()
     for variant in VARIANTS:
-        model = sat_video.build_dit(sat_video.load_config([ROOT / "configs" / f"{variant}.yaml", ROOT / "configs" / "tiny.yaml"]))
-        diff, same = run_variant(variant, run_dir / variant)
+        params, diff, same = run_variant(variant, run_dir / variant)
         ok &= diff <= TOLERANCE and same
-        params = sum(p.numel() for p in model.parameters())
         print(f"{variant:<22} {params:>9,} {diff:>24.2e} {'identical' if same else 'DIFFERENT':>26}")
     print(f"\n{'all checks passed' if ok else 'CHECKS FAILED'} in {time.time() - start:.1f} s (tolerance {TOLERANCE:g}, fp32)")
     print(f"outputs: {run_dir}/<config>/{{sat, diffusers, sat_from_diffusers}}")

@@ -19,10 +19,10 @@ import torch
 from omegaconf import OmegaConf
 
 import sat_video
+from sat_video.build import build_mixin
 from sat_video.cli import add_config_arguments, split_config_arguments
 from sat_video.config import dit_config
 from sat_video.i2v import widen_patch_embedding
-from sat_video.registry import resolve_mixin_class
 
 
 def _fresh_mixin_weights(cfg, keys: list[str]) -> dict[str, torch.Tensor]:
@@ -33,9 +33,7 @@ def _fresh_mixin_weights(cfg, keys: list[str]) -> dict[str, torch.Tensor]:
         raise sat_video.CheckpointError(f"the T2V checkpoint lacks non-mixin weights of the target model: {keys}")
     weights = {}
     for name in owners:
-        params = dict(dims.mixins[name])
-        cls = resolve_mixin_class(params.pop("type"), dims.mixin_modules)
-        mixin_state = cls(dims, cls.Config(**params)).state_dict()
+        mixin_state = build_mixin(dims, dims.mixins[name]).state_dict()
         weights.update({f"mixins.{name}.{k}": v for k, v in mixin_state.items() if f"mixins.{name}.{k}" in keys})
     return weights
 
