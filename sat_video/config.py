@@ -106,12 +106,156 @@ class DiffusionConfig:
     """SNR shift ``s`` of the schedule: 3.0 for CogVideoX-2B, 1.0 for the 5B models."""
     num_train_timesteps: int = 1000
     """Number of DDPM steps."""
+    interval_timesteps: bool = True
+    """Each data-parallel rank draws timesteps only from its own interval of ``[0, 1000)`` (CogVideoX's
+    explicit uniform sampling); ``false``: every rank draws from the whole range."""
+    text_dropout: float = 0.1
+    """Share of samples trained with the all-zero text embedding (classifier-free guidance)."""
+    image_noise_log_sigma: List[float] = field(default_factory=lambda: [-3.0, 0.5])
+    """I2V: the first frame gets pixel noise ``sigma = exp(N(mean, std))`` before it is encoded."""
+    image_dropout: float = 0.05
+    """I2V: share of samples whose whole image condition is zero."""
+    ofs: float = 2.0
+    """Value fed to the ofs embedding (CogVideoX 1.5 I2V)."""
+
+
+@dataclass
+class FirstStageConfig:
+    """``model.first_stage``: the frozen 3D causal VAE (``mixins/video_vae.py``)."""
+
+    path: Optional[str] = None
+    """A diffusers ``AutoencoderKLCogVideoX`` folder (``config.json`` + weights) or SAT's ``3d-vae.pt``.
+    ``null``: random weights from ``architecture`` and ``init_seed`` (tests and tiny runs only)."""
+    architecture: Dict[str, Any] = field(default_factory=dict)
+    """``AutoencoderKLCogVideoX`` arguments that differ from CogVideoX's VAE (used for SAT ``.pt`` files
+    and random init; a diffusers folder brings its own ``config.json``)."""
+    scale_factor: float = 1.15258426
+    """Latents are multiplied by this after encoding: 1.15258426 for CogVideoX-2B, 0.7 for the 5B models."""
+    sample_posterior: bool = True
+    """Training encodes by sampling the posterior (as SAT); ``false`` takes its mean."""
+    init_seed: int = 0
+    """Seed of the random weights when ``path`` is null (the same on every rank)."""
+
+
+@dataclass
+class TextEncoderConfig:
+    """``model.text_encoder``: the frozen T5 encoder; its output length and width are
+    ``model.dit.text_length`` and ``model.dit.text_hidden_size``."""
+
+    path: Optional[str] = None
+    """Local folder with a ``T5EncoderModel`` (``config.json`` + weights) and its sentencepiece tokenizer
+    (``spiece.model``), e.g. the ``text_encoder`` and ``tokenizer`` of CogVideoX-2b merged, or SAT's
+    ``t5-v1_1-xxl`` folder."""
+    tokenizer_path: Optional[str] = None
+    """Tokenizer folder if it is not ``path``."""
 
 
 @dataclass
 class ModelConfig:
     dit: DiTConfig = field(default_factory=DiTConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+
+@dataclass
+class DataConfig:
+    """``data``: where the clips are and how they are cut. Clip length is ``model.dit.num_frames``."""
+
+    sources: List[str] = field(default_factory=list)
+    """Folders in SAT's SFT layout (``videos/<name>.mp4`` + ``labels/<name>.txt``) and/or metadata files
+    (``.jsonl`` lines ``{"path": ..., "caption": ...}`` or ``.csv`` with ``path,caption`` columns; relative
+    paths are relative to the metadata file). ``.png`` / ``.jpg`` entries are one-frame samples."""
+    height: Optional[int] = None
+    """Pixel height of a clip; ``null``: ``model.dit.latent_height`` x 8."""
+    width: Optional[int] = None
+    """Pixel width of a clip; ``null``: ``model.dit.latent_width`` x 8."""
+    fps: float = 8.0
+    """Frames are sampled at this rate (8 for CogVideoX 1.0, 16 for 1.5)."""
+    skip_frames: int = 3
+    """Frames skipped at each end of every video (fades, title cards)."""
+    min_frames: Optional[int] = None
+    """``null``: a video must provide a whole clip at ``fps``; otherwise videos with at least this many
+    frames are accepted and the clip is padded by repeating its last frame (SAT's behaviour)."""
+    num_workers: int = 2
+    """Data-loader processes per rank (0 decodes in the training process)."""
+
+
+@dataclass
+class OptimizerConfig:
+    """``train.optimizer``: AdamW (the reference SFT settings by default)."""
+
+    lr: float = 1e-5
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class ScheduleConfig:
+    """``train.lr_schedule``: linear warm-up, then decay to ``min_lr`` (never below it, never negative)."""
+
+    warmup_iters: int = 0
+    decay_style: str = "constant"
+    """``constant``, ``linear`` or ``cosine``."""
+    decay_iters: Optional[int] = None
+    """Iterations from the end of warm-up to ``min_lr``; ``null``: until ``train.train_iters``."""
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """``train``: the loop, its checkpoints and its logs."""
+
+    save: str = "runs/default"
+    """Run folder: checkpoints (SAT layout), ``metrics.jsonl``, TensorBoard logs, ``config.yaml``."""
+    resume: Optional[str] = None
+    """``latest`` (the newest complete checkpoint in ``save``) or a checkpoint folder to continue from."""
+    overwrite: bool = False
+    """Allow starting a fresh run in a ``save`` folder that already holds a run (its checkpoints are
+    deleted). Without it such a start is refused."""
+    init_checkpoint: Optional[str] = None
+    """Weights to start from (an official SAT checkpoint, a run of ours, a ``.safetensors``); model weights
+    only, nothing else is restored."""
+    train_iters: int = 1000
+    """Optimizer steps of the whole run."""
+    micro_batch_size: int = 1
+    """Samples per rank per forward."""
+    gradient_accumulation_steps: int = 1
+    grad_clip: float = 0.1
+    """Global gradient-norm clip; 0 disables."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainable: List[str] = field(default_factory=lambda: ["*"])
+    """Glob patterns over DiT parameter names; only matching parameters train (``mixins.adaln_layer.*``)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in backward instead of storing its activations."""
+    seed: int = 42
+    """Model init is the same on every rank; data order, timesteps and noise differ per rank."""
+    log_interval: int = 1
+    """Steps between log lines (console, TensorBoard, ``metrics.jsonl``)."""
+    save_interval: int = 1000
+    """Steps between checkpoints; the last step is always saved."""
+    keep_last: Optional[int] = None
+    """Keep only this many newest checkpoints; ``null`` keeps all."""
+    max_nonfinite_steps: int = 5
+    """Skipped steps (non-finite loss or gradients) in a row that stop the run."""
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    """``deepspeed``: the engine's settings; everything else DeepSpeed takes goes in ``extra``."""
+
+    zero_stage: int = 2
+    """ZeRO stage 0, 1, 2 or 3."""
+    precision: str = "bf16"
+    """``bf16`` (5B models), ``fp16`` (2B was trained in fp16) or ``fp32``."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory (ZeRO-2/3)."""
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Merged last into the generated DeepSpeed config (e.g. ``{fp16: {initial_scale_power: 16}}``)."""
 
 
 @dataclass
@@ -119,6 +263,9 @@ class Config:
     """The root of every config file."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 def _closest(key: str, choices: Sequence[str]) -> str:
