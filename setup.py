@@ -24,6 +24,9 @@ setup(
         "decord",
         "imageio",
         "imageio-ffmpeg",
+        "pillow",
+        "tensorboard",
+        "tqdm",
     ],
     extras_require={"test": ["pytest", "pytest-timeout"], "dev": ["pytest", "pytest-timeout", "ruff"]},
 )

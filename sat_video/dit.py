@@ -11,6 +11,7 @@ import math
 from typing import Optional, Union
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .composition import HookTable
@@ -65,6 +66,8 @@ class DiffusionTransformer(nn.Module):
         # 3. mixins: embeddings, positions, modulation, output head, ...
         self.mixins = nn.ModuleDict()
         self._hooks = HookTable.build({}, DEFAULT_HOOKS)
+        self.activation_checkpointing = False
+        """Recompute each block in backward instead of keeping its activations (training memory)."""
 
     # ------------------------------------------------------------------ mixin management
 
@@ -172,8 +175,12 @@ class DiffusionTransformer(nn.Module):
         hidden = hooks.add_position(hidden, ctx)
 
         # 3. blocks
+        checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
         for layer_idx, layer in enumerate(self.transformer.layers):
-            hidden = layer(hidden, ctx, layer_idx)
+            if checkpointing:
+                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, ctx, layer_idx, use_reentrant=False)
+            else:
+                hidden = layer(hidden, ctx, layer_idx)
         hidden = self.transformer.final_layernorm(hidden)
 
         # 4. output head: [B, T, C_out, H, W]

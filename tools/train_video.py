@@ -1,0 +1,44 @@
+#!/usr/bin/env python3
+"""Train a video DiT with DeepSpeed, on one CPU process or many GPUs.
+
+    torchrun --nproc_per_node 8 tools/train_video.py --base configs/cogvideox_5b.yaml configs/sft.yaml \
+        data.sources=[/data/my_videos] train.save=runs/my_sft [key=value ...]
+    python tools/train_video.py --base configs/cogvideox_2b.yaml configs/tiny.yaml configs/tiny_train.yaml ...
+
+Continue a run exactly where it stopped with ``train.resume=latest``. Exit status: 0 done, 1 the run
+stopped (non-finite steps; a checkpoint was saved), 2 bad configuration, data, or run folder.
+"""
+
+import argparse
+import sys
+
+from sat_video.checkpoint import CheckpointError
+from sat_video.cli import add_config_arguments, config_from_arguments
+from sat_video.config import ConfigError
+from sat_video.data import DataError
+from sat_video.trainer import TrainingError, train
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_arguments(args)
+    except ConfigError as err:
+        print(f"train_video: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        state = train(cfg)
+    except (ConfigError, DataError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"train_video: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"train_video: stopped: {err}", file=sys.stderr)
+        return 1
+    print(f"train_video: finished {state.iteration} iterations; checkpoints in {cfg.train.save}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
