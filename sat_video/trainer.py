@@ -166,10 +166,10 @@ class Trainer:
         self.interval = timestep_interval(env.rank if diffusion.interval_timesteps else 0, world, diffusion.num_train_timesteps)
         module = DiffusionEngine(dit, schedule, ofs=diffusion.ofs)
         self.optimizer = FiniteAdamW(parameter_groups(dit, train.optimizer.weight_decay), train.optimizer)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(train.lr_schedule, train.optimizer.lr, train.train_iters))
         self.engine, _, _, _ = deepspeed.initialize(
-            model=module, optimizer=self.optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
+            model=module, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=deepspeed_config(cfg),
             dist_init_required=False)
 
         if resume_from is not None:
@@ -187,6 +187,10 @@ class Trainer:
                                               load_lr_scheduler_states=True)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {folder}")
+        # The optimizer state carries the LR of the saved step; take it from the schedule of this config, which
+        # may extend the run (a larger train.train_iters) or change its decay.
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+            group["lr"] = lr
         saved = torch.load(state_file, map_location="cpu", weights_only=True)
         _set_rng_state(saved["rng"], self.generator)
         loop = saved["loop"]
@@ -281,6 +285,7 @@ class Trainer:
         try:
             while self.state.iteration < train.train_iters:
                 start = time.perf_counter()
+                lr = self.engine.get_lr()[0]
                 self.optimizer.last_step_skipped = False
                 losses = torch.stack([self._micro_step(batches) for _ in range(train.gradient_accumulation_steps)])
                 # [sum of losses, non-finite micro-steps, micro-steps] over all ranks
@@ -302,7 +307,7 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                 if env.is_main and (self.state.iteration % train.log_interval == 0 or skipped):
-                    self._log_window(window, global_batch)
+                    self._log_window(window, global_batch, lr)
                 if self.state.nonfinite_streak >= train.max_nonfinite_steps:
                     self.save()
                     raise TrainingError(
@@ -317,13 +322,13 @@ class Trainer:
         self._report_skipped_files()
         return self.state
 
-    def _log_window(self, window: dict, global_batch: int) -> None:
+    def _log_window(self, window: dict, global_batch: int, lr: float) -> None:
         steps = max(window["steps"], 1)
         grad_norm = self.engine.get_global_grad_norm()
         record = {
             "step": self.state.iteration,
             "loss": window["loss"] / steps if window["steps"] else float("nan"),
-            "lr": self.engine.get_lr()[0],
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "samples_per_s": global_batch * steps / max(window["time"], 1e-9),
             "step_time_s": window["time"] / steps,

@@ -1,0 +1,170 @@
+"""The frozen T5 text encoder (SAT's ``FrozenT5Embedder``) and a tiny random stand-in for tests.
+
+Captions are tokenized with the folder's sentencepiece model (``spiece.model``) directly, which is what
+the slow ``T5Tokenizer`` of SAT and of the diffusers CogVideoX pipeline does: sentencepiece ids, cut to
+``text_length - 1``, then ``</s>``, then ``<pad>`` up to ``text_length``. transformers 5's ``T5Tokenizer``
+would need protobuf to convert ``spiece.model``, and real T5 folders ship no ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import sentencepiece
+import torch
+from transformers import T5Config, T5EncoderModel
+
+from sat_video.config import ConfigError, TextEncoderConfig
+
+TOKENIZER_FILE = "spiece.model"
+T5_SPECIAL_IDS = {"pad_id": 0, "eos_id": 1, "unk_id": 2}
+"""T5 reserves these ids; ``make_tiny_t5`` trains its tokenizer with the same layout."""
+
+
+def _local_folder(path: str | None, key: str) -> Path:
+    if path is None:
+        raise ConfigError(f"{key} is not set: it must name a local folder with the T5 encoder and its tokenizer")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: folder not found: {folder}")
+    return folder
+
+
+class T5TextEncoder(torch.nn.Module):
+    """Frozen ``T5EncoderModel`` that turns captions into ``[B, text_length, d_model]`` embeddings.
+
+    It stays in eval mode with no trainable parameters; move it with ``.to(device, dtype)`` like any module.
+
+    Args:
+        transformer (`T5EncoderModel`): the encoder (SAT's attribute name for it).
+        tokenizer (`sentencepiece.SentencePieceProcessor`): T5's sentencepiece model.
+        text_length (`int`): tokens per caption after padding / truncation (CogVideoX: 226).
+    """
+
+    def __init__(self, transformer: T5EncoderModel, tokenizer: sentencepiece.SentencePieceProcessor, text_length: int):
+        super().__init__()
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.text_length = text_length
+        self.pad_id, self.eos_id = tokenizer.pad_id(), tokenizer.eos_id()
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_config(cls, text_cfg: TextEncoderConfig, text_length: int, text_hidden_size: int) -> T5TextEncoder:
+        """Load ``model.text_encoder`` from local folders, in the dtype its weights are stored in.
+
+        Args:
+            text_cfg: ``path`` holds ``config.json`` + weights; ``tokenizer_path`` (default ``path``) holds ``spiece.model``.
+            text_length: ``model.dit.text_length``.
+            text_hidden_size: ``model.dit.text_hidden_size``; must equal the encoder's ``d_model``.
+        """
+        model_dir = _local_folder(text_cfg.path, "model.text_encoder.path")
+        tokenizer_key = "model.text_encoder.path" if text_cfg.tokenizer_path is None else "model.text_encoder.tokenizer_path"
+        tokenizer_dir = model_dir if text_cfg.tokenizer_path is None else _local_folder(text_cfg.tokenizer_path, tokenizer_key)
+        tokenizer_file = tokenizer_dir / TOKENIZER_FILE
+        if not tokenizer_file.is_file():
+            raise ConfigError(f"{tokenizer_key}: no {TOKENIZER_FILE} (T5's sentencepiece tokenizer) in {tokenizer_dir}")
+        tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_file))
+        if tokenizer.pad_id() < 0 or tokenizer.eos_id() < 0:
+            raise ValueError(f"{tokenizer_file}: a T5 tokenizer needs pad and eos ids, found pad {tokenizer.pad_id()}, eos {tokenizer.eos_id()}")
+        config = T5Config.from_pretrained(model_dir, local_files_only=True)  # checked before loading the (large) weights
+        if config.d_model != text_hidden_size:
+            raise ConfigError(
+                f"model.dit.text_hidden_size is {text_hidden_size} but the T5 encoder in {model_dir} has d_model {config.d_model}"
+            )
+        transformer = T5EncoderModel.from_pretrained(model_dir, config=config, local_files_only=True)
+        return cls(transformer, tokenizer, text_length)
+
+    def train(self, mode: bool = True) -> T5TextEncoder:
+        """Frozen: stays in eval mode whatever ``mode`` asks (dropout off)."""
+        return super().train(False)
+
+    def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
+        """Token ids ``[B, text_length]`` on the CPU: truncated to leave room for ``</s>``, then right-padded."""
+        if isinstance(captions, str):
+            raise TypeError("T5TextEncoder: expected a list of captions, found a single string")
+        rows = []
+        for ids in self.tokenizer.encode(list(captions)):
+            ids = ids[: self.text_length - 1] + [self.eos_id]
+            rows.append(ids + [self.pad_id] * (self.text_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
+
+    @torch.no_grad()
+    def forward(self, captions: Sequence[str]) -> torch.Tensor:
+        """Embed captions: ``[B, text_length, d_model]`` in the encoder's dtype, on its device."""
+        input_ids = self.tokenize(captions).to(self.transformer.device)
+        # No attention mask: padding tokens are attended to, as in SAT's FrozenT5Embedder and diffusers'
+        # CogVideoX pipeline; the DiT was trained on embeddings computed this way.
+        return self.transformer(input_ids=input_ids).last_hidden_state
+
+
+def make_tiny_t5(
+    captions: Sequence[str],
+    out_dir: str | Path,
+    *,
+    d_model: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    d_ff: int = 64,
+    vocab_size: int = 256,
+    seed: int = 0,
+) -> Path:
+    """Write a random T5 encoder and a sentencepiece tokenizer trained on ``captions`` to ``out_dir``.
+
+    The folder has the layout of a real one (``spiece.model``, ``config.json``, ``model.safetensors``), so
+    :meth:`T5TextEncoder.from_config` loads it the same way. The same captions and seed give the same
+    files; the global RNG is left untouched.
+
+    Args:
+        captions: corpus of the tokenizer; ``vocab_size`` is an upper bound (a small corpus yields fewer pieces).
+        out_dir: a new or empty folder.
+        d_model, num_layers, num_heads, d_ff: sizes of the T5 v1.1-style encoder (gated GELU, untied embeddings).
+        seed: seed of the encoder weights.
+    Returns:
+        ``out_dir`` as a ``Path``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"make_tiny_t5: {out_dir} exists and is not an empty folder; refusing to overwrite it")
+    if not captions:
+        raise ValueError("make_tiny_t5: needs at least one caption to train the tokenizer on")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    model_proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions),
+        model_writer=model_proto,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,  # a handful of captions cannot fill a fixed vocabulary
+        character_coverage=1.0,
+        bos_id=-1,
+        num_threads=1,  # one thread keeps training deterministic
+        minloglevel=2,  # no training log on stderr
+        **T5_SPECIAL_IDS,
+    )
+    (out_dir / TOKENIZER_FILE).write_bytes(model_proto.getvalue())
+    tokenizer = sentencepiece.SentencePieceProcessor(model_proto=model_proto.getvalue())
+
+    config = T5Config(
+        vocab_size=tokenizer.get_piece_size(),
+        d_model=d_model,
+        d_kv=d_model // num_heads,
+        d_ff=d_ff,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=T5_SPECIAL_IDS["pad_id"],
+        eos_token_id=T5_SPECIAL_IDS["eos_id"],
+        decoder_start_token_id=T5_SPECIAL_IDS["pad_id"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = T5EncoderModel(config)
+    transformer.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
