@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .build import build_dit
-from .checkpoint import CheckpointError, _atomic_write, load_checkpoint
+from .checkpoint import MODEL_STATES, CheckpointError, _atomic_write, load_checkpoint
 from .config import dit_config
 from .data import ClipBatchSampler, ClipSpec, VideoDataset, collate, discover
 from .diffusion import NoiseSchedule, sample_timesteps, timestep_interval
@@ -210,6 +210,11 @@ class Trainer:
         barrier()
         self.engine.save_checkpoint(str(self.run_folder.path), tag=staging.name, client_state={"iteration": iteration},
                                     save_latest=False)
+        if self.engine.zero_optimization_partition_weights():
+            # ZeRO-3 writes only partitions; gather the whole DiT into SAT's file so every loader can read it.
+            module = self.engine._zero3_consolidated_16bit_state_dict()
+            if self.env.is_main:
+                torch.save({"module": module, "iteration": iteration}, staging / MODEL_STATES)
         loop = {"iteration": iteration, "data_position": list(self.state.data_position),
                 "nonfinite_streak": self.state.nonfinite_streak, "skipped_steps": self.state.skipped_steps,
                 "skipped_files": [list(item) for item in self.state.skipped_files]}
@@ -273,7 +278,7 @@ class Trainer:
 
     def run(self) -> LoopState:
         """Train until ``train.train_iters``; returns the final loop state."""
-        cfg, env, train = self.cfg, self.env, self.cfg.train
+        env, train = self.env, self.cfg.train
         global_batch = train.micro_batch_size * train.gradient_accumulation_steps * env.world_size
         batches = self._loader()
         progress = None

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import sat_video
 from mixins import AdaLNMixin, Rotary3DMixin
-from sat_video import HookConflictError, Mixin, MissingHookError, wraps_previous
+from sat_video import HookConflictError, MissingHookError, Mixin, wraps_previous
 from sat_video.config import dit_config
 from sat_video.hooks import HOOKS
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+from safetensors.torch import load_file
 
 import sat_video
 from sat_video.checkpoint import SAT_PREFIX

@@ -19,7 +19,12 @@ from omegaconf import OmegaConf
 import sat_video
 from sat_video.cli import add_config_arguments, split_config_arguments
 from sat_video.config import dit_config
-from sat_video.diffusers_export import ConversionError, from_diffusers_config, from_diffusers_state_dict, read_diffusers_transformer
+from sat_video.diffusers_export import (
+    ConversionError,
+    from_diffusers_config,
+    from_diffusers_state_dict,
+    read_diffusers_transformer,
+)
 
 
 def main(argv=None) -> int:
