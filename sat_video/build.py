@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Union
 
 from omegaconf import DictConfig
+from torch import nn
 
-from .config import DiTConfig, dit_config
+from .config import ConfigError, DiTConfig, dit_config
 from .dit import DiffusionTransformer
 from .hooks import Mixin
 from .registry import resolve_mixin_class
@@ -31,3 +33,15 @@ def build_dit(cfg: Union[DictConfig, DiTConfig]) -> DiffusionTransformer:
     for name, entry in dims.mixins.items():
         model.add_mixin(name, build_mixin(dims, entry))
     return model
+
+
+FIRST_STAGES = {"video_vae": ("mixins.video_vae", "VideoVAEMixin"), "patch_pca": ("mixins.pca_first_stage", "PatchPCAFirstStage")}
+
+
+def build_first_stage(cfg: DictConfig) -> nn.Module:
+    """The frozen first stage ``model.first_stage`` names (``encode(video, generator)`` / ``decode(latents)``)."""
+    first_stage = cfg.model.first_stage
+    if first_stage.type not in FIRST_STAGES:
+        raise ConfigError(f"model.first_stage.type: expected one of {sorted(FIRST_STAGES)}, found '{first_stage.type}'")
+    module, name = FIRST_STAGES[first_stage.type]
+    return getattr(importlib.import_module(module), name).from_config(first_stage)

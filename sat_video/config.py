@@ -121,8 +121,12 @@ class DiffusionConfig:
 
 @dataclass
 class FirstStageConfig:
-    """``model.first_stage``: the frozen 3D causal VAE (``mixins/video_vae.py``)."""
+    """``model.first_stage``: the frozen first stage that maps pixels to latents and back."""
 
+    type: str = "video_vae"
+    """``video_vae``: CogVideoX's 3D causal VAE (``mixins/video_vae.py``). ``patch_pca``: a linear stand-in
+    with the same compression, fitted to a dataset in seconds (``mixins/pca_first_stage.py``; the built-in
+    demo uses it because no VAE can be trained on a CPU in minutes)."""
     path: Optional[str] = None
     """A diffusers ``AutoencoderKLCogVideoX`` folder (``config.json`` + weights) or SAT's ``3d-vae.pt``.
     ``null``: random weights from ``architecture`` and ``init_seed`` (tests and tiny runs only)."""
@@ -204,6 +208,34 @@ class ScheduleConfig:
 
 
 @dataclass
+class SampleConfig:
+    """``sample``: how videos are generated (``tools/sample_video.py`` defaults and validation during training)."""
+
+    scheduler: str = "dpm"
+    """``dpm``: ``CogVideoXDPMScheduler`` (DPM-Solver++ 2M, SAT's sampler); ``ddim``: ``CogVideoXDDIMScheduler``."""
+    steps: int = 50
+    guidance_scale: float = 6.0
+    """Classifier-free guidance against the all-zero text embedding (as SAT); 1 disables guidance."""
+    dynamic_cfg: bool = True
+    """Scale guidance with the step as CogVideoX does (``1 + g (1 - cos(pi ((N - t) / N)^5)) / 2``)."""
+    seed: int = 42
+    """The noise of prompt ``i`` is drawn from a generator seeded with ``seed + i``."""
+    fps: Optional[float] = None
+    """Frame rate of written videos; ``null``: ``data.fps``."""
+
+
+@dataclass
+class ValidationConfig:
+    """``train.validation``: sample fixed prompts while training (mp4 + contact sheet under ``<save>/samples``)."""
+
+    interval: int = 0
+    """Steps between validations; 0 turns them off."""
+    prompts: List[str] = field(default_factory=list)
+    steps: int = 25
+    """Sampling steps (fewer than ``sample.steps`` to keep validation cheap)."""
+
+
+@dataclass
 class TrainConfig:
     """``train``: the loop, its checkpoints and its logs."""
 
@@ -242,6 +274,7 @@ class TrainConfig:
     """Skipped steps (non-finite loss or gradients) in a row that stop the run."""
     tensorboard: bool = True
     progress_bar: bool = True
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 @dataclass
@@ -265,6 +298,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 

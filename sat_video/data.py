@@ -305,6 +305,19 @@ def load_clip(ref: SampleRef, spec: ClipSpec) -> tuple[torch.Tensor, str]:
     return (clip.permute(1, 0, 2, 3) / 127.5 - 1.0).contiguous(), caption  # [3, T, H, W]
 
 
+def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """An image prepared like a training frame (cover, center crop): float32 ``[3, height, width]`` in ``[-1, 1]``.
+
+    Raises:
+        UnusableSample: missing or unreadable file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UnusableSample(path, "file not found")
+    frame = _cover_and_crop(torch.from_numpy(_read_image(path)).permute(0, 3, 1, 2), height, width)[0]
+    return frame / 127.5 - 1.0
+
+
 @dataclass
 class Sample:
     """One loaded clip; ``skipped`` lists ``(path, reason)`` of the files tried (and skipped) before it."""

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .build import build_dit
+from .build import build_dit, build_first_stage
 from .checkpoint import MODEL_STATES, CheckpointError, _atomic_write, load_checkpoint
 from .config import dit_config
 from .data import ClipBatchSampler, ClipSpec, VideoDataset, collate, discover
@@ -31,6 +31,7 @@ from .distributed import DistributedEnv, all_reduce_sum, barrier, gather_objects
 from .engine import DiffusionEngine, FrozenStages
 from .optim import FiniteAdamW, lr_lambda, parameter_groups, select_trainable
 from .run_folder import RunFolder, trainer_state_file
+from .sampling import module_dtype
 
 logger = logging.getLogger("sat_video.train")
 
@@ -121,8 +122,6 @@ class Trainer:
     def _build(self) -> None:
         import deepspeed
 
-        from mixins.video_vae import VideoVAEMixin
-
         from .text_encoder import T5TextEncoder
 
         cfg, env = self.cfg, self.env
@@ -156,7 +155,7 @@ class Trainer:
 
         # T5 overflows in fp16, so the frozen stages run in bf16 or fp32.
         frozen_dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
-        first_stage = VideoVAEMixin.from_config(cfg.model.first_stage)
+        first_stage = build_first_stage(cfg)
         text_encoder = T5TextEncoder.from_config(cfg.model.text_encoder, dims.text_length, dims.text_hidden_size)
         self.frozen = FrozenStages(dims, cfg.model.diffusion, first_stage, text_encoder).to(env.device, frozen_dtype)
 
@@ -267,7 +266,7 @@ class Trainer:
         batch = next(batches)
         self.state.data_position = (batch.position[0], batch.position[1] + 1)
         self.state.skipped_files.extend(item for item in batch.skipped if item not in self.state.skipped_files)
-        video = batch.video.to(self.env.device, next(self.frozen.parameters()).dtype, non_blocking=True)
+        video = batch.video.to(self.env.device, module_dtype(self.frozen.first_stage), non_blocking=True)
         inputs = self.frozen.prepare(video, batch.captions, self.generator)
         timesteps = sample_timesteps(video.shape[0], self.interval, self.generator)
         noise = torch.randn(inputs.latents.shape, generator=self.generator)

@@ -1,10 +1,11 @@
-"""Write uint8 frames as an H.264 ``.mp4`` (synthetic data sets, sampled videos)."""
+"""Write uint8 frames as an H.264 ``.mp4`` (synthetic data sets, sampled videos) and contact sheets as PNG."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import imageio_ffmpeg
 import numpy as np
@@ -59,4 +60,39 @@ def write_mp4(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float, *
         writer.close()
         Path(temp_name).unlink(missing_ok=True)
         raise
+    return path
+
+
+def contact_sheet(videos: Sequence[np.ndarray | torch.Tensor], labels: Sequence[str], *, max_frames: int = 8,
+                  label_height: int = 14) -> np.ndarray:
+    """One row per video: its caption, then up to ``max_frames`` evenly spaced frames side by side (uint8 RGB)."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for video, label in zip(videos, labels):
+        video = video.detach().cpu().numpy() if isinstance(video, torch.Tensor) else np.asarray(video)
+        picks = np.linspace(0, len(video) - 1, min(max_frames, len(video))).round().astype(int)
+        strip = np.concatenate([np.pad(video[i], ((0, 0), (0, 2), (0, 0)), constant_values=255) for i in picks], axis=1)
+        caption = Image.new("RGB", (strip.shape[1], label_height), "white")
+        ImageDraw.Draw(caption).text((2, 1), label, fill="black")
+        rows.append(np.concatenate([np.asarray(caption), strip, np.full((2, strip.shape[1], 3), 255, np.uint8)], axis=0))
+    width = max(row.shape[1] for row in rows)
+    return np.concatenate([np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)), constant_values=255) for row in rows])
+
+
+def write_png(path: str | Path, image: np.ndarray, *, overwrite: bool = False) -> Path:
+    """Write a uint8 ``[H, W, 3]`` image atomically (temporary name, then rename)."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(handle)
+    try:
+        Image.fromarray(np.ascontiguousarray(image)).save(temp_name)
+        os.replace(temp_name, path)
+    finally:
+        Path(temp_name).unlink(missing_ok=True)
     return path
