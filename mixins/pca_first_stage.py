@@ -112,23 +112,31 @@ class PatchBasis(torch.nn.Module):
 
 class _UniformSubset:
     """A uniform random subset of at most ``capacity`` rows of a stream: each row gets a random key and the
-    smallest keys are kept, so memory stays at ``capacity`` rows plus one clip's."""
+    smallest keys are kept. Rows are pruned once twice ``capacity`` are held, so memory stays below that
+    and the work stays linear in the stream."""
 
     def __init__(self, capacity: int, generator: torch.Generator):
         self.capacity = capacity
         self.generator = generator
         self.rows: list[torch.Tensor] = []
         self.keys: list[torch.Tensor] = []
+        self.count = 0
 
     def add(self, rows: torch.Tensor) -> None:
         self.rows.append(rows)
         self.keys.append(torch.rand(len(rows), generator=self.generator))
-        if sum(len(keys) for keys in self.keys) > self.capacity:
-            rows, keys = torch.cat(self.rows), torch.cat(self.keys)
-            kept = keys.topk(self.capacity, largest=False).indices
-            self.rows, self.keys = [rows[kept]], [keys[kept]]
+        self.count += len(rows)
+        if self.count > 2 * self.capacity:
+            self._prune()
+
+    def _prune(self) -> None:
+        rows, keys = torch.cat(self.rows), torch.cat(self.keys)
+        kept = keys.topk(self.capacity, largest=False).indices
+        self.rows, self.keys, self.count = [rows[kept]], [keys[kept]], self.capacity
 
     def tensor(self, dim: int) -> torch.Tensor:
+        if self.count > self.capacity:
+            self._prune()
         return torch.cat(self.rows) if self.rows else torch.empty(0, dim)
 
 

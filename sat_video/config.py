@@ -233,6 +233,8 @@ class ValidationConfig:
     prompts: List[str] = field(default_factory=list)
     steps: int = 25
     """Sampling steps (fewer than ``sample.steps`` to keep validation cheap)."""
+    image: Optional[str] = None
+    """First frame for image-to-video models (required by them when validation is on)."""
 
 
 @dataclass

@@ -19,19 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .build import build_dit, build_first_stage
 from .checkpoint import MODEL_STATES, CheckpointError, _atomic_write, load_checkpoint
-from .config import dit_config
-from .data import ClipBatchSampler, ClipSpec, VideoDataset, collate, discover
+from .config import ConfigError, dit_config
+from .data import ClipBatchSampler, ClipSpec, VideoDataset, collate, discover, load_image
 from .diffusion import NoiseSchedule, sample_timesteps, timestep_interval
 from .distributed import DistributedEnv, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
 from .engine import DiffusionEngine, FrozenStages
 from .optim import FiniteAdamW, lr_lambda, parameter_groups, select_trainable
 from .run_folder import RunFolder, trainer_state_file
-from .sampling import module_dtype
+from .sampling import VideoGenerator, module_dtype, write_samples
 
 logger = logging.getLogger("sat_video.train")
 
@@ -135,8 +136,13 @@ class Trainer:
             _atomic_write(self.run_folder.path / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp))
         barrier()
 
-        # Data first: a dataset without a usable sample fails before any model is built.
         dims = dit_config(cfg)
+        validation = train.validation
+        if validation.interval and not validation.prompts:
+            raise ConfigError("train.validation.interval is set but train.validation.prompts is empty")
+        if validation.interval and dims.in_channels > dims.out_channels and not validation.image:
+            raise ConfigError("train.validation.image: an image-to-video model needs a first frame to validate with")
+        # Data first: a dataset without a usable sample fails before any model is built.
         refs = discover(list(cfg.data.sources))
         self.dataset = VideoDataset(refs, ClipSpec.from_config(cfg))
         self.dataset.first_usable()
@@ -241,15 +247,19 @@ class Trainer:
     def _log(self, record: dict) -> None:
         with open(self.run_folder.path / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.cfg.train.tensorboard:
-            if self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(self.run_folder.path / "tensorboard"))
+        writer = self._tensorboard()
+        if writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._writer.add_scalar(f"train/{key}", value, record["step"])
-            self._writer.flush()
+                    writer.add_scalar(f"train/{key}", value, record["step"])
+            writer.flush()
+
+    def _tensorboard(self):
+        if self.cfg.train.tensorboard and self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_folder.path / "tensorboard"))
+        return self._writer
 
     # ------------------------------------------------------------------ the loop
 
@@ -318,6 +328,8 @@ class Trainer:
                         f"{self.state.nonfinite_streak} steps in a row had a non-finite loss or gradients "
                         f"(train.max_nonfinite_steps={train.max_nonfinite_steps}); stopped at iteration "
                         f"{self.state.iteration} and saved the last good weights to {self.run_folder.path}")
+                if train.validation.interval and self.state.iteration % train.validation.interval == 0:
+                    self.validate()
                 if self.state.iteration % train.save_interval == 0 or self.state.iteration == train.train_iters:
                     self.save()
         finally:
@@ -342,6 +354,34 @@ class Trainer:
         self._log(record)
         logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         window.update(loss=0.0, steps=0, time=0.0)
+
+    def validate(self) -> Optional[Path]:
+        """Sample ``train.validation.prompts`` with the current weights into ``<save>/samples/<iteration>``.
+
+        Every rank samples (ZeRO-3 needs all of them for a forward); the main rank writes. Sampling draws from
+        its own seeded generators, so validation never changes what training draws.
+        """
+        cfg, dims = self.cfg, self.engine.module.dit.dims
+        height, width = cfg.data.height or dims.latent_height * 8, cfg.data.width or dims.latent_width * 8
+        image = load_image(cfg.train.validation.image, height, width) if cfg.train.validation.image else None
+        generator = VideoGenerator(self.engine.module.dit, self.frozen.text_encoder, self.frozen.first_stage,
+                                   snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
+                                   num_train_timesteps=cfg.model.diffusion.num_train_timesteps, ofs=cfg.model.diffusion.ofs)
+        videos = generator.generate(list(cfg.train.validation.prompts), cfg.sample, num_frames=dims.num_frames, height=height,
+                                    width=width, image=image, steps=cfg.train.validation.steps)
+        if not self.env.is_main:
+            return None
+        folder = self.run_folder.path / "samples" / str(self.state.iteration)
+        written = write_samples(folder, videos, cfg.sample.fps or cfg.data.fps, overwrite=True)
+        writer = self._tensorboard()
+        if writer is not None:
+            from PIL import Image
+
+            sheet = np.asarray(Image.open(written[-1]).convert("RGB"))
+            writer.add_image("validation/contact_sheet", sheet, self.state.iteration, dataformats="HWC")
+            writer.flush()
+        logger.info("validation samples in %s", folder)
+        return folder
 
     def _report_skipped_files(self) -> None:
         merged = sorted({item for items in gather_objects(self.state.skipped_files) for item in items})

@@ -67,9 +67,13 @@ def test_resume_is_exact_with_two_processes(train_assets, tmp_path):
     common = ["train.save_interval=3", "train.gradient_accumulation_steps=2", "train.micro_batch_size=1", "data.num_workers=1",
               "train.lr_schedule.decay_iters=4"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    ok(run(train_assets, straight, "train.train_iters=6", *common, nproc=2))
-    ok(run(train_assets, resumed, "train.train_iters=3", *common, nproc=2))
-    ok(run(train_assets, resumed, "train.train_iters=6", "train.resume=latest", *common, nproc=2))
+    # validation in the straight run only: sampling must not change what training draws
+    ok(run(train_assets, straight, "train.train_iters=6", *common, "train.validation.interval=2", "train.validation.steps=2",
+           "train.validation.prompts=[a red circle moving left]", "model.dit.num_frames=9", nproc=2))
+    assert sorted(p.name for p in (straight / "samples").iterdir()) == ["2", "4", "6"]
+    assert (straight / "samples" / "6" / "contact_sheet.png").is_file()
+    ok(run(train_assets, resumed, "train.train_iters=3", *common, "model.dit.num_frames=9", nproc=2))
+    ok(run(train_assets, resumed, "train.train_iters=6", "train.resume=latest", *common, "model.dit.num_frames=9", nproc=2))
     a, b = metrics(straight), metrics(resumed)
     assert [r["step"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b):
