@@ -90,9 +90,10 @@ class PatchBasis(torch.nn.Module):
         count, dim = patches.shape
         if count < latent_channels:
             raise ValueError(f"PatchPCAFirstStage.fit: found {count} {kind}, need at least latent_channels ({latent_channels})")
-        mean = patches.mean(0, dtype=torch.float64)
+        chunks = patches.split(16384)  # bounds the float64 copies
+        mean = sum(chunk.double().sum(0) for chunk in chunks) / count
         covariance = torch.zeros(dim, dim, dtype=torch.float64)
-        for chunk in patches.split(16384):  # bounds the float64 copy
+        for chunk in chunks:
             centered = chunk.double() - mean
             covariance += centered.T @ centered
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance / count)  # ascending
@@ -112,8 +113,8 @@ class PatchBasis(torch.nn.Module):
 
 class _UniformSubset:
     """A uniform random subset of at most ``capacity`` rows of a stream: each row gets a random key and the
-    smallest keys are kept. Rows are pruned once twice ``capacity`` are held, so memory stays below that
-    and the work stays linear in the stream."""
+    ``capacity`` smallest keys win. Held rows are pruned to the winners whenever they pass twice ``capacity``;
+    from then on rows keyed above the last winner are dropped on arrival, so memory stays bounded."""
 
     def __init__(self, capacity: int, generator: torch.Generator):
         self.capacity = capacity
@@ -121,23 +122,36 @@ class _UniformSubset:
         self.rows: list[torch.Tensor] = []
         self.keys: list[torch.Tensor] = []
         self.count = 0
+        self.threshold = 1.0
 
     def add(self, rows: torch.Tensor) -> None:
-        self.rows.append(rows)
-        self.keys.append(torch.rand(len(rows), generator=self.generator))
-        self.count += len(rows)
+        # float64 keys: float32 ones tie every few thousand rows, and ties would let the subset exceed capacity.
+        keys = torch.rand(len(rows), generator=self.generator, dtype=torch.float64)
+        kept = keys < self.threshold
+        self.rows.append(rows[kept])
+        self.keys.append(keys[kept])
+        self.count += int(kept.sum())
         if self.count > 2 * self.capacity:
             self._prune()
 
     def _prune(self) -> None:
-        rows, keys = torch.cat(self.rows), torch.cat(self.keys)
-        kept = keys.topk(self.capacity, largest=False).indices
-        self.rows, self.keys, self.count = [rows[kept]], [keys[kept]], self.capacity
+        self.threshold = torch.cat(self.keys).kthvalue(self.capacity).values.item()
+        pending = list(zip(self.rows, self.keys))
+        self.rows, self.keys = [], []
+        while pending:  # frees each chunk once pruned, so two whole copies never coexist
+            rows, keys = pending.pop(0)
+            kept = keys <= self.threshold
+            self.rows.append(rows[kept])
+            self.keys.append(keys[kept])
+        self.count = sum(len(keys) for keys in self.keys)
 
-    def tensor(self, dim: int) -> torch.Tensor:
+    def take(self, dim: int) -> torch.Tensor:
+        """The subset ``[N, dim]``; the stream's chunks are released."""
         if self.count > self.capacity:
             self._prune()
-        return torch.cat(self.rows) if self.rows else torch.empty(0, dim)
+        rows = torch.cat(self.rows) if self.rows else torch.empty(0, dim)
+        self.rows, self.keys = [], []
+        return rows
 
 
 class PatchPCAFirstStage(torch.nn.Module):
@@ -182,6 +196,11 @@ class PatchPCAFirstStage(torch.nn.Module):
             ValueError: a clip of the wrong shape, too few patches, or clips too uniform to fill
                 ``latent_channels`` components.
         """
+        first_dim = RGB * PATCH_SIZE**2
+        if not 1 <= latent_channels <= first_dim:
+            raise ValueError(f"PatchPCAFirstStage.fit: latent_channels must be between 1 and {first_dim}, found {latent_channels}")
+        if max_patches < latent_channels:
+            raise ValueError(f"PatchPCAFirstStage.fit: max_patches must be at least latent_channels ({latent_channels}), found {max_patches}")
         generator = torch.Generator().manual_seed(seed)
         first_patches = _UniformSubset(max_patches, generator)
         tubes = _UniformSubset(max_patches, generator)
@@ -193,10 +212,9 @@ class PatchPCAFirstStage(torch.nn.Module):
             first_patches.add(_patches(video[:, :, :1], 1).flatten(0, 3))
             if video.shape[2] > 1:
                 tubes.add(_patches(video[:, :, 1:], FRAMES_PER_TUBE).flatten(0, 3))
-        first_dim = RGB * PATCH_SIZE**2
         return cls(
-            PatchBasis.fit(first_patches.tensor(first_dim), latent_channels, "first-frame patches"),
-            PatchBasis.fit(tubes.tensor(FRAMES_PER_TUBE * first_dim), latent_channels, "4-frame tubes"),
+            PatchBasis.fit(first_patches.take(first_dim), latent_channels, "first-frame patches"),
+            PatchBasis.fit(tubes.take(FRAMES_PER_TUBE * first_dim), latent_channels, "4-frame tubes"),
         )
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
