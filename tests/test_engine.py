@@ -145,3 +145,12 @@ def test_frozen_stages_reject_odd_channel_counts(t5_folder):
     dims = dataclasses.replace(dit_config(cfg), in_channels=20)
     with pytest.raises(ValueError, match="in_channels"):
         FrozenStages(dims, DiffusionConfig(), torch.nn.Identity(), torch.nn.Identity())
+
+
+def test_unknown_first_stage_type_is_a_config_error():
+    from sat_video.build import build_first_stage
+    from sat_video.config import ConfigError
+
+    cfg = tiny_config("cogvideox_2b", "model.first_stage.type=vqgan")
+    with pytest.raises(ConfigError, match="model.first_stage.type: expected one of \\['patch_pca', 'video_vae'\\], found 'vqgan'"):
+        build_first_stage(cfg)
