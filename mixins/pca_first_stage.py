@@ -11,8 +11,6 @@ for data like the fitted clips, not a general video codec.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from sat_video.checkpoint import atomic_write
 from sat_video.config import ConfigError, FirstStageConfig
 
 PATCH_SIZE = 8
@@ -225,15 +224,8 @@ class PatchPCAFirstStage(torch.nn.Module):
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()}
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            safetensors.torch.save_file(tensors, temp_name)
-            os.replace(temp_name, path)
-        finally:
-            Path(temp_name).unlink(missing_ok=True)
+        atomic_write(path, lambda temp: safetensors.torch.save_file(tensors, str(temp)))
         return path
 
     @classmethod

@@ -120,10 +120,13 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], *, lora_alpha: flo
     return model
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: readers see old or new, never half."""
+def atomic_write(path: Path, write: Callable[[Path], None], *, suffix: str = ".tmp") -> None:
+    """Write through a temporary file in the same folder, then rename: readers see old or new, never half.
+
+    ``write`` receives the temporary path; ``suffix`` is its extension (writers such as ffmpeg pick the format by it).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -148,6 +151,6 @@ def save_checkpoint(model: nn.Module, save_dir: Union[str, Path], iteration: int
     if file.exists() and not overwrite:
         raise FileExistsError(f"{file} already exists; pass overwrite=True to replace it")
     module = {SAT_PREFIX + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(file, lambda tmp: torch.save({"module": module, "iteration": iteration}, tmp))
-    _atomic_write(save_dir / "latest", lambda tmp: tmp.write_text(f"{iteration}\n"))
+    atomic_write(file, lambda tmp: torch.save({"module": module, "iteration": iteration}, tmp))
+    atomic_write(save_dir / "latest", lambda tmp: tmp.write_text(f"{iteration}\n"))
     return file

@@ -19,6 +19,11 @@ from .config import DiffusionConfig, DiTConfig
 from .diffusion import NoiseSchedule
 
 
+def leading_pad_frames(latent_frames: int, dims: DiTConfig) -> int:
+    """Latent frames CogVideoX 1.5 repeats in front so that the count divides ``patch_size_t`` (0 for 1.0)."""
+    return -latent_frames % (dims.patch_size_t or 1)
+
+
 @dataclass
 class TrainingInputs:
     """What the DiT trains on, in its layout ``[B, T, C, H, W]``."""
@@ -80,8 +85,7 @@ class FrozenStages(nn.Module):
         return TrainingInputs(latents=latents, text=text, image_latents=image_latents)
 
     def _pad_frames(self, latents: torch.Tensor) -> torch.Tensor:
-        patch_t = self.dims.patch_size_t or 1
-        missing = -latents.shape[1] % patch_t
+        missing = leading_pad_frames(latents.shape[1], self.dims)
         if missing:
             latents = torch.cat([latents[:, :1].expand(-1, missing, -1, -1, -1), latents], dim=1)
         return latents

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import MODEL_STATES, CheckpointError, _atomic_write
+from .checkpoint import MODEL_STATES, CheckpointError, atomic_write
 
 TMP_PREFIX = ".tmp-"
 RUN_FILES = ("latest", "metrics.jsonl", "config.yaml", "skipped_files.txt")
@@ -97,7 +97,7 @@ class RunFolder:
             shutil.rmtree(final)
         os.replace(staged, final)
         _fsync_dir(self.path)
-        _atomic_write(self.path / "latest", lambda tmp: tmp.write_text(f"{iteration}\n"))
+        atomic_write(self.path / "latest", lambda tmp: tmp.write_text(f"{iteration}\n"))
         if keep_last:
             for old in self.iterations()[:-keep_last]:
                 shutil.rmtree(self.path / str(old))

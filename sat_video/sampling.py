@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import SampleConfig
 from .diffusers_export import scheduler_config
+from .engine import leading_pad_frames
 
 SCHEDULERS = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
 
@@ -128,7 +129,7 @@ class VideoGenerator:
         """``(frames, pad, C, h, w)``: latent frames incl. ``pad`` leading frames for 1.5's temporal patches."""
         dims = self.dit.dims
         frames = (num_frames - 1) // dims.temporal_compression_ratio + 1
-        pad = -frames % (dims.patch_size_t or 1)
+        pad = leading_pad_frames(frames, dims)
         return frames + pad, pad, dims.out_channels, height // 8, width // 8
 
     @torch.no_grad()

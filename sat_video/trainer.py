@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .build import build_dit, build_first_stage
-from .checkpoint import MODEL_STATES, CheckpointError, _atomic_write, load_checkpoint
+from .checkpoint import MODEL_STATES, CheckpointError, atomic_write, load_checkpoint
 from .config import ConfigError, dit_config
 from .data import ClipBatchSampler, ClipSpec, VideoDataset, collate, discover, load_image
 from .diffusion import NoiseSchedule, sample_timesteps, timestep_interval
@@ -127,24 +127,25 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         train = cfg.train
-        resume_from = self.run_folder.resolve_resume(train.resume)
-        if env.is_main:
-            if resume_from is None:
-                self.run_folder.start_fresh(train.overwrite)
-            else:
-                self.run_folder.remove_partial()
-            _atomic_write(self.run_folder.path / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp))
-        barrier()
-
         dims = dit_config(cfg)
         validation = train.validation
         if validation.interval and not validation.prompts:
             raise ConfigError("train.validation.interval is set but train.validation.prompts is empty")
         if validation.interval and dims.in_channels > dims.out_channels and not validation.image:
             raise ConfigError("train.validation.image: an image-to-video model needs a first frame to validate with")
+        resume_from = self.run_folder.resolve_resume(train.resume)
+        if env.is_main:
+            if resume_from is None:
+                self.run_folder.start_fresh(train.overwrite)
+            else:
+                self.run_folder.remove_partial()
+            atomic_write(self.run_folder.path / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp))
+        barrier()
+
         # Data first: a dataset without a usable sample fails before any model is built.
         refs = discover(list(cfg.data.sources))
-        self.dataset = VideoDataset(refs, ClipSpec.from_config(cfg))
+        self.clip_spec = ClipSpec.from_config(cfg)
+        self.dataset = VideoDataset(refs, self.clip_spec)
         self.dataset.first_usable()
         self.kinds = [ref.is_image for ref in refs]
 
@@ -153,7 +154,7 @@ class Trainer:
         dit = build_dit(cfg)
         if train.init_checkpoint:
             load_checkpoint(dit, train.init_checkpoint)
-        self.trainable = select_trainable(dit, list(train.trainable))
+        select_trainable(dit, list(train.trainable))
         dit.activation_checkpointing = train.activation_checkpointing
         torch.manual_seed(train.seed + 1 + env.rank)
         random.seed(train.seed + 1 + env.rank)
@@ -242,7 +243,7 @@ class Trainer:
         file = self.run_folder.path / "metrics.jsonl"
         if file.is_file():
             kept = [line for line in file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= iteration]
-            _atomic_write(file, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+            atomic_write(file, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
     def _log(self, record: dict) -> None:
         with open(self.run_folder.path / "metrics.jsonl", "a") as handle:
@@ -362,7 +363,7 @@ class Trainer:
         its own seeded generators, so validation never changes what training draws.
         """
         cfg, dims = self.cfg, self.engine.module.dit.dims
-        height, width = cfg.data.height or dims.latent_height * 8, cfg.data.width or dims.latent_width * 8
+        height, width = self.clip_spec.height, self.clip_spec.width
         image = load_image(cfg.train.validation.image, height, width) if cfg.train.validation.image else None
         generator = VideoGenerator(self.engine.module.dit, self.frozen.text_encoder, self.frozen.first_stage,
                                    snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
@@ -390,7 +391,7 @@ class Trainer:
         report = self.run_folder.path / "skipped_files.txt"
         if merged:
             lines = [f"{path}\t{reason}" for path, reason in merged]
-            _atomic_write(report, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+            atomic_write(report, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
             logger.warning("skipped %d unusable file(s) (list in %s):\n  %s", len(merged), report, "\n  ".join(lines))
         else:
             logger.info("no unusable files met")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import imageio_ffmpeg
 import numpy as np
 import torch
+
+from .checkpoint import atomic_write
 
 CRF = 10
 """x264 constant rate factor: low enough that flat colours decode within a few levels of the input."""
@@ -42,24 +42,20 @@ def write_mp4(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float, *
         raise ValueError(f"{path}: fps must be positive, got {fps}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # ffmpeg picks the container from the extension, so the temporary name keeps ".mp4".
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4")
-    os.close(handle)
-    writer = imageio_ffmpeg.write_frames(
-        temp_name, (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
-        output_params=["-crf", str(CRF)], macro_block_size=1, ffmpeg_log_level="error",
-    )
-    try:
-        writer.send(None)  # starts ffmpeg
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()  # waits for ffmpeg to finish the file
-        os.replace(temp_name, path)
-    except BaseException:
-        writer.close()
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+
+    def encode(temp: Path) -> None:
+        writer = imageio_ffmpeg.write_frames(
+            str(temp), (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
+            output_params=["-crf", str(CRF)], macro_block_size=1, ffmpeg_log_level="error",
+        )
+        try:
+            writer.send(None)  # starts ffmpeg
+            for frame in frames:
+                writer.send(np.ascontiguousarray(frame))
+        finally:
+            writer.close()  # waits for ffmpeg to finish the file
+
+    atomic_write(path, encode, suffix=".mp4")  # ffmpeg picks the container from the extension
     return path
 
 
@@ -87,12 +83,5 @@ def write_png(path: str | Path, image: np.ndarray, *, overwrite: bool = False) -
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(handle)
-    try:
-        Image.fromarray(np.ascontiguousarray(image)).save(temp_name)
-        os.replace(temp_name, path)
-    finally:
-        Path(temp_name).unlink(missing_ok=True)
+    atomic_write(path, lambda temp: Image.fromarray(np.ascontiguousarray(image)).save(temp), suffix=".png")
     return path

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     timesteps = torch.tensor([100, 700])
     with torch.no_grad():
         ours = dit(latents, timesteps, text)
-        theirs = hf(latents, text, timesteps, image_rotary_emb=diffusers_rotary_embedding(dims, *latents.shape[1:2], *latents.shape[3:]),
+        theirs = hf(latents, text, timesteps, image_rotary_emb=diffusers_rotary_embedding(dims, latents.shape[1], *latents.shape[3:]),
                     return_dict=False)[0]
     diff = (ours - theirs).abs().max().item()
 

@@ -18,7 +18,7 @@ import torch
 import sat_video
 from sat_video.build import build_first_stage
 from sat_video.cli import add_config_arguments, config_from_arguments
-from sat_video.data import UnusableSample, load_image
+from sat_video.data import ClipSpec, UnusableSample, load_image
 from sat_video.sampling import VideoGenerator, write_samples
 from sat_video.text_encoder import T5TextEncoder
 
@@ -57,8 +57,8 @@ def main(argv=None) -> int:
         dit = dit.to(device, dtype).eval()
         text_encoder = T5TextEncoder.from_config(cfg.model.text_encoder, dims.text_length, dims.text_hidden_size).to(device, dtype)
         first_stage = build_first_stage(cfg).to(device, dtype)
-        height = cfg.data.height or dims.latent_height * 8
-        width = cfg.data.width or dims.latent_width * 8
+        spec = ClipSpec.from_config(cfg)  # videos of the training clips' size and length
+        height, width = spec.height, spec.width
         image = load_image(args.image, height, width) if args.image else None
         generator = VideoGenerator(dit, text_encoder, first_stage, snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
                                    num_train_timesteps=cfg.model.diffusion.num_train_timesteps, ofs=cfg.model.diffusion.ofs)
