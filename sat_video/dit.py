@@ -172,6 +172,11 @@ class DiffusionTransformer(nn.Module):
 
         # 2. tokens: [B, L + N, D], text first
         hidden = hooks.embed(x, context, ctx)
+        condition_tokens = hidden.shape[1] - grid.num_tokens
+        if condition_tokens < 0:
+            raise ValueError(f"embed returned {hidden.shape[1]} tokens, fewer than the {grid.num_tokens} video tokens of grid {grid}")
+        if condition_tokens != ctx.text_length:  # a mixin prepended condition tokens of its own
+            ctx = dataclasses.replace(ctx, text_length=condition_tokens)
         hidden = hooks.add_position(hidden, ctx)
 
         # 3. blocks

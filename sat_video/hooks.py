@@ -32,7 +32,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .config import DiTConfig
     from .context import ForwardContext
-    from .transformer import MLP, TransformerLayer
+    from .transformer import MLP, SelfAttention, TransformerLayer
 
 
 class Composition(enum.Enum):
@@ -53,6 +53,8 @@ HOOKS: tuple[HookSpec, ...] = (
     HookSpec("embed", Composition.REPLACE, required=True, example="ImagePatchEmbedMixin"),
     HookSpec("add_position", Composition.CHAIN),
     HookSpec("layer_forward", Composition.REPLACE),
+    HookSpec("attention_forward", Composition.REPLACE),
+    HookSpec("project", Composition.REPLACE),
     HookSpec("process_qkv", Composition.CHAIN, threaded_args=3),
     HookSpec("attention_kernel", Composition.REPLACE),
     HookSpec("mlp_forward", Composition.REPLACE),
@@ -115,7 +117,9 @@ class Mixin(nn.Module):
             x: latents ``[B, T, C, H, W]`` (I2V: image channels already concatenated).
             context: text embeddings ``[B, L, text_hidden_size]``.
         Returns:
-            ``[B, L + N, D]``: text tokens first, then video tokens ordered t, h, w.
+            ``[B, L + N, D]``: text tokens first, then video tokens ordered t, h, w. Everything in front of
+            the ``N`` video tokens counts as condition tokens: a wrapper may prepend more (a timestep token,
+            say) and every later stage sees ``ctx.text_length`` grown to match.
         """
         raise NotImplementedError
 
@@ -131,6 +135,27 @@ class Mixin(nn.Module):
         ``hidden`` is ``[B, L + N, D]``; return the same shape. Call ``layer.attention(x, ctx, layer_idx)``
         and ``layer.mlp(x, ctx, layer_idx)`` so that the finer hooks below still apply.
         """
+        raise NotImplementedError
+
+    def attention_forward(
+        self, attention: "SelfAttention", x: torch.Tensor, ctx: "ForwardContext", layer_idx: int
+    ) -> torch.Tensor:
+        """REPLACE (default: ``attention.attend(x, ctx, layer_idx)``). The whole attention stage of block
+        ``layer_idx``, ``[B, L + N, D]`` in and out (normalised input, before the residual add).
+
+        ``attention.attend(x, ctx, layer_idx, kernel=...)`` runs projection, ``process_qkv``, a kernel
+        (default: the ``attention_kernel`` hook) and the output projection; a mixin that needs several
+        attentions per block (spatial and temporal, say) calls it once per attention module it owns.
+        """
+        raise NotImplementedError
+
+    def project(
+        self, linear: nn.Linear, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int, name: str
+    ) -> torch.Tensor:
+        """REPLACE (default: ``linear(x)``). Every linear inside a block goes through this hook; ``name`` is
+        its path inside the block (``attention.query_key_value``, ``attention.dense``,
+        ``mlp.dense_h_to_4h``, ``mlp.dense_4h_to_h``, or a mixin's own attention such as
+        ``temporal_attention.dense``). Return ``linear(x)`` plus any change (LoRA adds a low-rank update)."""
         raise NotImplementedError
 
     def process_qkv(

@@ -30,23 +30,33 @@ LAYERNORM_EPS = 1e-5
 
 
 class SelfAttention(nn.Module):
-    """Joint self-attention over text and video tokens with a fused QKV projection."""
+    """Self-attention with a fused QKV projection.
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    Args:
+        role (`str`): the name its linears carry in the ``project`` hook (``<role>.query_key_value``); the
+            block's own attention is ``attention``, a mixin's extra attention names its own role.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, role: str = "attention"):
         super().__init__()
         self.num_heads = num_heads
+        self.role = role
         self.query_key_value = nn.Linear(hidden_size, 3 * hidden_size)
         self.dense = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int) -> torch.Tensor:
+        return ctx.hooks.attention_forward(self, x, ctx, layer_idx)
+
+    def attend(self, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int, kernel=None) -> torch.Tensor:
+        """Projection, ``process_qkv``, ``kernel`` (default: the ``attention_kernel`` hook), output projection."""
         batch, seq, width = x.shape
+        qkv = ctx.hooks.project(self.query_key_value, x, ctx, layer_idx, f"{self.role}.query_key_value")
         # [B, S, 3D] -> [3, B, H, S, hd]: q, k, v are contiguous thirds of the fused output (SAT layout)
-        qkv = self.query_key_value(x).view(batch, seq, 3, self.num_heads, width // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.view(batch, seq, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         q, k, v = ctx.hooks.process_qkv(q, k, v, ctx, layer_idx)
-        out = ctx.hooks.attention_kernel(q, k, v, ctx, layer_idx)  # [B, H, S, hd]
+        out = (kernel or ctx.hooks.attention_kernel)(q, k, v, ctx, layer_idx)  # [B, H, S, hd]
         out = out.transpose(1, 2).reshape(batch, seq, width)
-        return self.dense(out)
+        return ctx.hooks.project(self.dense, out, ctx, layer_idx, f"{self.role}.dense")
 
 
 class MLP(nn.Module):
@@ -58,8 +68,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int) -> torch.Tensor:
         return ctx.hooks.mlp_forward(self, x, ctx, layer_idx)
 
-    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+    def feed_forward(self, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int) -> torch.Tensor:
+        """``dense_h_to_4h`` -> GELU(tanh) -> ``dense_4h_to_h``, both through the ``project`` hook."""
+        x = F.gelu(ctx.hooks.project(self.dense_h_to_4h, x, ctx, layer_idx, "mlp.dense_h_to_4h"), approximate="tanh")
+        return ctx.hooks.project(self.dense_4h_to_h, x, ctx, layer_idx, "mlp.dense_4h_to_h")
 
 
 class TransformerLayer(nn.Module):
@@ -105,16 +117,26 @@ def pre_ln_layer_forward(layer: TransformerLayer, hidden: torch.Tensor, ctx: "Fo
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden), ctx, layer_idx)
 
 
+def single_attention(attention: SelfAttention, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int) -> torch.Tensor:
+    return attention.attend(x, ctx, layer_idx)
+
+
+def plain_projection(linear: nn.Linear, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int, name: str) -> torch.Tensor:
+    return linear(x)
+
+
 def sdpa_attention(q, k, v, ctx: "ForwardContext", layer_idx: int) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
 def plain_mlp_forward(mlp: MLP, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int) -> torch.Tensor:
-    return mlp.feed_forward(x)
+    return mlp.feed_forward(x, ctx, layer_idx)
 
 
 DEFAULT_HOOKS = {
     "layer_forward": pre_ln_layer_forward,
+    "attention_forward": single_attention,
+    "project": plain_projection,
     "attention_kernel": sdpa_attention,
     "mlp_forward": plain_mlp_forward,
 }

@@ -188,3 +188,50 @@ def test_deep_copies_dispatch_to_their_own_mixins():
             layernorm.weight.mul_(3.0)  # only the copy's qk-norm (a CHAIN link) changes
         assert torch.equal(model(x, t, c), reference)
         assert not torch.allclose(clone(x, t, c), reference)
+
+
+class CountingProjection(Mixin):
+    """Wraps the projection hook and records the name of every linear that passes through it."""
+
+    def __init__(self, dims, config=None):
+        super().__init__(dims, config)
+        self.names = []
+
+    @wraps_previous
+    def project(self, linear, x, ctx, layer_idx, name, *, inner):
+        self.names.append((layer_idx, name))
+        return inner(linear, x, ctx, layer_idx, name)
+
+
+def test_every_block_linear_goes_through_the_project_hook():
+    model = _model()
+    x, t, c, _ = tiny_inputs(tiny_config("cogvideox_5b"))
+    with torch.no_grad():
+        before = model(x, t, c)
+        counter = CountingProjection(model.dims)
+        model.add_mixin("count", counter)
+        assert torch.equal(model(x, t, c), before)
+    names = ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
+    assert counter.names == [(i, n) for i in range(model.dims.num_layers) for n in names]
+
+
+class TimeToken(Mixin):
+    """Prepends one token to the sequence; later stages must see it as a condition token."""
+
+    @wraps_previous
+    def embed(self, x, context, ctx, *, inner):
+        hidden = inner(x, context, ctx)
+        return torch.cat([hidden[:, :1] * 0.0 + 1.0, hidden], dim=1)
+
+
+def test_tokens_prepended_by_embed_count_as_condition_tokens():
+    model = _model()
+    x, t, c, _ = tiny_inputs(tiny_config("cogvideox_5b"))
+    seen = []
+    model.add_mixin("time_token", TimeToken(model.dims))
+    original = model._hooks.final_forward
+    model._hooks.final_forward = lambda hidden, ctx: seen.append(ctx.text_length) or original(hidden, ctx)
+    with torch.no_grad():
+        out = model(x, t, c)
+    assert seen == [c.shape[1] + 1]
+    assert out.shape[:2] == x.shape[:2]
