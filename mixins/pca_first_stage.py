@@ -292,6 +292,11 @@ class PatchPCAFirstStage(torch.nn.Module):
         Returns:
             Latents ``[B, C, 1 + (T - 1) // 4, H / 8, W / 8]`` times ``scale_factor``, in the bases' dtype.
         """
+        return self.encode_moments(video)[0] * self.scale_factor
+
+    @torch.no_grad()
+    def encode_moments(self, video: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """``(latents before scale_factor, None)``: the projection is deterministic (no posterior to sample)."""
         if video.ndim != 5 or video.shape[1] != RGB:
             raise ValueError(f"PatchPCAFirstStage.encode: expected video [B, 3, T, H, W], found {list(video.shape)}")
         _check_video_shape(video.shape, "PatchPCAFirstStage.encode")
@@ -300,7 +305,7 @@ class PatchPCAFirstStage(torch.nn.Module):
         if video.shape[2] > 1:
             later = self.frame_groups.encode(_patches(video[:, :, 1:], FRAMES_PER_TUBE))  # [B, (T - 1) / 4, h, w, C]
             latents = torch.cat([latents, later], dim=1)
-        return latents.permute(0, 4, 1, 2, 3) * self.scale_factor  # [B, C, F, h, w]
+        return latents.permute(0, 4, 1, 2, 3), None  # [B, C, F, h, w]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -185,6 +185,18 @@ def _load_diffusers_folder(path: Path, architecture: dict[str, Any]) -> Autoenco
     return vae
 
 
+def latents_from_moments(mean: torch.Tensor, std: torch.Tensor | None, scale_factor: float,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled latents from posterior moments: ``(mean + std * noise) * scale_factor``, or ``mean * scale_factor``
+    without ``std``. The noise is drawn on the generator's device in the moments' dtype, as diffusers'
+    ``DiagonalGaussianDistribution.sample`` draws it, so both give the same latents."""
+    if std is not None:
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                            device=generator.device if generator is not None else mean.device)
+        mean = mean + std * noise.to(mean.device)
+    return mean * scale_factor
+
+
 class VideoVAEMixin(torch.nn.Module):
     """Frozen 3D causal VAE: clips in ``[-1, 1]`` to scaled latents and back.
 
@@ -253,6 +265,14 @@ class VideoVAEMixin(torch.nn.Module):
         Returns:
             Latents ``[B, 16, 1 + (T - 1) // 4, H / 8, W / 8]`` times ``scale_factor``, in the VAE's dtype.
         """
+        mean, std = self.encode_moments(video)
+        return latents_from_moments(mean, std, self.scale_factor, generator)
+
+    @torch.no_grad()
+    def encode_moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The posterior ``(mean, std)`` of ``video``, unscaled; ``std`` is ``None`` when ``sample_posterior`` is off
+        (the mode is then the latent). :func:`latents_from_moments` turns them into what :meth:`encode` returns,
+        draw for draw, which is what the latent cache stores and trains from."""
         config = self.vae.config
         spatial = 2 ** (len(config.block_out_channels) - 1)
         if video.ndim != 5 or video.shape[1] != config.in_channels:
@@ -264,8 +284,7 @@ class VideoVAEMixin(torch.nn.Module):
                 f"multiples of {spatial}, found {frames} frames of {height}x{width}"
             )
         posterior = self.vae.encode(video.to(self.vae.dtype)).latent_dist
-        latents = posterior.sample(generator) if self.sample_posterior else posterior.mode()
-        return latents * self.scale_factor
+        return (posterior.mean, posterior.std) if self.sample_posterior else (posterior.mode(), None)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

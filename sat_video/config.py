@@ -183,6 +183,10 @@ class DataConfig:
     frames are accepted and the clip is padded by repeating its last frame (SAT's behaviour)."""
     num_workers: int = 2
     """Data-loader processes per rank (0 decodes in the training process)."""
+    latent_cache: Optional[str] = None
+    """A folder written by ``tools/precompute_latents.py``: train from its latents and text embeddings instead
+    of decoding ``sources`` (no video decoding, VAE or T5 per step; I2V still encodes its noisy first frame).
+    The cache must have been made with this config's first stage, text encoder and clip settings."""
 
 
 @dataclass

@@ -10,13 +10,18 @@ resumed run draws exactly what the uninterrupted run would have drawn.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
+from mixins.video_vae import latents_from_moments
+
 from .config import DiffusionConfig, DiTConfig
 from .diffusion import NoiseSchedule
+
+if TYPE_CHECKING:
+    from .latent_cache import CachedBatch
 
 
 def leading_pad_frames(latent_frames: int, dims: DiTConfig) -> int:
@@ -43,16 +48,20 @@ class FrozenStages(nn.Module):
         dims: the DiT sizes (I2V when ``in_channels`` exceeds ``out_channels``; 1.5 models pad an odd number
             of latent frames to a multiple of ``patch_size_t`` by repeating the first latent frame, as SAT).
         diffusion: dropout rates and the image-noise distribution.
-        first_stage: a ``VideoVAEMixin`` (``encode(video, generator)``).
-        text_encoder: a ``T5TextEncoder`` (``captions -> [B, L, D]``).
+        first_stage: a ``VideoVAEMixin`` or ``PatchPCAFirstStage`` (``encode(video, generator)``); only I2V
+            needs it when training from a latent cache.
+        text_encoder: a ``T5TextEncoder`` (``captions -> [B, L, D]``); not needed with a latent cache.
+        scale_factor: ``model.first_stage.scale_factor``, applied to cached latents.
     """
 
-    def __init__(self, dims: DiTConfig, diffusion: DiffusionConfig, first_stage: nn.Module, text_encoder: nn.Module):
+    def __init__(self, dims: DiTConfig, diffusion: DiffusionConfig, first_stage: Optional[nn.Module],
+                 text_encoder: Optional[nn.Module], scale_factor: float = 1.0):
         super().__init__()
         self.dims = dims
         self.diffusion = diffusion
         self.first_stage = first_stage
         self.text_encoder = text_encoder
+        self.scale_factor = scale_factor
         self.image_condition = dims.in_channels > dims.out_channels
         if self.image_condition and dims.in_channels != 2 * dims.out_channels:
             raise ValueError(
@@ -63,11 +72,31 @@ class FrozenStages(nn.Module):
     @torch.no_grad()
     def prepare(self, video: torch.Tensor, captions: list[str], generator: torch.Generator) -> TrainingInputs:
         """``video`` ``[B, 3, T, H, W]`` in [-1, 1] (an image is ``T = 1``) -> :class:`TrainingInputs`."""
-        batch = video.shape[0]
-        latents = self.first_stage.encode(video, generator=generator).permute(0, 2, 1, 3, 4)  # -> [B, T, C, H, W]
-        latents = self._pad_frames(latents)
+        latents = self.first_stage.encode(video, generator=generator)
+        text = self.text_encoder(list(captions))
+        return self._condition(latents, text, video[:, :, :1], generator)
 
-        text = self.text_encoder(list(captions)).float()
+    @torch.no_grad()
+    def prepare_cached(self, batch: "CachedBatch", generator: torch.Generator) -> TrainingInputs:
+        """The same from a latent-cache batch: for the same generator state, the same inputs as :meth:`prepare`
+        on the clips the cache was made from (the posterior is sampled here, as encoding would)."""
+        device = self.first_stage_device()
+        mean = batch.latent_mean.to(device)
+        std = batch.latent_std.to(device) if batch.latent_std is not None else None
+        latents = latents_from_moments(mean, std, self.scale_factor, generator)
+        first_frame = batch.first_frame.to(device) if batch.first_frame is not None else None
+        return self._condition(latents, batch.text.to(device), first_frame, generator)
+
+    def first_stage_device(self) -> torch.device:
+        modules = [m for m in (self.first_stage, self.text_encoder) if m is not None]
+        return next(p.device for m in modules for p in m.parameters()) if modules else torch.device("cpu")
+
+    def _condition(self, latents: torch.Tensor, text: torch.Tensor, first_frame: Optional[torch.Tensor],
+                   generator: torch.Generator) -> TrainingInputs:
+        """Latents ``[B, C, F, h, w]`` and text -> padded latents, caption dropout, the I2V condition."""
+        batch = latents.shape[0]
+        latents = self._pad_frames(latents.permute(0, 2, 1, 3, 4))  # -> [B, T, C, H, W]
+        text = text.float()
         keep_text = torch.rand(batch, generator=generator) >= self.diffusion.text_dropout
         text = text * keep_text.to(text.device, text.dtype).view(-1, 1, 1)
 
@@ -75,10 +104,10 @@ class FrozenStages(nn.Module):
         if self.image_condition:
             mean, std = self.diffusion.image_noise_log_sigma
             sigma = torch.exp(torch.randn(batch, generator=generator) * std + mean)
-            first = video[:, :, :1].float()
+            first = first_frame.float()
             noise = torch.randn(first.shape, generator=generator).to(first.device)
             noisy_first = first + sigma.to(first.device).view(-1, 1, 1, 1, 1) * noise
-            encoded = self.first_stage.encode(noisy_first.to(video.dtype), generator=generator).permute(0, 2, 1, 3, 4)
+            encoded = self.first_stage.encode(noisy_first.to(first_frame.dtype), generator=generator).permute(0, 2, 1, 3, 4)
             image_latents = torch.cat([encoded, torch.zeros_like(latents[:, 1:])], dim=1)
             keep_image = torch.rand(batch, generator=generator) >= self.diffusion.image_dropout
             image_latents = image_latents * keep_image.to(image_latents.device, image_latents.dtype).view(-1, 1, 1, 1, 1)

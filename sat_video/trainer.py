@@ -30,6 +30,7 @@ from .data import ClipBatchSampler, ClipSpec, VideoDataset, collate, discover, l
 from .diffusion import NoiseSchedule, sample_timesteps, timestep_interval
 from .distributed import DistributedEnv, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
 from .engine import DiffusionEngine, FrozenStages
+from .latent_cache import LatentCache, collate_cached
 from .optim import FiniteAdamW, lr_lambda, parameter_groups, select_trainable
 from .run_folder import RunFolder, trainer_state_file
 from .sampling import VideoGenerator, module_dtype, write_samples
@@ -54,6 +55,11 @@ class LoopState:
     nonfinite_streak: int = 0
     skipped_steps: int = 0
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
+
+
+def frozen_stage_dtype(cfg: DictConfig) -> torch.dtype:
+    """VAE and T5 run in bf16 under bf16 training and in fp32 otherwise (T5 overflows in fp16)."""
+    return torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
 
 
 def deepspeed_config(cfg: DictConfig) -> dict:
@@ -143,11 +149,18 @@ class Trainer:
         barrier()
 
         # Data first: a dataset without a usable sample fails before any model is built.
-        refs = discover(list(cfg.data.sources))
         self.clip_spec = ClipSpec.from_config(cfg)
-        self.dataset = VideoDataset(refs, self.clip_spec)
-        self.dataset.first_usable()
-        self.kinds = [ref.is_image for ref in refs]
+        self.cached = bool(cfg.data.latent_cache)
+        if self.cached:
+            self.dataset = LatentCache(cfg.data.latent_cache)
+            self.dataset.check_compatible(cfg)
+            self.kinds, self.collate = self.dataset.kinds, collate_cached
+            self.state.skipped_files = list(self.dataset.skipped)
+        else:
+            refs = discover(list(cfg.data.sources))
+            self.dataset = VideoDataset(refs, self.clip_spec)
+            self.dataset.first_usable()
+            self.kinds, self.collate = [ref.is_image for ref in refs], collate
 
         # The same initial weights on every rank; afterwards each rank draws its own timesteps and noise.
         torch.manual_seed(train.seed)
@@ -160,11 +173,15 @@ class Trainer:
         random.seed(train.seed + 1 + env.rank)
         self.generator = torch.Generator().manual_seed(train.seed * 1_000_003 + env.rank)
 
-        # T5 overflows in fp16, so the frozen stages run in bf16 or fp32.
-        frozen_dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
-        first_stage = build_first_stage(cfg)
-        text_encoder = T5TextEncoder.from_config(cfg.model.text_encoder, dims.text_length, dims.text_hidden_size)
-        self.frozen = FrozenStages(dims, cfg.model.diffusion, first_stage, text_encoder).to(env.device, frozen_dtype)
+        # T5 overflows in fp16, so the frozen stages run in bf16 or fp32. From a latent cache, the VAE is needed
+        # only for the I2V condition and validation videos, T5 only for validation prompts.
+        frozen_dtype = frozen_stage_dtype(cfg)
+        sampling = bool(validation.interval)
+        first_stage = build_first_stage(cfg) if not self.cached or sampling or dims.in_channels > dims.out_channels else None
+        text_encoder = (T5TextEncoder.from_config(cfg.model.text_encoder, dims.text_length, dims.text_hidden_size)
+                        if not self.cached or sampling else None)
+        self.frozen = FrozenStages(dims, cfg.model.diffusion, first_stage, text_encoder,
+                                   scale_factor=cfg.model.first_stage.scale_factor).to(env.device, frozen_dtype)
 
         diffusion = cfg.model.diffusion
         schedule = NoiseSchedule(diffusion.snr_shift_scale, diffusion.num_train_timesteps)
@@ -269,7 +286,7 @@ class Trainer:
             self.dataset,
             batch_sampler=ClipBatchSampler(self.kinds, self.cfg.train.micro_batch_size, self.env.rank, self.env.world_size,
                                            self.cfg.train.seed, start=self.state.data_position),
-            num_workers=self.cfg.data.num_workers, collate_fn=collate, pin_memory=self.env.device.type == "cuda",
+            num_workers=self.cfg.data.num_workers, collate_fn=self.collate, pin_memory=self.env.device.type == "cuda",
             persistent_workers=self.cfg.data.num_workers > 0)
         return iter(loader)
 
@@ -277,9 +294,12 @@ class Trainer:
         batch = next(batches)
         self.state.data_position = (batch.position[0], batch.position[1] + 1)
         self.state.skipped_files.extend(item for item in batch.skipped if item not in self.state.skipped_files)
-        video = batch.video.to(self.env.device, module_dtype(self.frozen.first_stage), non_blocking=True)
-        inputs = self.frozen.prepare(video, batch.captions, self.generator)
-        timesteps = sample_timesteps(video.shape[0], self.interval, self.generator)
+        if self.cached:
+            inputs = self.frozen.prepare_cached(batch, self.generator)
+        else:
+            video = batch.video.to(self.env.device, module_dtype(self.frozen.first_stage), non_blocking=True)
+            inputs = self.frozen.prepare(video, batch.captions, self.generator)
+        timesteps = sample_timesteps(inputs.latents.shape[0], self.interval, self.generator)
         noise = torch.randn(inputs.latents.shape, generator=self.generator)
         loss = self.engine(inputs, timesteps, noise).mean()
         self.engine.backward(loss)

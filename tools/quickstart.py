@@ -5,8 +5,8 @@
 2. builds the frozen stages it needs without downloads: a tiny T5 and its sentencepiece tokenizer trained on
    the captions, and a linear PCA first stage fitted to the clips (CogVideoX's VAE compression: 8x8 pixels,
    4 frames, 16 channels; no real VAE can be trained on a CPU in minutes, see configs/quickstart.yaml);
-3. trains a small CogVideoX-5B-layout DiT with ``torchrun --nproc_per_node 2 tools/train_video.py`` (DeepSpeed
-   ZeRO-2, gloo);
+3. encodes the clips and captions once with ``tools/precompute_latents.py`` and trains a small CogVideoX-5B-layout
+   DiT from that latent cache with ``torchrun --nproc_per_node 2 tools/train_video.py`` (DeepSpeed ZeRO-2, gloo);
 4. samples one video per caption with ``CogVideoXDDIMScheduler`` and classifier-free guidance, and writes
    the mp4s and a contact sheet;
 5. exports the checkpoint with ``tools/convert_to_diffusers.py`` and checks that diffusers' transformer
@@ -78,13 +78,16 @@ def main(argv=None) -> int:
     spec = ClipSpec.from_config(cfg)
     PatchPCAFirstStage.fit(load_clip(ref, spec)[0] for ref in discover([run / "data"])).save(run / "first_stage.safetensors")
 
-    step(f"3. training {cfg.train.train_iters} steps: torchrun --nproc_per_node {args.nproc} tools/train_video.py (DeepSpeed ZeRO-2)")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    command = [*launcher, str(ROOT / "tools" / "train_video.py"), "--base", *map(str, BASE), *overrides]
+    step(f"3. latent cache, then training {cfg.train.train_iters} steps: torchrun --nproc_per_node {args.nproc} "
+         "tools/train_video.py (DeepSpeed ZeRO-2)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank: the ranks share the cores
-    if subprocess.run(command, cwd=ROOT, env=env).returncode:
-        print("quickstart: training failed (see above)", file=sys.stderr)
-        return 1
+    cache = [str(ROOT / "tools" / "precompute_latents.py"), "--base", *map(str, BASE), *overrides, "--out", str(run / "latents")]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    training = [str(ROOT / "tools" / "train_video.py"), "--base", *map(str, BASE), *overrides, f"data.latent_cache={run / 'latents'}"]
+    for name, command in (("precomputing latents", [sys.executable, *cache]), ("training", [*launcher, *training])):
+        if subprocess.run(command, cwd=ROOT, env=env).returncode:
+            print(f"quickstart: {name} failed (see above)", file=sys.stderr)
+            return 1
 
     step(f"4. sampling {args.num_samples} videos (DDIM, {cfg.sample.steps} steps, guidance {cfg.sample.guidance_scale})")
     from sat_video.build import build_first_stage

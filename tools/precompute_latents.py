@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Encode a data set once (VAE latents + T5 embeddings) so that training skips video decoding, the VAE and T5.
+
+    python tools/precompute_latents.py --base configs/cogvideox_5b.yaml configs/sft.yaml \
+        data.sources=[/data/my_videos] --out /data/my_videos_latents
+    torchrun --nproc_per_node 8 tools/precompute_latents.py --base ... --out ...   # ranks split the files
+
+then train with ``data.latent_cache=/data/my_videos_latents``. The cache records the first stage, text encoder
+and clip settings it was made with; training refuses a config that differs. Unusable files are skipped and
+listed in the manifest. Exit status: 0 done, 2 bad configuration, data or output folder.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from sat_video.cli import add_config_arguments, config_from_arguments
+from sat_video.config import ConfigError, dit_config
+from sat_video.data import ClipSpec, DataError, discover
+
+
+def encode(cfg, out: Path, samples_per_shard: int, overwrite: bool) -> int:
+    from tqdm import tqdm
+
+    from sat_video.build import build_first_stage
+    from sat_video.distributed import barrier, init_distributed, shutdown
+    from sat_video.latent_cache import CacheWriter, ClipsToEncode, cache_settings, finish, staging_folder
+    from sat_video.text_encoder import T5TextEncoder
+    from sat_video.trainer import frozen_stage_dtype
+
+    env = init_distributed()
+    try:
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; choose another --out, or pass --overwrite to replace it")
+        refs = discover(list(cfg.data.sources))
+        spec = ClipSpec.from_config(cfg)
+        dims = dit_config(cfg)
+        settings = cache_settings(cfg)
+        dtype = frozen_stage_dtype(cfg)
+        first_stage = build_first_stage(cfg).to(env.device, dtype)
+        text_encoder = T5TextEncoder.from_config(cfg.model.text_encoder, dims.text_length, dims.text_hidden_size).to(env.device, dtype)
+        image_condition = dims.in_channels > dims.out_channels
+
+        staging = staging_folder(out)
+        if env.is_main:
+            staging.mkdir(parents=True)
+        barrier()
+        writer = CacheWriter(staging, env.rank, samples_per_shard)
+        mine = list(enumerate(refs))[env.rank::env.world_size]
+        loader = torch.utils.data.DataLoader(ClipsToEncode(mine, spec), batch_size=None, num_workers=cfg.data.num_workers)
+        for index, ref, video, caption, reason in tqdm(loader, desc="encode", disable=not env.is_main, dynamic_ncols=True):
+            if reason is not None:
+                logging.getLogger("sat_video.data").warning("skipping %s: %s", ref.path, reason)
+                writer.skipped.append((str(ref.path), reason))
+                continue
+            with torch.no_grad():
+                video = video[None].to(env.device, dtype)  # [1, 3, T, H, W]
+                mean, std = first_stage.encode_moments(video)
+                tensors = {"latent_mean": mean[0], "text": text_encoder([caption])[0]}
+            if std is not None:
+                tensors["latent_std"] = std[0]
+            if image_condition:
+                tensors["first_frame"] = video[0, :, :1]
+            writer.add(index, ref, caption, tensors)
+        writer.write_part()
+        barrier()
+        if env.is_main:
+            manifest = finish(staging, out, env.world_size, settings)
+            samples, skipped = manifest["samples"], manifest["skipped"]
+            print(f"precompute_latents: {len(samples)} samples in {out} ({len(skipped)} unusable file(s) skipped"
+                  + (": " + ", ".join(path for path, _ in skipped[:3]) + ("..." if len(skipped) > 3 else "") if skipped else "")
+                  + f"); train with data.latent_cache={out}")
+        barrier()
+        return 0
+    finally:
+        shutdown()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--out", required=True, help="cache folder to create")
+    parser.add_argument("--samples-per-shard", type=int, default=256, help="samples per safetensors file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new cache is complete)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    if args.samples_per_shard < 1:
+        parser.error(f"--samples-per-shard must be >= 1, found {args.samples_per_shard}")
+    try:
+        return encode(config_from_arguments(args), Path(args.out).expanduser().resolve(), args.samples_per_shard, args.overwrite)
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"precompute_latents: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
