@@ -9,6 +9,7 @@ would need protobuf to convert ``spiece.model``, and real T5 folders ship no ``t
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import torch
 from transformers import T5Config, T5EncoderModel
 
 from sat_video.config import ConfigError, TextEncoderConfig
+
+logger = logging.getLogger("sat_video.text")
 
 TOKENIZER_FILE = "spiece.model"
 T5_SPECIAL_IDS = {"pad_id": 0, "eos_id": 1, "unk_id": 2}
@@ -48,6 +51,7 @@ class T5TextEncoder(torch.nn.Module):
         self.transformer = transformer
         self.tokenizer = tokenizer
         self.text_length = text_length
+        self._reported_truncation = False
         self.pad_id, self.eos_id = tokenizer.pad_id(), tokenizer.eos_id()
         self.requires_grad_(False)
         self.eval()
@@ -87,7 +91,13 @@ class T5TextEncoder(torch.nn.Module):
         if isinstance(captions, str):
             raise TypeError("T5TextEncoder: expected a list of captions, found a single string")
         rows = []
-        for ids in self.tokenizer.encode(list(captions)):
+        for caption, ids in zip(captions, self.tokenizer.encode(list(captions))):
+            if len(ids) >= self.text_length and not self._reported_truncation:
+                # As diffusers does: say what the model will not see (once, training repeats captions).
+                kept = self.tokenizer.decode(ids[: self.text_length - 1])
+                logger.warning("caption truncated to %d tokens (model.dit.text_length - 1, then </s>): %r keeps %r; "
+                               "further truncations are not reported", self.text_length - 1, caption, kept)
+                self._reported_truncation = True
             ids = ids[: self.text_length - 1] + [self.eos_id]
             rows.append(ids + [self.pad_id] * (self.text_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
@@ -119,7 +129,8 @@ def make_tiny_t5(
     files; the global RNG is left untouched.
 
     Args:
-        captions: corpus of the tokenizer; ``vocab_size`` is an upper bound (a small corpus yields fewer pieces).
+        captions: corpus of the tokenizer, a word-level model (every word of the captions is one piece; words it
+            never saw become ``<unk>``); ``vocab_size`` is an upper bound.
         out_dir: a new or empty folder.
         d_model, num_layers, num_heads, d_ff: sizes of the T5 v1.1-style encoder (gated GELU, untied embeddings).
         seed: seed of the encoder weights.
@@ -137,7 +148,7 @@ def make_tiny_t5(
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(captions),
         model_writer=model_proto,
-        model_type="unigram",
+        model_type="word",  # whole words: a few captions are far too small a corpus for unigram pieces
         vocab_size=vocab_size,
         hard_vocab_limit=False,  # a handful of captions cannot fill a fixed vocabulary
         character_coverage=1.0,

@@ -128,3 +128,21 @@ def test_refuses_a_non_empty_out_dir(tmp_path):
     with pytest.raises(FileExistsError, match="taken"):
         make_tiny_t5(CAPTIONS, tmp_path / "taken")
     assert sorted(path.name for path in (tmp_path / "taken").iterdir()) == ["notes.txt"]
+
+
+def test_a_truncated_caption_is_reported_once(t5_dir, caplog):
+    encoder = T5TextEncoder.from_config(TextEncoderConfig(path=str(t5_dir)), TEXT_LENGTH, D_MODEL)
+    long_caption = " ".join([CAPTIONS[0]] * 4)
+    with caplog.at_level("WARNING", logger="sat_video.text"):
+        encoder.tokenize([CAPTIONS[0]])
+        assert not caplog.records
+        encoder.tokenize([long_caption, long_caption])
+        encoder.tokenize([long_caption])
+    assert len(caplog.records) == 1
+    assert f"caption truncated to {TEXT_LENGTH - 1} tokens" in caplog.records[0].getMessage()
+
+
+def test_the_tiny_tokenizer_keeps_caption_words_whole(t5_dir):
+    tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(t5_dir / "spiece.model"))
+    caption = CAPTIONS[0]
+    assert [piece.lstrip("\u2581") for piece in tokenizer.encode(caption, out_type=str)] == caption.split()
