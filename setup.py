@@ -28,5 +28,5 @@ setup(
         "tensorboard",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"], "dev": ["pytest", "pytest-timeout", "ruff"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "peft"], "dev": ["pytest", "pytest-timeout", "peft", "ruff"]},
 )

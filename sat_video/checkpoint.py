@@ -4,19 +4,28 @@ Layout: ``<dir>/latest`` holds the iteration; ``<dir>/<iteration>/mp_rank_00_mod
 ``{"module": state_dict}`` with keys prefixed ``model.diffusion_model.``. Official checkpoints also
 carry ``conditioner.*`` (T5) and ``first_stage_model.*`` (VAE), which the DiT ignores, and a few
 entries the model derives itself (RoPE tables, the 2B sin-cos table), which are accepted by name.
+
+LoRA: SAT LoRA weights go into the model's LoRA mixin (``mixins/lora.py``), or are merged into the base
+weights when it has none; a LoRA mixin may be absent from a checkpoint as a whole (training a LoRA
+starts from a base checkpoint), never in part.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from .sat_lora import has_sat_lora, merge_sat_lora
+from .sat_lora import has_sat_lora, merge_sat_lora, sat_lora_to_mixin
+
+logger = logging.getLogger(__name__)
 
 SAT_PREFIX = "model.diffusion_model."
 IGNORED_PREFIXES = ("conditioner.", "first_stage_model.")
@@ -64,14 +73,77 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     return obj
 
 
-def dit_state_dict(raw: dict[str, torch.Tensor], lora_alpha: float = 1.0) -> dict[str, torch.Tensor]:
-    """Strip ``model.diffusion_model.``, drop T5 / VAE entries and merge SAT LoRA weights."""
+def dit_state_dict(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip ``model.diffusion_model.`` and drop T5 / VAE entries."""
     state = {}
     for key, value in raw.items():
         if key.startswith(IGNORED_PREFIXES):
             continue
         state[key[len(SAT_PREFIX):] if key.startswith(SAT_PREFIX) else key] = value
-    return merge_sat_lora(state, lora_alpha) if has_sat_lora(state) else state
+    return state
+
+
+def lora_mixins(model: nn.Module) -> dict:
+    """The model's :class:`mixins.lora.LoRAMixin` instances by name."""
+    from mixins.lora import LoRAMixin
+
+    return {name: m for name, m in getattr(model, "mixins", {}).items() if isinstance(m, LoRAMixin)}
+
+
+_ADAPTER_KEY = re.compile(r"^mixins\.(\w+)\.layers\.\d+\..+\.matrix_A\.\d+$")
+
+
+def _place_lora(model: nn.Module, state: dict[str, torch.Tensor], source: str, lora_alpha: Optional[float]) -> dict[str, torch.Tensor]:
+    """SAT LoRA weights go onto the model's LoRA mixin, or are merged when it has none; a LoRA mixin that the
+    checkpoint lacks entirely (a base checkpoint) keeps its initialisation."""
+    lora = lora_mixins(model)
+    from_sat = has_sat_lora(state)
+    try:
+        if from_sat and not lora:
+            return merge_sat_lora(state, 1.0 if lora_alpha is None else lora_alpha)
+        if from_sat and len(lora) > 1:
+            raise ValueError(f"SAT LoRA weights, but the model has several LoRA mixins ({', '.join(lora)}) to put them in")
+        if from_sat:
+            state = sat_lora_to_mixin(state, next(iter(lora)))
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    stray = {m[1]: state[key].shape[0] for key in state if (m := _ADAPTER_KEY.match(key)) and m[1] not in lora}
+    if stray:
+        name, rank = next(iter(stray.items()))
+        raise CheckpointError(
+            f"{source} holds LoRA adapters under mixins.{name}.* (rank {rank}), but the config has no LoRA mixin '{name}': "
+            f"stack configs/lora.yaml with that rank and the run's alpha (or use the run's config.yaml)"
+        )
+    expected = model.state_dict()
+    for name, mixin in lora.items():
+        if lora_alpha is not None and lora_alpha != mixin.config.alpha:
+            raise CheckpointError(f"lora_alpha={lora_alpha} given, but LoRA mixin '{name}' has alpha {mixin.config.alpha} "
+                                  f"(its config, model.dit.mixins.{name}.alpha, sets the scale)")
+        prefix = f"mixins.{name}."
+        if not any(key.startswith(prefix) for key in state):
+            logger.info("%s holds no weights for LoRA mixin '%s': its adapters start from their initialisation", source, name)
+            state.update(_initial_mixin_state(mixin, prefix, state))
+            continue
+        wrong = [
+            f"{'transformer.' + k[len(prefix):] if from_sat else k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+            for k, v in state.items() if k.startswith(prefix) and k in expected and v.shape != expected[k].shape
+        ]
+        if wrong:
+            ranks = sorted({v.shape[0] for k, v in state.items() if k.startswith(prefix) and ".matrix_A." in k})
+            raise CheckpointError(
+                f"{source}: LoRA weights of rank {', '.join(map(str, ranks))}, but mixin '{name}' has rank {mixin.config.rank} "
+                f"(model.dit.mixins.{name}.rank)" + _listing("wrong shapes", wrong)
+            )
+    return state
+
+
+def _initial_mixin_state(mixin: nn.Module, prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if any(p.is_meta for p in mixin.parameters()):  # built on meta: a fresh initialisation in the checkpoint's dtype
+        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+        mixin = copy.deepcopy(mixin).to_empty(device="cpu")
+        mixin.reset_parameters()
+        mixin.to(dtype)
+    return {prefix + k: v for k, v in mixin.state_dict().items()}
 
 
 def _listing(title: str, items: list[str]) -> str:
@@ -101,7 +173,7 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     return {k: state[k] for k in expected}
 
 
-def load_checkpoint(model: nn.Module, path: Union[str, Path], *, lora_alpha: float = 1.0) -> nn.Module:
+def load_checkpoint(model: nn.Module, path: Union[str, Path], *, lora_alpha: Optional[float] = None) -> nn.Module:
     """Load DiT weights into ``model`` from a SAT run folder, an iteration folder, a ``.pt`` or a
     ``.safetensors`` file.
 
@@ -109,12 +181,21 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], *, lora_alpha: flo
         model: a model from :func:`sat_video.build_dit` (may live on the ``meta`` device; its tensors
             are then replaced by the checkpoint's).
         path: where the weights are.
-        lora_alpha: SAT LoRA weights found in the checkpoint are merged with scale ``lora_alpha / r``.
+        lora_alpha (`float`, *optional*): alpha of SAT LoRA weights in the checkpoint when ``model`` has no LoRA
+            mixin: they are merged with scale ``lora_alpha / r`` (default 1, SAT's). A model with a LoRA mixin
+            takes them into the mixin unmerged, and its config sets alpha.
     Raises:
         CheckpointError: listing every missing, unexpected or wrongly shaped key.
     """
     file = resolve_checkpoint_file(path)
-    state = check_state_dict(model, dit_state_dict(read_state_dict(file), lora_alpha), str(file))
+    return load_dit_state(model, dit_state_dict(read_state_dict(file)), source=str(file), lora_alpha=lora_alpha)
+
+
+def load_dit_state(
+    model: nn.Module, state: dict[str, torch.Tensor], *, source: str = "checkpoint", lora_alpha: Optional[float] = None
+) -> nn.Module:
+    """:func:`load_checkpoint` for a prefix-free state dict already in memory (``source`` names it in errors)."""
+    state = check_state_dict(model, _place_lora(model, dict(state), source, lora_alpha), source)
     on_meta = any(t.is_meta for t in model.state_dict().values())
     model.load_state_dict(state, strict=True, assign=on_meta)
     return model

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -274,12 +274,16 @@ def scheduler_config(snr_shift_scale: float, num_train_timesteps: int = 1000) ->
 # ---------------------------------------------------------------------- folders on disk
 
 TRANSFORMER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name a pipeline's load_lora_weights(folder) looks for
 
 
 def write_diffusers_folder(
-    state: dict[str, torch.Tensor], dims: DiTConfig, out_dir, *, snr_shift_scale: float, num_train_timesteps: int = 1000
+    state: dict[str, torch.Tensor], dims: DiTConfig, out_dir, *, snr_shift_scale: float, num_train_timesteps: int = 1000,
+    lora_adapter: Optional[dict[str, torch.Tensor]] = None,
 ) -> None:
-    """Write ``out_dir/transformer`` (config.json + safetensors) and ``out_dir/scheduler``.
+    """Write ``out_dir/transformer`` (config.json + safetensors) and ``out_dir/scheduler``, plus
+    ``out_dir/pytorch_lora_weights.safetensors`` when given a ``lora_adapter`` (diffusers LoRA keys, see
+    :func:`sat_video.sat_lora.lora_to_diffusers`).
 
     ``out_dir`` must not exist; everything is written into a temporary sibling first and renamed at the
     end, so an interrupted export leaves nothing half-written behind.
@@ -305,6 +309,8 @@ def write_diffusers_folder(
         (staging / "transformer" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(hf_state, str(staging / "transformer" / TRANSFORMER_WEIGHTS), metadata={"format": "pt"})
         CogVideoXDDIMScheduler(**scheduler_config(snr_shift_scale, num_train_timesteps)).save_pretrained(staging / "scheduler")
+        if lora_adapter is not None:
+            save_file({k: v.contiguous() for k, v in lora_adapter.items()}, str(staging / LORA_WEIGHTS), metadata={"format": "pt"})
         staging.rename(out_dir)
     finally:
         if staging.exists():

@@ -31,12 +31,16 @@ def select_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases and norm scales are exempt (as SAT and most DiT recipes)."""
+    """Weight decay on matrices only: biases and norm scales are exempt (as SAT and most DiT recipes).
+
+    Empty groups are left out (LoRA trains matrices only): DeepSpeed drops them, and the LR scheduler, built
+    with the optimizer's groups, would then no longer match its groups."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 class FiniteAdamW(torch.optim.AdamW):
