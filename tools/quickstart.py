@@ -7,8 +7,9 @@
    4 frames, 16 channels; no real VAE can be trained on a CPU in minutes, see configs/quickstart.yaml);
 3. encodes the clips and captions once with ``tools/precompute_latents.py`` and trains a small CogVideoX-5B-layout
    DiT from that latent cache with ``torchrun --nproc_per_node 2 tools/train_video.py`` (DeepSpeed ZeRO-2, gloo);
-4. samples one video per caption with ``CogVideoXDDIMScheduler`` and classifier-free guidance, and writes
-   the mp4s and a contact sheet;
+4. samples one video per caption with ``CogVideoXDDIMScheduler`` and classifier-free guidance, writes the
+   mp4s and a contact sheet, and reads shape, colour and direction back from every sample to count how many
+   match their captions (``sat_video.synthetic.describe_clip``);
 5. exports the checkpoint with ``tools/convert_to_diffusers.py`` and checks that diffusers' transformer
    loads it and gives the same output.
 
@@ -43,6 +44,26 @@ def new_run_folder(out: Path) -> Path:
 
 def step(message: str) -> None:
     print(f"\n== {message}", flush=True)
+
+
+def caption_check(videos) -> str:
+    """Read shape, colour and direction back from every sample (``describe_clip``) and compare with its caption."""
+    from sat_video.synthetic import describe_clip
+
+    counts = {"shape": 0, "colour": 0, "direction": 0}
+    for video in videos:
+        _, colour, shape, _, direction = video.prompt.split()
+        try:
+            seen = dict(zip(("shape", "colour", "direction"), describe_clip(video.frames.numpy())))
+        except ValueError:  # an untrained model may draw nothing at all
+            print(f"  {video.prompt:<32} shows no shape")
+            continue
+        wanted = {"shape": shape, "colour": colour, "direction": direction}
+        for key in counts:
+            counts[key] += seen[key] == wanted[key]
+        misses = [f"{key} {seen[key]}" for key in counts if seen[key] != wanted[key]]
+        print(f"  {video.prompt:<32} {'matches' if not misses else 'shows ' + ', '.join(misses)}")
+    return ", ".join(f"{key} {count}/{len(videos)}" for key, count in counts.items())
 
 
 def main(argv=None) -> int:
@@ -102,6 +123,7 @@ def main(argv=None) -> int:
     videos = generator.generate(captions[: args.num_samples], cfg.sample, num_frames=dims.num_frames, height=spec.height,
                                 width=spec.width)
     written = write_samples(run / "samples", videos, cfg.data.fps)
+    matches = caption_check(videos)
 
     step("5. export to diffusers and compare")
     from diffusers import CogVideoXTransformer3DModel
@@ -125,6 +147,7 @@ def main(argv=None) -> int:
     minutes = (time.perf_counter() - started) / 60
     print(f"\nquickstart finished in {minutes:.1f} min; everything is in {run}")
     print(f"  contact sheet   {written[-1]}")
+    print(f"  caption check   {matches}")
     print(f"  videos          {run / 'samples'}/*.mp4")
     print(f"  checkpoint      {run / 'train'} (SAT layout; metrics.jsonl, tensorboard/)")
     print(f"  diffusers       {run / 'diffusers'} (max |sat_video - diffusers| = {diff:.2e})")
