@@ -24,6 +24,7 @@ setup(
         "decord",
         "imageio",
         "imageio-ffmpeg",
+        "matplotlib",
         "pillow",
         "tensorboard",
         "tqdm",
