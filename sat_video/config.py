@@ -337,9 +337,14 @@ def _dotlist_to_nested(overrides: Sequence[str]) -> dict:
     return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
 
 
-def _drop_retyped_mixins(cfg: DictConfig, data: dict) -> None:
+def _drop_retyped_mixins(cfg: DictConfig, data: dict, source: str) -> None:
     """A layer that gives a mixin another ``type`` replaces the entry instead of merging parameters into it."""
-    incoming = ((data.get("model") or {}).get("dit") or {}).get("mixins") or {}
+    model = data.get("model") or {}
+    dit = model.get("dit") or {} if isinstance(model, dict) else {}
+    incoming = dit.get("mixins") or {} if isinstance(dit, dict) else {}
+    if not isinstance(incoming, dict):
+        raise ConfigError(f"{source}: model.dit.mixins: expected a mapping of mixin name -> {{type: ..., ...}}, "
+                          f"found {type(incoming).__name__} {incoming!r}")
     current = cfg.model.dit.mixins
     for name, entry in incoming.items():
         if isinstance(entry, dict) and "type" in entry and current.get(name) is not None and current[name].get("type") != entry["type"]:
@@ -411,7 +416,7 @@ def load_config(paths: Union[str, Path, dict, Sequence[Union[str, Path, dict]]],
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level, found {type(data).__name__}")
         _check_known_keys(data, Config, "", source)
-        _drop_retyped_mixins(cfg, data)
+        _drop_retyped_mixins(cfg, data, source)
         try:
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as err:

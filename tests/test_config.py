@@ -91,3 +91,8 @@ def test_inconsistent_sizes_are_explained():
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
         sat_video.load_config("nope.yaml")
+
+
+def test_mixins_that_are_not_a_mapping_are_refused_by_name():
+    with pytest.raises(ConfigError, match=r"command-line override: model.dit.mixins: expected a mapping .* found int 3"):
+        tiny_config("cogvideox_5b", "model.dit.mixins=3")
