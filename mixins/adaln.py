@@ -11,16 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from sat_video.hooks import Mixin
-from sat_video.modulation import modulate
+from sat_video.modulation import gated_residual, modulate_per_modality
 from sat_video.registry import register_mixin
-
-
-def _per_modality(x: torch.Tensor, text_length: int, text_fn, video_fn) -> torch.Tensor:
-    return torch.cat([text_fn(x[:, :text_length]), video_fn(x[:, text_length:])], dim=1)
 
 
 @register_mixin("adaln")
@@ -64,20 +59,16 @@ class AdaLNMixin(Mixin):
          ) = self.adaLN_modulations[layer_idx](ctx.temb)[:, None].chunk(12, dim=-1)  # each [B, 1, D]
 
         # attention over the joint sequence, modulated and gated per modality
-        x = _per_modality(
-            layer.input_layernorm(hidden), n,
-            lambda t: modulate(t, text_shift_msa, text_scale_msa), lambda v: modulate(v, shift_msa, scale_msa),
-        )
-        attention = layer.attention(x, ctx, layer_idx)
-        hidden = hidden + _per_modality(attention, n, lambda t: text_gate_msa * t, lambda v: gate_msa * v)
+        x = modulate_per_modality(layer.input_layernorm(hidden), n, (text_shift_msa, text_scale_msa), (shift_msa, scale_msa))
+        hidden = gated_residual(hidden, layer.attention(x, ctx, layer_idx), n, text_gate_msa, gate_msa)
 
         # MLP likewise
-        x = _per_modality(
-            layer.post_attention_layernorm(hidden), n,
-            lambda t: modulate(t, text_shift_mlp, text_scale_mlp), lambda v: modulate(v, shift_mlp, scale_mlp),
-        )
-        mlp = layer.mlp(x, ctx, layer_idx)
-        return hidden + _per_modality(mlp, n, lambda t: text_gate_mlp * t, lambda v: gate_mlp * v)
+        x = modulate_per_modality(layer.post_attention_layernorm(hidden), n, (text_shift_mlp, text_scale_mlp), (shift_mlp, scale_mlp))
+        return gated_residual(hidden, layer.mlp(x, ctx, layer_idx), n, text_gate_mlp, gate_mlp)
 
     def process_qkv(self, q, k, v, ctx, layer_idx):
-        return self.query_layernorm_list[layer_idx](q), self.key_layernorm_list[layer_idx](k), v
+        # Normalised in the fused projection's [B, S, H, hd] memory order and handed on as [B, H, S, hd] views of it:
+        # attention then returns that order too, so the output projection reads it without a transposing copy.
+        q = self.query_layernorm_list[layer_idx](q.transpose(1, 2)).transpose(1, 2)
+        k = self.key_layernorm_list[layer_idx](k.transpose(1, 2)).transpose(1, 2)
+        return q, k, v

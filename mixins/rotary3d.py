@@ -48,6 +48,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
 
+def apply_rotation(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` for ``x`` ``[B, H, S, hd]``, computed in float32 as one complex product of
+    the adjacent pairs (a single element-wise pass each way, where the real form takes five)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, H, S, hd / 2]
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+
+
 @register_mixin("rotary_3d")
 class Rotary3DMixin(Mixin):
     """3D RoPE (``process_qkv`` hook) with an optional learned absolute table (``add_position`` hook)."""
@@ -65,7 +72,7 @@ class Rotary3DMixin(Mixin):
         super().__init__(dims, config)
         if dims.head_dim % 16:
             raise ValueError(f"3D RoPE splits the head dim 4/8 : 3/8 : 3/8 into even parts; head dim {dims.head_dim} is not a multiple of 16")
-        self._cos_sin: dict = {}
+        self._rotations: dict = {}
         if self.config.learned_table:
             patch_t = dims.patch_size_t or 1
             self.train_grid = TokenGrid(dims.latent_frames // patch_t, dims.latent_height // dims.patch_size, dims.latent_width // dims.patch_size)
@@ -80,21 +87,24 @@ class Rotary3DMixin(Mixin):
         return hooks if self.config.learned_table else [h for h in hooks if h != "add_position"]
 
     def cos_sin(self, grid: TokenGrid, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (grid, device, dtype)
-        if key not in self._cos_sin:
-            cos, sin = rotary_3d_cos_sin(self.dims.head_dim, grid, self.config.theta)
-            self._cos_sin[key] = (cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype))
-        return self._cos_sin[key]
+        """``cos, sin`` ``[T*H*W, head_dim]`` of ``grid`` (diffusers' ``image_rotary_emb`` layout)."""
+        cos, sin = rotary_3d_cos_sin(self.dims.head_dim, grid, self.config.theta)
+        return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
+
+    def rotation(self, grid: TokenGrid, text_length: int, device: torch.device) -> torch.Tensor:
+        """``exp(i * angle)`` per adjacent pair, complex64 ``[L + N, head_dim / 2]``; text rows are 1 (no rotation),
+        so the whole sequence is rotated in one product, without slicing out the video tokens."""
+        key = (grid, text_length, device)
+        if key not in self._rotations:
+            cos, sin = self.cos_sin(grid, device, torch.float32)
+            video = torch.complex(cos[:, ::2], sin[:, ::2])  # angles come repeated per pair
+            text = torch.ones(text_length, video.shape[1], dtype=video.dtype, device=device)
+            self._rotations[key] = torch.cat([text, video])
+        return self._rotations[key]
 
     def process_qkv(self, q, k, v, ctx, layer_idx):
-        n = ctx.text_length
-        cos, sin = self.cos_sin(ctx.grid, q.device, q.dtype)  # [N, hd], broadcast over batch and heads
-
-        def rotate(x):
-            video = x[:, :, n:]
-            return torch.cat([x[:, :, :n], video * cos + rotate_half(video) * sin], dim=2)
-
-        return rotate(q), rotate(k), v
+        rotation = self.rotation(ctx.grid, ctx.text_length, q.device)  # broadcast over batch and heads
+        return apply_rotation(q, rotation), apply_rotation(k, rotation), v
 
     def add_position(self, hidden, ctx):
         grid, train = ctx.grid, self.train_grid

@@ -62,14 +62,14 @@ class SinCosInterpolatedPosMixin(Mixin):
         self._tables: dict = {}
 
     def table(self, grid: TokenGrid, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (grid, device, dtype)
-        if key not in self._tables:
-            c = self.config
-            table = sincos_3d_table(self.dims.hidden_size, grid, c.time_interpolation, c.height_interpolation, c.width_interpolation)
-            self._tables[key] = table.to(device=device, dtype=dtype)
-        return self._tables[key]
+        """The ``[T*H*W, D]`` table of ``grid``."""
+        c = self.config
+        table = sincos_3d_table(self.dims.hidden_size, grid, c.time_interpolation, c.height_interpolation, c.width_interpolation)
+        return table.to(device=device, dtype=dtype)
 
     def add_position(self, hidden, ctx):
-        n = ctx.text_length
-        table = self.table(ctx.grid, hidden.device, hidden.dtype)  # [N, D]; text rows get nothing
-        return torch.cat([hidden[:, :n], hidden[:, n:] + table], dim=1)
+        key = (ctx.grid, ctx.text_length, hidden.device, hidden.dtype)
+        if key not in self._tables:  # zero rows for the text: one addition over the whole sequence, no slicing
+            table = self.table(ctx.grid, hidden.device, hidden.dtype)
+            self._tables[key] = torch.cat([table.new_zeros(ctx.text_length, table.shape[1]), table])  # [L + N, D]
+        return hidden + self._tables[key]

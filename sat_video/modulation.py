@@ -1,4 +1,10 @@
-"""AdaLN modulation, shared by the block modulation and the final layer."""
+"""AdaLN modulation, shared by the block modulation and the final layer.
+
+CogVideoX modulates and gates the text and the video tokens of one joint sequence with different vectors.
+:func:`modulate_per_modality` and :func:`gated_residual` do that in one output buffer each way and compute their
+own gradients. Written with slices and ``torch.cat`` instead, every slice's backward would materialise a
+zero-filled gradient of the whole sequence and autograd would add them up.
+"""
 
 import torch
 
@@ -6,3 +12,85 @@ import torch
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x * (1 + scale) + shift`` with ``shift`` / ``scale`` of shape ``[B, 1, D]`` broadcast over tokens."""
     return torch.addcmul(shift, x, 1 + scale)
+
+
+def _result_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def _token_sum(x: torch.Tensor) -> torch.Tensor:
+    return x.sum(dim=1, keepdim=True)  # [B, 1, D], the gradient of a vector broadcast over tokens
+
+
+class _ModulatePerModality(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, text_length, text_shift, text_scale, shift, scale):
+        n = text_length
+        out = torch.empty_like(x, dtype=_result_dtype(x, text_shift, text_scale, shift, scale))
+        torch.addcmul(text_shift, x[:, :n], 1 + text_scale, out=out[:, :n])
+        torch.addcmul(shift, x[:, n:], 1 + scale, out=out[:, n:])
+        ctx.save_for_backward(x, text_scale, scale)
+        ctx.text_length = n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, text_scale, scale = ctx.saved_tensors
+        n, needs = ctx.text_length, ctx.needs_input_grad
+        text, video = grad[:, :n], grad[:, n:]
+        grad_x = None
+        if needs[0]:
+            grad_x = torch.empty_like(x)
+            torch.mul(text, 1 + text_scale, out=grad_x[:, :n])
+            torch.mul(video, 1 + scale, out=grad_x[:, n:])
+        return (
+            grad_x, None,
+            _token_sum(text) if needs[2] else None, _token_sum(text * x[:, :n]) if needs[3] else None,
+            _token_sum(video) if needs[4] else None, _token_sum(video * x[:, n:]) if needs[5] else None,
+        )
+
+
+class _GatedResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, branch, text_length, text_gate, gate):
+        n = text_length
+        out = torch.empty_like(hidden, dtype=_result_dtype(hidden, branch, text_gate, gate))
+        torch.addcmul(hidden[:, :n], branch[:, :n], text_gate, out=out[:, :n])
+        torch.addcmul(hidden[:, n:], branch[:, n:], gate, out=out[:, n:])
+        ctx.save_for_backward(branch, text_gate, gate)
+        ctx.text_length = n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        branch, text_gate, gate = ctx.saved_tensors
+        n, needs = ctx.text_length, ctx.needs_input_grad
+        text, video = grad[:, :n], grad[:, n:]
+        grad_branch = None
+        if needs[1]:
+            grad_branch = torch.empty_like(branch)
+            torch.mul(text, text_gate, out=grad_branch[:, :n])
+            torch.mul(video, gate, out=grad_branch[:, n:])
+        return (
+            grad if needs[0] else None, grad_branch, None,
+            _token_sum(text * branch[:, :n]) if needs[3] else None, _token_sum(video * branch[:, n:]) if needs[4] else None,
+        )
+
+
+def modulate_per_modality(
+    x: torch.Tensor, text_length: int, text: tuple[torch.Tensor, torch.Tensor], video: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """:func:`modulate` the first ``text_length`` tokens of ``x`` ``[B, L + N, D]`` with ``text = (shift, scale)``
+    and the rest with ``video = (shift, scale)``, each ``[B, 1, D]``."""
+    return _ModulatePerModality.apply(x, text_length, *text, *video)
+
+
+def gated_residual(
+    hidden: torch.Tensor, branch: torch.Tensor, text_length: int, text_gate: torch.Tensor, gate: torch.Tensor
+) -> torch.Tensor:
+    """``hidden + gate * branch`` over ``[B, L + N, D]``, with ``text_gate`` for the first ``text_length`` tokens
+    and ``gate`` for the rest (both ``[B, 1, D]``)."""
+    return _GatedResidual.apply(hidden, branch, text_length, text_gate, gate)

@@ -1,0 +1,27 @@
+"""tools/bench.py runs end to end at its tiny sizes and writes a complete report (nothing is asserted about speed)."""
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_bench_tiny_writes_every_section(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--sizes", "tiny", "--threads", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = out.read_text()
+    assert f"python tools/bench.py --sizes tiny --threads 1 --out {out}" in report
+    for heading in ("## Machine", "## Targets (issue #6)", "## GEMM peak", "## DiT forward + backward", "## Where the time goes",
+                    "## Activation checkpointing", "## Training step through the engine", "## Data loading"):
+        assert heading in report
+    assert "| torch threads | 1 |" in report
+    # one comparison row per dtype, with positive times for both implementations
+    rows = re.findall(r"^\| tiny \| (fp32|bf16) \| 72 \| [\d.]+M \| ([\d.]+) \| ([\d.]+) \|", report, re.M)
+    assert sorted(dtype for dtype, _, _ in rows) == ["bf16", "fp32"]
+    assert all(float(ours) > 0 and float(theirs) > 0 for _, ours, theirs in rows)
+    assert re.search(r"^\| raw video \| 2 \| 3 \| [\d.]+ \| [\d.]+ \|$", report, re.M)
+    workers = [int(w) for w in re.findall(r"^\| (\d+) \| [\d.]+ \|$", report, re.M)]  # data loading: 0, 1, ... workers
+    assert workers[0] == 0 and len(workers) >= 2 and workers == sorted(set(workers))

@@ -1,0 +1,437 @@
+#!/usr/bin/env python3
+"""Benchmark sat_video against diffusers on this machine and write benchmarks/RESULTS.md.
+
+    python tools/bench.py                       # default sizes, about 6 minutes on 2 CPU cores
+    python tools/bench.py --sizes tiny --out /tmp/bench.md    # seconds; what the CI test runs
+    python tools/bench.py --compile             # also sat_video with torch.compile'd blocks (minutes of compiling)
+
+Sections (each a function below; DiT figures are medians over interleaved repetitions after warm-up):
+
+* GEMM peak: square matmuls per dtype, the yardstick for achieved FLOP/s.
+* DiT forward + backward: sat_video and diffusers' ``CogVideoXTransformer3DModel`` with identical weights
+  (exported by ``sat_video.diffusers_export``), alternating in one process, fp32 and bf16 autocast.
+* Activation checkpointing on vs off (sat_video): step time and activation memory.
+* Where the time goes: one profiled step per implementation.
+* The full training step through ``tools/train_video.py`` (trainer, DeepSpeed, engine) from raw video.
+* Data loading: clips/s through ``VideoDataset`` (decord) and the DataLoader with 0..N workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from sat_video.benchmark import (  # noqa: E402
+    DiTPair,
+    count_flops,
+    gemm_peak,
+    gradient_bytes,
+    interleaved_times,
+    machine,
+    median,
+    step_peak_bytes,
+)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+COMPILED = "sat_video + torch.compile"
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class DiTSize:
+    """One model shape compared with diffusers: ``configs/<variant>.yaml`` plus ``overrides``."""
+
+    name: str
+    variant: str
+    overrides: tuple[str, ...]
+    batch: int
+    flops_target: bool = False
+    """The FLOP/s target (>= 60% of the fp32 GEMM peak) is judged at this size."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    dits: tuple[DiTSize, ...]
+    checkpointing: str
+    """Name of the DiT size the activation-checkpointing comparison runs at."""
+    gemm_sizes: tuple[int, ...]
+    warmup: int
+    reps: int
+    clip: tuple[int, int, int]
+    """Frames, height, width of the clips the data-loading section decodes."""
+    clip_videos: int
+    clip_batches: int
+    train_videos: int
+    train_iters: int
+
+
+def _dit(name, variant, batch, hidden, layers, heads, latent_hw, frames, text, text_hidden, **kw) -> DiTSize:
+    keys = dict(hidden_size=hidden, num_layers=layers, num_attention_heads=heads, latent_height=latent_hw[0],
+                latent_width=latent_hw[1], num_frames=frames, text_length=text, text_hidden_size=text_hidden)
+    return DiTSize(name, variant, tuple(f"model.dit.{k}={v}" for k, v in keys.items()), batch, **kw)
+
+
+PRESETS = {
+    "tiny": Preset(
+        dits=(_dit("tiny", "cogvideox_5b", 2, 64, 2, 2, (8, 8), 13, 8, 32),),
+        checkpointing="tiny", gemm_sizes=(128, 256), warmup=1, reps=3,
+        clip=(9, 64, 64), clip_videos=2, clip_batches=4, train_videos=2, train_iters=4),
+    "default": Preset(
+        dits=(
+            # 5B layout (3D RoPE), 4 x 16 x 16 latents -> 256 video + 64 text tokens
+            _dit("small", "cogvideox_5b", 2, 256, 4, 4, (16, 16), 13, 64, 512),
+            # 5B layout, 4 x 32 x 32 latents -> 1024 video + 226 text tokens
+            _dit("mid", "cogvideox_5b", 1, 512, 8, 8, (32, 32), 13, 226, 4096, flops_target=True),
+            # CogVideoX-2B's block (1920 wide, 30 heads, sin-cos positions) on one 60 x 90 latent frame, 1 layer
+            _dit("2b_layer", "cogvideox_2b", 1, 1920, 1, 30, (60, 90), 1, 226, 4096),
+        ),
+        checkpointing="mid", gemm_sizes=(1024, 2048, 4096), warmup=2, reps=7,
+        clip=(49, 480, 720), clip_videos=4, clip_batches=12, train_videos=4, train_iters=20),
+}
+
+
+# ---------------------------------------------------------------------- DiT: sat_video vs diffusers
+
+
+def load_size(size: DiTSize):
+    import sat_video
+
+    return sat_video.load_config([ROOT / "configs" / f"{size.variant}.yaml"], list(size.overrides))
+
+
+def dit_section(preset: Preset, device: torch.device, peaks: dict, compile_blocks: bool) -> tuple[list[dict], list[dict]]:
+    """Rows of the comparison table, and of the activation-checkpointing table."""
+    rows, checkpointing = [], []
+    for size in preset.dits:
+        pair = DiTPair(load_size(size), size.batch, device)
+        if compile_blocks:  # per block, where activation checkpointing applies too; the first call compiles
+            # Blocks index their mixins' per-layer modules by layer_idx: one graph per block and autocast state.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(pair.ours.transformer.layers))
+            compiled = copy.deepcopy(pair.ours)
+            for layer in compiled.transformer.layers:
+                layer.compile()
+        for label, dtype in DTYPES.items():
+            steps = pair.steps(dtype)
+            if compile_blocks:
+                steps[COMPILED] = pair.step(compiled, dtype)
+            times = interleaved_times(steps, device=device, warmup=preset.warmup, reps=preset.reps)
+            row = {"size": size, "dtype": label, "tokens": pair.tokens, "params": pair.params}
+            for name in ("sat_video", "diffusers"):
+                flops = count_flops(steps[name])
+                row[name] = {"time": median(times[name]), "peak": step_peak_bytes(steps[name], device),
+                             "flops": flops, "fraction": flops / median(times[name]) / peaks[label]}
+            if compile_blocks:  # same FLOPs as eager; inductor's kernels allocate outside the dispatcher, so no CPU memory
+                row[COMPILED] = {"time": median(times[COMPILED]), "fraction": row["sat_video"]["flops"] / median(times[COMPILED]) / peaks[label]}
+            rows.append(row)
+            print(_dit_line(row), flush=True)
+            if size.name == preset.checkpointing:
+                checkpointing.append(checkpointing_row(size, label, pair.ours, steps["sat_video"], device, preset))
+        del pair, steps
+    return rows, checkpointing
+
+
+def checkpointing_row(size: DiTSize, label: str, model, step, device: torch.device, preset: Preset) -> dict:
+    def with_checkpointing(on: bool):
+        def run():
+            model.activation_checkpointing = on
+            step()
+        return run
+
+    variants = {"off": with_checkpointing(False), "on": with_checkpointing(True)}
+    times = interleaved_times(variants, device=device, warmup=preset.warmup, reps=preset.reps)
+    grads = gradient_bytes(model)
+    row = {"size": size.name, "dtype": label}
+    for name, fn in variants.items():
+        row[name] = {"time": median(times[name]), "activations": step_peak_bytes(fn, device) - grads}
+    model.activation_checkpointing = False
+    print(f"checkpointing {size.name} {label}: off {row['off']['time']:.3f}s {row['off']['activations'] / MIB:.0f} MiB, "
+          f"on {row['on']['time']:.3f}s {row['on']['activations'] / MIB:.0f} MiB", flush=True)
+    return row
+
+
+def _dit_line(row: dict) -> str:
+    ours, theirs = row["sat_video"], row["diffusers"]
+    compiled = f", compiled {row[COMPILED]['time']:.3f}s" if COMPILED in row else ""
+    return (f"{row['size'].name} {row['dtype']}: sat_video {ours['time']:.3f}s / diffusers {theirs['time']:.3f}s "
+            f"= {ours['time'] / theirs['time']:.2f}x time, {ours['peak'] / theirs['peak']:.2f}x memory, "
+            f"{ours['fraction']:.0%} of GEMM peak{compiled}")
+
+
+def profile_section(preset: Preset, device: torch.device) -> list[dict]:
+    """Share of one step's time in matmuls, attention and everything else, at the FLOP-target size."""
+    from torch.profiler import ProfilerActivity, profile
+
+    size = next((s for s in preset.dits if s.flops_target), preset.dits[-1])
+    pair = DiTPair(load_size(size), size.batch, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    field = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = []
+    for label, dtype in DTYPES.items():
+        for name, fn in pair.steps(dtype).items():
+            fn()  # warm-up outside the profile
+            with profile(activities=activities) as prof:
+                fn()
+            groups = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+            for event in prof.key_averages():
+                key = ("attention" if "scaled_dot_product" in event.key else
+                       "matmul" if event.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::convolution_backward",
+                                                  "aten::mkldnn_convolution") else "other")
+                groups[key] += getattr(event, field)
+            total = sum(groups.values())
+            top = sorted(prof.key_averages(), key=lambda e: getattr(e, field), reverse=True)[:5]
+            rows.append({"size": size.name, "dtype": label, "impl": name, "total_ms": total / 1e3,
+                         **{k: v / total for k, v in groups.items()},
+                         "top": ", ".join(f"{e.key.removeprefix('aten::')} {getattr(e, field) / total:.0%}" for e in top)})
+    return rows
+
+
+# ---------------------------------------------------------------------- training step and data loading
+
+
+@dataclass(frozen=True)
+class TrainAssets:
+    """Clips and text encoder that the training-step measurements share (the tiny training config)."""
+
+    clips: Path
+    t5: Path
+    base: tuple[Path, ...] = tuple(ROOT / "configs" / n for n in ("cogvideox_5b.yaml", "tiny.yaml", "tiny_train.yaml"))
+
+
+def make_train_assets(preset: Preset, workdir: Path) -> TrainAssets:
+    from sat_video.synthetic import make_moving_shapes
+    from sat_video.text_encoder import make_tiny_t5
+
+    items = make_moving_shapes(workdir / "train_clips", num_videos=preset.train_videos, num_frames=16, height=64,
+                               width=64, fps=8, seed=0)
+    make_tiny_t5([caption for _, caption in items], workdir / "t5", d_model=32)  # tiny.yaml's text_hidden_size
+    return TrainAssets(workdir / "train_clips", workdir / "t5")
+
+
+def train_steps(assets: TrainAssets, preset: Preset, workdir: Path, label: str, overrides: tuple[str, ...] = ()) -> dict:
+    """Median step time of ``tools/train_video.py`` (data, frozen stages, DiT, DeepSpeed update), read from the
+    run's metrics.jsonl; the first quarter of the steps is warm-up."""
+    save = workdir / f"run-{len(list(workdir.glob('run-*')))}"
+    command = [sys.executable, str(ROOT / "tools" / "train_video.py"), "--base", *map(str, assets.base),
+               f"data.sources=[{assets.clips}]", f"model.text_encoder.path={assets.t5}", f"train.save={save}",
+               f"train.train_iters={preset.train_iters}", f"train.save_interval={preset.train_iters}",
+               "train.log_interval=1", "train.tensorboard=false", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{shlex.join(command)} failed:\n{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    times = [r["step_time_s"] for r in records[max(1, len(records) // 4):]]
+    batch = OmegaConf.load(save / "config.yaml").train.micro_batch_size
+    return {"input": label, "batch": batch, "steps": len(times), "time": median(times), "samples_per_s": batch / median(times)}
+
+
+def data_section(preset: Preset, workdir: Path) -> list[dict]:
+    """Clips/s through the trainer's data path: VideoDataset (decord, resize, crop) and a DataLoader."""
+    import time
+
+    from sat_video.data import ClipBatchSampler, ClipSpec, VideoDataset, collate, discover
+    from sat_video.synthetic import make_moving_shapes
+
+    frames, height, width = preset.clip
+    make_moving_shapes(workdir / "clips", num_videos=preset.clip_videos, num_frames=frames, height=height, width=width,
+                       fps=8, seed=0)
+    refs = discover([workdir / "clips"])
+    dataset = VideoDataset(refs, ClipSpec(num_frames=frames, height=height, width=width, fps=8))
+    rows = []
+    for workers in sorted({0, *(w for w in (1, 2, 4, 8) if w <= (os.cpu_count() or 1))}):
+        sampler = ClipBatchSampler([ref.is_image for ref in refs], 1, 0, 1, seed=0)
+        loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate))
+        for _ in range(max(1, workers)):  # workers started and their first clips decoded
+            next(loader)
+        start = time.perf_counter()
+        for _ in range(preset.clip_batches):
+            next(loader)
+        rows.append({"workers": workers, "clips_per_s": preset.clip_batches / (time.perf_counter() - start)})
+        del loader
+        print(f"data loading, {workers} workers: {rows[-1]['clips_per_s']:.2f} clips/s", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------- report
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def _reduction(row: dict) -> float:
+    """Activation memory off / on; infinite when checkpointing leaves nothing above the gradients (tiny models)."""
+    on = row["on"]["activations"]
+    return row["off"]["activations"] / on if on > 0 else float("inf")
+
+
+def targets(dits: list[dict], checkpointing: list[dict], training: list[dict]) -> list[list]:
+    rows = []
+    for row in dits:
+        ours, theirs = row["sat_video"], row["diffusers"]
+        ratio = ours["time"] / theirs["time"]
+        rows.append([f"DiT step time <= 0.85x diffusers ({row['size'].name}, {row['dtype']})", f"{ratio:.2f}x", _met(ratio <= 0.85)])
+        memory = ours["peak"] / theirs["peak"]
+        rows.append([f"DiT peak memory <= diffusers ({row['size'].name}, {row['dtype']})", f"{memory:.2f}x", _met(memory <= 1.0)])
+    for row in dits:
+        if row["size"].flops_target and row["dtype"] == "fp32":
+            fraction = row["sat_video"]["fraction"]
+            rows.append([f"achieved FLOP/s >= 60% of the fp32 GEMM peak ({row['size'].name})", f"{fraction:.0%}", _met(fraction >= 0.6)])
+    for row in checkpointing:
+        reduction = _reduction(row)
+        extra = row["on"]["time"] / row["off"]["time"] - 1
+        rows.append([f"checkpointing: activation memory down >= 3x ({row['size']}, {row['dtype']})", f"{reduction:.1f}x", _met(reduction >= 3)])
+        rows.append([f"checkpointing: <= 35% extra step time ({row['size']}, {row['dtype']})", f"{extra:+.0%}", _met(extra <= 0.35)])
+    raw = [r for r in training if r["input"] == "raw video"]
+    for row in training:
+        if raw and row["input"] != "raw video":
+            speedup = raw[0]["time"] / row["time"]
+            rows.append([f"training step from {row['input']} >= 3x faster than from raw video", f"{speedup:.1f}x", _met(speedup >= 3)])
+    return rows
+
+
+METHOD = """\
+* **Timing**: wall clock, the implementations alternating in one process (order ABBA, so drifting load hits
+  both alike), {warmup} warm-up round(s), then the median of {reps}. A DiT step is `zero_grad(set_to_none=True)`,
+  forward, loss = mean of the squared output in fp32, backward; no optimizer. bf16 means `torch.autocast`
+  around the forward with fp32 weights, as in mixed-precision training.
+* **Identical models**: diffusers' `CogVideoXTransformer3DModel` is loaded with the weights of the sat_video DiT
+  through `sat_video.diffusers_export` (random weights everywhere, the zero-initialised gates included), at the
+  model's own latent size; diffusers gets its RoPE tables precomputed, as its pipelines pass them.
+* **Peak memory**: bytes allocated during one step above what existed before it (parameters and inputs, the
+  same for both, are excluded; gradients are included). On CPU this is `sat_video.benchmark.LiveTensorBytes`, a
+  `TorchDispatchMode` that adds up the storages every operator returns (forward and backward) and subtracts them
+  when freed; kernels' internal scratch memory is invisible to it for both implementations. On CUDA it is
+  `torch.cuda.max_memory_allocated`. Activation memory = that peak minus the gradients' bytes.
+* **FLOPs**: `torch.utils.flop_counter.FlopCounterMode` over one step (matmuls, convolutions and attention,
+  forward and backward, with formulas added for the CPU flash-attention kernels), divided by the median step
+  time, as a fraction of the GEMM peak measured above in the same dtype.
+* **Training step**: `tools/train_video.py` with `configs/cogvideox_5b.yaml configs/tiny.yaml
+  configs/tiny_train.yaml` (tiny DiT, tiny random VAE, tiny T5, DeepSpeed ZeRO-2, fp32) on synthetic mp4
+  clips; the median `step_time_s` of its metrics.jsonl after the first quarter of the steps (data loading,
+  VAE and T5 encoding, DiT forward and backward, optimizer update); samples/s = micro-batch / step time.
+* **Data loading**: synthetic mp4 clips decoded by `VideoDataset` (decord, resize to cover, center crop, scale to
+  [-1, 1]) through a `DataLoader` with `ClipBatchSampler`, batch 1, after the workers delivered their first clips.
+"""
+
+
+def _dominance(profile: list[dict]) -> list[str]:
+    """What the profile says about the room left for sat_video to differ from diffusers, in numbers."""
+    lines = []
+    for dtype in DTYPES:
+        rows = {r["impl"]: r for r in profile if r["dtype"] == dtype}
+        if len(rows) == 2:
+            ours, theirs = rows["sat_video"], rows["diffusers"]
+            lines.append(f"* {dtype} ({ours['size']}): matmul + attention kernels take {ours['matmul'] + ours['attention']:.0%} of "
+                         f"sat_video's step and {theirs['matmul'] + theirs['attention']:.0%} of diffusers' (attention alone "
+                         f"{ours['attention']:.0%} / {theirs['attention']:.0%}); everything else, where the two implementations "
+                         f"differ, {ours['other']:.0%} / {theirs['other']:.0%}.")
+    return ["Both implementations run the same PyTorch GEMM and attention kernels on the same shapes (sat_video projects "
+            "q, k and v with one GEMM where diffusers runs three), so their step times can differ only by the element-wise "
+            "work, copies and framework overhead around those kernels:", "", *lines]
+
+
+def report(args, info: dict, peaks: dict, dits: list[dict], checkpointing: list[dict], profile: list[dict],
+           training: list[dict], data: list[dict], preset: Preset) -> str:
+    out = ["# Benchmarks: sat_video vs diffusers", "",
+           "Written by `tools/bench.py`; do not edit by hand. Regenerate with:", "", f"    {args.command}", "",
+           "## Machine", "", _table(["", ""], list(info.items())), "",
+           "## Targets (issue #6)", "", _table(["target", "measured", "met"], targets(dits, checkpointing, training)), "",
+           "## GEMM peak", "",
+           _table(["dtype", "best n (n x n @ n x n)", "TFLOP/s"], [[k, n, f"{v / 1e12:.3f}"] for k, (v, n) in peaks.items()]), "",
+           "## DiT forward + backward, sat_video vs diffusers", "",
+           "Sizes: " + "; ".join(f"**{s.name}** = `{s.variant}` with {', '.join(o.split('.')[-1] for o in s.overrides)}, "
+                                 f"batch {s.batch}" for s in preset.dits) + ".", ""]
+    out.append(_table(
+        ["size", "dtype", "tokens", "params", "sat_video step (s)", "diffusers step (s)", "time ratio",
+         "sat_video peak (MiB)", "diffusers peak (MiB)", "memory ratio", "sat_video FLOP/s (of peak)", "diffusers FLOP/s (of peak)"],
+        [[r["size"].name, r["dtype"], r["tokens"], f"{r['params'] / 1e6:.1f}M",
+          f"{r['sat_video']['time']:.3f}", f"{r['diffusers']['time']:.3f}", f"{r['sat_video']['time'] / r['diffusers']['time']:.2f}",
+          f"{r['sat_video']['peak'] / MIB:.0f}", f"{r['diffusers']['peak'] / MIB:.0f}", f"{r['sat_video']['peak'] / r['diffusers']['peak']:.2f}",
+          *(f"{r[i]['flops'] / r[i]['time'] / 1e9:.1f} G ({r[i]['fraction']:.0%})" for i in ("sat_video", "diffusers"))]
+         for r in dits]))
+    compiled = [r for r in dits if COMPILED in r]
+    if compiled:
+        out += ["", "### sat_video with torch.compile (each block compiled, inductor)", "",
+                _table(["size", "dtype", "eager step (s)", "compiled step (s)", "compiled / eager", "compiled / diffusers",
+                        "compiled FLOP/s (of peak)"],
+                       [[r["size"].name, r["dtype"], f"{r['sat_video']['time']:.3f}", f"{r[COMPILED]['time']:.3f}",
+                         f"{r[COMPILED]['time'] / r['sat_video']['time']:.2f}", f"{r[COMPILED]['time'] / r['diffusers']['time']:.2f}",
+                         f"{r['sat_video']['flops'] / r[COMPILED]['time'] / 1e9:.1f} G ({r[COMPILED]['fraction']:.0%})"] for r in compiled])]
+    out += ["", "## Where the time goes", "",
+            "One profiled step per implementation (torch.profiler, self time per operator); *matmul* is mm / addmm / bmm "
+            "and the patch convolution, *attention* the SDPA kernels, forward and backward.", "",
+            _table(["size", "dtype", "implementation", "step (ms, profiled)", "matmul", "attention", "other", "top operators"],
+                   [[r["size"], r["dtype"], r["impl"], f"{r['total_ms']:.0f}", f"{r['matmul']:.0%}", f"{r['attention']:.0%}",
+                     f"{r['other']:.0%}", r["top"]] for r in profile]), "", *_dominance(profile), "",
+            "## Activation checkpointing (sat_video)", "",
+            _table(["size", "dtype", "step off (s)", "step on (s)", "extra time", "activations off (MiB)", "activations on (MiB)", "reduction"],
+                   [[r["size"], r["dtype"], f"{r['off']['time']:.3f}", f"{r['on']['time']:.3f}", f"{r['on']['time'] / r['off']['time'] - 1:+.0%}",
+                     f"{r['off']['activations'] / MIB:.0f}", f"{r['on']['activations'] / MIB:.0f}",
+                     f"{_reduction(r):.1f}x"] for r in checkpointing]), "",
+            "## Training step through the engine (tools/train_video.py)", "",
+            _table(["input", "micro-batch", "steps timed", "step (s)", "samples/s"],
+                   [[r["input"], r["batch"], r["steps"], f"{r['time']:.3f}", f"{r['samples_per_s']:.2f}"] for r in training]), "",
+            "## Data loading (decord + DataLoader workers)", "",
+            f"Clips of {preset.clip[0]} frames at {preset.clip[1]}x{preset.clip[2]} (8 fps) from {preset.clip_videos} "
+            "synthetic mp4 files of that size.", "",
+            _table(["workers", "clips/s"], [[r["workers"], f"{r['clips_per_s']:.2f}"] for r in data]), "",
+            "## How these figures are measured", "", METHOD.format(warmup=preset.warmup, reps=preset.reps)]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", choices=sorted(PRESETS), default="default", help="tiny: seconds, for CI")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="where the markdown goes")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all logical cores)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also time sat_video with every block torch.compile'd")
+    args = parser.parse_args(argv)
+    args.command = shlex.join(["python", "tools/bench.py", *(sys.argv[1:] if argv is None else argv)])
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    preset = PRESETS[args.sizes]
+    info = machine(device)
+
+    gemm_sizes = preset.gemm_sizes + ((8192,) if device.type == "cuda" else ())
+    peaks = {label: gemm_peak(dtype, device, gemm_sizes, preset.reps) for label, dtype in DTYPES.items()}
+    print("GEMM peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s (n={n})" for k, (v, n) in peaks.items()), flush=True)
+    dits, checkpointing = dit_section(preset, device, {k: v for k, (v, _) in peaks.items()}, args.compile)
+    profile = profile_section(preset, device)
+    with tempfile.TemporaryDirectory(prefix="sat_video_bench_") as tmp:
+        workdir = Path(tmp)
+        assets = make_train_assets(preset, workdir)
+        training = [train_steps(assets, preset, workdir, "raw video")]
+        print(f"training step from raw video: {training[0]['time']:.3f}s, {training[0]['samples_per_s']:.2f} samples/s", flush=True)
+        data = data_section(preset, workdir)
+    if hasattr(os, "getloadavg"):
+        info["load average at end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report(args, info, peaks, dits, checkpointing, profile, training, data, preset) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
