@@ -23,5 +23,7 @@ def test_bench_tiny_writes_every_section(tmp_path):
     assert sorted(dtype for dtype, _, _ in rows) == ["bf16", "fp32"]
     assert all(float(ours) > 0 and float(theirs) > 0 for _, ours, theirs in rows)
     assert re.search(r"^\| raw video \| 2 \| 3 \| [\d.]+ \| [\d.]+ \|$", report, re.M)
+    assert re.search(r"^\| latent cache \| 2 \| 3 \| [\d.]+ \| [\d.]+ \|$", report, re.M)
+    assert re.search(r"^\| training step from latent cache >= 3x faster than from raw video \| [\d.]+x \|", report, re.M)
     workers = [int(w) for w in re.findall(r"^\| (\d+) \| [\d.]+ \|$", report, re.M)]  # data loading: 0, 1, ... workers
     assert workers[0] == 0 and len(workers) >= 2 and workers == sorted(set(workers))
