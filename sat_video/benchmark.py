@@ -121,6 +121,22 @@ def step_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     return tracker.peak
 
 
+def saved_bytes(forward: Callable[[], torch.Tensor], device: torch.device) -> int:
+    """Bytes a forward pass leaves allocated for its backward (its output included); released unused afterwards."""
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        out = forward()
+        synchronize(device)
+        saved = torch.cuda.memory_allocated(device) - before
+    else:
+        with LiveTensorBytes() as tracker:
+            out = forward()
+        saved = tracker.current
+    del out  # only now: the measurement needs it alive
+    return saved
+
+
 def count_flops(step: Callable[[], None]) -> int:
     """FLOPs of one call of ``step`` (matmuls, convolutions and attention, forward and backward)."""
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
@@ -207,16 +223,21 @@ class DiTPair:
             fn()
         check_same_gradients(self.ours, self.theirs, dims)
 
-    def step(self, model: torch.nn.Module, dtype: torch.dtype) -> Callable[[], None]:
-        """One training step's forward and backward (no optimizer): loss = mean squared output, in fp32."""
+    def forward(self, model: torch.nn.Module, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
         def run():
-            model.zero_grad(set_to_none=True)
             with autocast(self.device, dtype):
                 if model is self.theirs:
-                    out = model(self.x, self.context, self.timesteps, image_rotary_emb=self.rope, return_dict=False)[0]
-                else:
-                    out = model(self.x, self.timesteps, self.context)
-            out.float().square().mean().backward()
+                    return model(self.x, self.context, self.timesteps, image_rotary_emb=self.rope, return_dict=False)[0]
+                return model(self.x, self.timesteps, self.context)
+        return run
+
+    def step(self, model: torch.nn.Module, dtype: torch.dtype) -> Callable[[], None]:
+        """One training step's forward and backward (no optimizer): loss = mean squared output, in fp32."""
+        forward = self.forward(model, dtype)
+
+        def run():
+            model.zero_grad(set_to_none=True)
+            forward().float().square().mean().backward()
         return run
 
     def steps(self, dtype: torch.dtype) -> dict[str, Callable[[], None]]:

@@ -45,6 +45,7 @@ from sat_video.benchmark import (  # noqa: E402
     interleaved_times,
     machine,
     median,
+    saved_bytes,
     step_peak_bytes,
 )
 
@@ -141,24 +142,27 @@ def dit_section(preset: Preset, device: torch.device, peaks: dict, compile_block
             rows.append(row)
             print(_dit_line(row), flush=True)
             if size.name == preset.checkpointing:
-                checkpointing.append(checkpointing_row(size, label, pair.ours, steps["sat_video"], device, preset))
+                checkpointing.append(checkpointing_row(size, label, pair, dtype, device, preset))
         del pair, steps
     return rows, checkpointing
 
 
-def checkpointing_row(size: DiTSize, label: str, model, step, device: torch.device, preset: Preset) -> dict:
-    def with_checkpointing(on: bool):
+def checkpointing_row(size: DiTSize, label: str, pair: DiTPair, dtype: torch.dtype, device: torch.device, preset: Preset) -> dict:
+    model, step, forward = pair.ours, pair.step(pair.ours, dtype), pair.forward(pair.ours, dtype)
+
+    def with_checkpointing(on: bool, fn):
         def run():
             model.activation_checkpointing = on
-            step()
+            return fn()
         return run
 
-    variants = {"off": with_checkpointing(False), "on": with_checkpointing(True)}
+    variants = {"off": with_checkpointing(False, step), "on": with_checkpointing(True, step)}
     times = interleaved_times(variants, device=device, warmup=preset.warmup, reps=preset.reps)
     grads = gradient_bytes(model)
     row = {"size": size.name, "dtype": label}
     for name, fn in variants.items():
-        row[name] = {"time": median(times[name]), "activations": step_peak_bytes(fn, device) - grads}
+        row[name] = {"time": median(times[name]), "activations": step_peak_bytes(fn, device) - grads,
+                     "saved": saved_bytes(with_checkpointing(name == "on", forward), device)}
     model.activation_checkpointing = False
     print(f"checkpointing {size.name} {label}: off {row['off']['time']:.3f}s {row['off']['activations'] / MIB:.0f} MiB, "
           f"on {row['on']['time']:.3f}s {row['on']['activations'] / MIB:.0f} MiB", flush=True)
@@ -401,10 +405,15 @@ def report(args, info: dict, peaks: dict, dits: list[dict], checkpointing: list[
                    [[r["size"], r["dtype"], r["impl"], f"{r['total_ms']:.0f}", f"{r['matmul']:.0%}", f"{r['attention']:.0%}",
                      f"{r['other']:.0%}", r["top"]] for r in profile]), "", *_dominance(profile), "",
             "## Activation checkpointing (sat_video)", "",
-            _table(["size", "dtype", "step off (s)", "step on (s)", "extra time", "activations off (MiB)", "activations on (MiB)", "reduction"],
+            "*Activations* = peak bytes of the step minus the gradients' (the issue's definition); with checkpointing that "
+            "peak can come late in the backward pass, when most gradients exist, which hides how much the forward pass keeps; "
+            "*saved after forward* (what the forward pass leaves for backward, output included) shows that.", "",
+            _table(["size", "dtype", "step off (s)", "step on (s)", "extra time", "activations off (MiB)", "activations on (MiB)",
+                    "reduction", "saved after forward off / on (MiB)", "reduction"],
                    [[r["size"], r["dtype"], f"{r['off']['time']:.3f}", f"{r['on']['time']:.3f}", f"{r['on']['time'] / r['off']['time'] - 1:+.0%}",
-                     f"{r['off']['activations'] / MIB:.0f}", f"{r['on']['activations'] / MIB:.0f}",
-                     f"{_reduction(r):.1f}x"] for r in checkpointing]), "",
+                     f"{r['off']['activations'] / MIB:.0f}", f"{r['on']['activations'] / MIB:.0f}", f"{_reduction(r):.1f}x",
+                     f"{r['off']['saved'] / MIB:.0f} / {r['on']['saved'] / MIB:.0f}", f"{r['off']['saved'] / r['on']['saved']:.1f}x"]
+                    for r in checkpointing]), "",
             "## Training step through the engine (tools/train_video.py)", "",
             _table(["input", "micro-batch", "steps timed", "step (s)", "samples/s"],
                    [[r["input"], r["batch"], r["steps"], f"{r['time']:.3f}", f"{r['samples_per_s']:.2f}"] for r in training]), "",
