@@ -155,11 +155,17 @@ def gemm_peak(dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...], 
 
 
 def cpu_model() -> str:
+    """Model name, family / model numbers (virtual machines often hide the name) and the vector extensions that
+    decide GEMM speed, from /proc/cpuinfo."""
+    fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in fields.get("flags", "").split()]
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}; {' '.join(flags) or 'no AVX2'})"
 
 
 def machine(device: torch.device) -> dict[str, str]:

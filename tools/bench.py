@@ -365,10 +365,20 @@ def _dominance(profile: list[dict]) -> list[str]:
             lines.append(f"* {dtype} ({ours['size']}): matmul + attention kernels take {ours['matmul'] + ours['attention']:.0%} of "
                          f"sat_video's step and {theirs['matmul'] + theirs['attention']:.0%} of diffusers' (attention alone "
                          f"{ours['attention']:.0%} / {theirs['attention']:.0%}); everything else, where the two implementations "
-                         f"differ, {ours['other']:.0%} / {theirs['other']:.0%}.")
+                         f"differ, {ours['other']:.0%} / {theirs['other']:.0%}. With none of that left, sat_video's step would "
+                         f"still take about {theirs['matmul'] + theirs['attention']:.2f}x diffusers'.")
     return ["Both implementations run the same PyTorch GEMM and attention kernels on the same shapes (sat_video projects "
             "q, k and v with one GEMM where diffusers runs three), so their step times can differ only by the element-wise "
             "work, copies and framework overhead around those kernels:", "", *lines]
+
+
+def _checkpointing_note(profile: list[dict]) -> list[str]:
+    shares = {r["dtype"]: r["attention"] for r in profile if r["impl"] == "sat_video"}
+    if not shares:
+        return []
+    return ["Checkpointing recomputes each block's forward pass during backward, attention kernel included; attention is "
+            + " and ".join(f"{share:.0%} of the {dtype} step" for dtype, share in shares.items())
+            + " (profile above), so the recomputation costs most where attention dominates.", ""]
 
 
 def report(args, info: dict, peaks: dict, dits: list[dict], checkpointing: list[dict], profile: list[dict],
@@ -377,6 +387,8 @@ def report(args, info: dict, peaks: dict, dits: list[dict], checkpointing: list[
            "Written by `tools/bench.py`; do not edit by hand. Regenerate with:", "", f"    {args.command}", "",
            "## Machine", "", _table(["", ""], list(info.items())), "",
            "## Targets (issue #6)", "", _table(["target", "measured", "met"], targets(dits, checkpointing, training)), "",
+           "Every figure comes from the sections below; *Where the time goes* shows what dominates the DiT step, and so "
+           "what a missed step-time or checkpointing target is made of.", "",
            "## GEMM peak", "",
            _table(["dtype", "best n (n x n @ n x n)", "TFLOP/s"], [[k, n, f"{v / 1e12:.3f}"] for k, (v, n) in peaks.items()]), "",
            "## DiT forward + backward, sat_video vs diffusers", "",
@@ -408,6 +420,7 @@ def report(args, info: dict, peaks: dict, dits: list[dict], checkpointing: list[
             "*Activations* = peak bytes of the step minus the gradients' (the issue's definition); with checkpointing that "
             "peak can come late in the backward pass, when most gradients exist, which hides how much the forward pass keeps; "
             "*saved after forward* (what the forward pass leaves for backward, output included) shows that.", "",
+            *_checkpointing_note(profile),
             _table(["size", "dtype", "step off (s)", "step on (s)", "extra time", "activations off (MiB)", "activations on (MiB)",
                     "reduction", "saved after forward off / on (MiB)", "reduction"],
                    [[r["size"], r["dtype"], f"{r['off']['time']:.3f}", f"{r['on']['time']:.3f}", f"{r['on']['time'] / r['off']['time'] - 1:+.0%}",
@@ -419,7 +432,8 @@ def report(args, info: dict, peaks: dict, dits: list[dict], checkpointing: list[
                    [[r["input"], r["batch"], r["steps"], f"{r['time']:.3f}", f"{r['samples_per_s']:.2f}"] for r in training]), "",
             "## Data loading (decord + DataLoader workers)", "",
             f"Clips of {preset.clip[0]} frames at {preset.clip[1]}x{preset.clip[2]} (8 fps) from {preset.clip_videos} "
-            "synthetic mp4 files of that size.", "",
+            "synthetic mp4 files of that size. With 0 workers the main process decodes and resizes with all torch threads; "
+            "each worker process uses one thread (the DataLoader's default).", "",
             _table(["workers", "clips/s"], [[r["workers"], f"{r['clips_per_s']:.2f}"] for r in data]), "",
             "## How these figures are measured", "", METHOD.format(warmup=preset.warmup, reps=preset.reps)]
     return "\n".join(out)
