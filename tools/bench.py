@@ -468,7 +468,7 @@ def main(argv=None) -> int:
             print(f"training step from {row['input']}: {row['time']:.3f}s, {row['samples_per_s']:.2f} samples/s", flush=True)
         data = data_section(preset, workdir)
     if hasattr(os, "getloadavg"):
-        info["load average at end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+        info["load average at end (1/5/15 min; this run's own threads included)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report(args, info, peaks, dits, checkpointing, profile, training, data, preset) + "\n")
     print(f"wrote {args.out}")
