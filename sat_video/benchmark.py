@@ -183,7 +183,7 @@ def machine(device: torch.device) -> dict[str, str]:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["tf32 matmul"] = str(torch.backends.cuda.matmul.allow_tf32)
     if hasattr(os, "getloadavg"):
-        info["load average at start (1/5/15 min; other jobs)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+        info["load average before the run (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     return info
 
 
