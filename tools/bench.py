@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark sat_video against diffusers on this machine and write benchmarks/RESULTS.md.
 
-    python tools/bench.py                       # default sizes, about 6 minutes on 2 CPU cores
+    python tools/bench.py                       # default sizes, about 7 minutes on 2 CPU cores
     python tools/bench.py --sizes tiny --out /tmp/bench.md    # seconds; what the CI test runs
     python tools/bench.py --compile             # also sat_video with torch.compile'd blocks (minutes of compiling)
 
@@ -102,7 +102,7 @@ PRESETS = {
             # CogVideoX-2B's block (1920 wide, 30 heads, sin-cos positions) on one 60 x 90 latent frame, 1 layer
             _dit("2b_layer", "cogvideox_2b", 1, 1920, 1, 30, (60, 90), 1, 226, 4096),
         ),
-        checkpointing="mid", gemm_sizes=(1024, 2048, 4096), warmup=2, reps=7,
+        checkpointing="mid", gemm_sizes=(1024, 2048, 4096), warmup=2, reps=9,
         clip=(49, 480, 720), clip_videos=4, clip_batches=12, train_videos=4, train_iters=20),
 }
 
@@ -132,7 +132,9 @@ def dit_section(preset: Preset, device: torch.device, peaks: dict, compile_block
             if compile_blocks:
                 steps[COMPILED] = pair.step(compiled, dtype)
             times = interleaved_times(steps, device=device, warmup=preset.warmup, reps=preset.reps)
-            row = {"size": size, "dtype": label, "tokens": pair.tokens, "params": pair.params}
+            # per round, sat_video / diffusers: the spread shows how much the machine moved during the measurement
+            paired = [a / b for a, b in zip(times["sat_video"], times["diffusers"])]
+            row = {"size": size, "dtype": label, "tokens": pair.tokens, "params": pair.params, "paired": (min(paired), max(paired))}
             for name in ("sat_video", "diffusers"):
                 flops = count_flops(steps[name])
                 row[name] = {"time": median(times[name]), "peak": step_peak_bytes(steps[name], device),
@@ -395,10 +397,10 @@ def report(args, info: dict, peaks: dict, dits: list[dict], checkpointing: list[
            "Sizes: " + "; ".join(f"**{s.name}** = `{s.variant}` with {', '.join(o.split('.')[-1] for o in s.overrides)}, "
                                  f"batch {s.batch}" for s in preset.dits) + ".", ""]
     out.append(_table(
-        ["size", "dtype", "tokens", "params", "sat_video step (s)", "diffusers step (s)", "time ratio",
+        ["size", "dtype", "tokens", "params", "sat_video step (s)", "diffusers step (s)", "time ratio (range per round)",
          "sat_video peak (MiB)", "diffusers peak (MiB)", "memory ratio", "sat_video FLOP/s (of peak)", "diffusers FLOP/s (of peak)"],
         [[r["size"].name, r["dtype"], r["tokens"], f"{r['params'] / 1e6:.1f}M",
-          f"{r['sat_video']['time']:.3f}", f"{r['diffusers']['time']:.3f}", f"{r['sat_video']['time'] / r['diffusers']['time']:.2f}",
+          f"{r['sat_video']['time']:.3f}", f"{r['diffusers']['time']:.3f}", f"{r['sat_video']['time'] / r['diffusers']['time']:.2f} ({r['paired'][0]:.2f}-{r['paired'][1]:.2f})",
           f"{r['sat_video']['peak'] / MIB:.0f}", f"{r['diffusers']['peak'] / MIB:.0f}", f"{r['sat_video']['peak'] / r['diffusers']['peak']:.2f}",
           *(f"{r[i]['flops'] / r[i]['time'] / 1e9:.1f} G ({r[i]['fraction']:.0%})" for i in ("sat_video", "diffusers"))]
          for r in dits]))
