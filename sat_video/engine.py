@@ -78,18 +78,11 @@ class FrozenStages(nn.Module):
 
     @torch.no_grad()
     def prepare_cached(self, batch: "CachedBatch", generator: torch.Generator) -> TrainingInputs:
-        """The same from a latent-cache batch: for the same generator state, the same inputs as :meth:`prepare`
-        on the clips the cache was made from (the posterior is sampled here, as encoding would)."""
-        device = self.first_stage_device()
-        mean = batch.latent_mean.to(device)
-        std = batch.latent_std.to(device) if batch.latent_std is not None else None
-        latents = latents_from_moments(mean, std, self.scale_factor, generator)
-        first_frame = batch.first_frame.to(device) if batch.first_frame is not None else None
-        return self._condition(latents, batch.text.to(device), first_frame, generator)
-
-    def first_stage_device(self) -> torch.device:
-        modules = [m for m in (self.first_stage, self.text_encoder) if m is not None]
-        return next(p.device for m in modules for p in m.parameters()) if modules else torch.device("cpu")
+        """The same from a latent-cache batch (already on the training device): for the same generator state, the
+        same inputs as :meth:`prepare` on the clips the cache was made from (the posterior is sampled here, as
+        encoding would)."""
+        latents = latents_from_moments(batch.latent_mean, batch.latent_std, self.scale_factor, generator)
+        return self._condition(latents, batch.text, batch.first_frame, generator)
 
     def _condition(self, latents: torch.Tensor, text: torch.Tensor, first_frame: Optional[torch.Tensor],
                    generator: torch.Generator) -> TrainingInputs:

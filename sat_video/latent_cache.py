@@ -115,11 +115,16 @@ class CachedBatch:
     position: tuple[int, int]
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
+    def _map_tensors(self, fn) -> CachedBatch:
+        return dataclasses.replace(self, **{name: None if getattr(self, name) is None else fn(getattr(self, name))
+                                            for name in ("latent_mean", "latent_std", "text", "first_frame")})
+
     def pin_memory(self) -> CachedBatch:
         """Called by ``DataLoader(pin_memory=True)``."""
-        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-        return dataclasses.replace(self, latent_mean=pin(self.latent_mean), latent_std=pin(self.latent_std),
-                                   text=pin(self.text), first_frame=pin(self.first_frame))
+        return self._map_tensors(torch.Tensor.pin_memory)
+
+    def to(self, device: torch.device) -> CachedBatch:
+        return self._map_tensors(lambda tensor: tensor.to(device, non_blocking=True))
 
 
 class LatentCache(torch.utils.data.Dataset):

@@ -295,7 +295,7 @@ class Trainer:
         self.state.data_position = (batch.position[0], batch.position[1] + 1)
         self.state.skipped_files.extend(item for item in batch.skipped if item not in self.state.skipped_files)
         if self.cached:
-            inputs = self.frozen.prepare_cached(batch, self.generator)
+            inputs = self.frozen.prepare_cached(batch.to(self.env.device), self.generator)
         else:
             video = batch.video.to(self.env.device, module_dtype(self.frozen.first_stage), non_blocking=True)
             inputs = self.frozen.prepare(video, batch.captions, self.generator)
