@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .build import build_dit
 from .checkpoint import atomic_write
-from .config import ConfigError, dit_config, load_config
+from .config import ConfigError, dit_config, load_config, read_yaml
 from .data import ClipSpec
 from .engine import leading_pad_frames
 from .optim import select_trainable
@@ -99,12 +99,7 @@ def load_grid(path: str | Path) -> Grid:
         GridError: naming the file, the variant and the key, with what was expected and what was found.
     """
     path = Path(path)
-    if not path.is_file():
-        raise GridError(f"grid file not found: {path}")
-    try:
-        data = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception as err:  # yaml errors carry the line and column
-        raise GridError(f"{path}: cannot parse YAML: {err}") from None
+    data = read_yaml(path, what="grid file", error=GridError)
     if not isinstance(data, dict):
         raise GridError(f"{path}: expected a mapping with 'variants' (and optionally 'defaults'), found {type(data).__name__}")
     unknown = [key for key in data if key not in ("defaults", "variants")]

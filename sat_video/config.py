@@ -383,6 +383,17 @@ def _validate_mixins(dit: DictConfig) -> None:
         dit.mixins[name] = {"type": entry.type, **OmegaConf.to_container(typed)}
 
 
+def read_yaml(path: str | Path, *, what: str = "config file", error: type[ConfigError] = ConfigError):
+    """The plain data of a YAML file; ``error`` names the file when it is missing or does not parse."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:  # yaml errors carry the line and column
+        raise error(f"{path}: cannot parse YAML: {err}") from None
+
+
 def load_config(paths: Union[str, Path, dict, Sequence[Union[str, Path, dict]]], overrides: Sequence[str] = ()) -> DictConfig:
     """Load YAML files merged left to right, then apply ``key=value`` overrides.
 
@@ -402,14 +413,7 @@ def load_config(paths: Union[str, Path, dict, Sequence[Union[str, Path, dict]]],
         if isinstance(path, (dict, DictConfig)):
             layers.append(("in-memory config", OmegaConf.to_container(OmegaConf.create(path))))
             continue
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = OmegaConf.to_container(OmegaConf.load(path))
-        except Exception as err:  # yaml errors carry the line and column
-            raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
-        layers.append((str(path), data or {}))
+        layers.append((str(path), read_yaml(path) or {}))
     if overrides:
         layers.append(("command-line override", _dotlist_to_nested(overrides)))
     for source, data in layers:
