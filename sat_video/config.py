@@ -268,6 +268,13 @@ class TrainConfig:
     """Glob patterns over DiT parameter names; only matching parameters train (``mixins.adaln_layer.*``)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in backward instead of storing its activations."""
+    checkpoint_keeps_attention: bool = True
+    """With activation checkpointing, keep each block's attention-kernel output (``[B, N, D]`` plus softmax
+    statistics) so that backward does not run the attention forward kernel again; ``false`` keeps only each
+    block's input (least memory, most recomputation)."""
+    compile: bool = False
+    """``torch.compile`` each transformer block (inductor) before training; the first steps compile (minutes
+    at full size). ``tools/bench.py --compile`` measures what it gains on the machine at hand."""
     seed: int = 42
     """Model init is the same on every rank; data order, timesteps and noise differ per rank."""
     log_interval: int = 1

@@ -7,6 +7,7 @@ model can be built on CPU or under ``torch.device("meta")``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional, Union
 
@@ -22,6 +23,24 @@ from .transformer import DEFAULT_HOOKS, BaseTransformer
 
 # Present in official RoPE checkpoints but never used by the model (SAT allocates it by default).
 UNUSED_CHECKPOINT_KEYS = ("transformer.position_embeddings.weight",)
+
+# Fused attention kernels (every device's SDPA backend). Their outputs are what activation checkpointing keeps
+# when ``checkpoint_keeps_attention`` is on: the attention forward kernel is the costliest op to recompute.
+_ATTENTION_KERNELS = tuple(
+    getattr(torch.ops.aten, name).default
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    if hasattr(torch.ops.aten, name)
+)
+
+
+def _keep_attention_outputs(ctx, op, *args, **kwargs) -> torch.utils.checkpoint.CheckpointPolicy:
+    policy = torch.utils.checkpoint.CheckpointPolicy
+    return policy.MUST_SAVE if op in _ATTENTION_KERNELS else policy.PREFER_RECOMPUTE
+
+
+def _keep_attention_contexts():
+    return torch.utils.checkpoint.create_selective_checkpoint_contexts(_keep_attention_outputs)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -68,6 +87,9 @@ class DiffusionTransformer(nn.Module):
         self._hooks = HookTable.build({}, DEFAULT_HOOKS)
         self.activation_checkpointing = False
         """Recompute each block in backward instead of keeping its activations (training memory)."""
+        self.checkpoint_keeps_attention = True
+        """With checkpointing, keep each block's attention-kernel outputs (``[B, N, D]`` and the softmax
+        statistics per block), so that backward recomputes everything but the attention forward kernel."""
 
     # ------------------------------------------------------------------ mixin management
 
@@ -116,6 +138,19 @@ class DiffusionTransformer(nn.Module):
         self.transformer.reset_parameters()
         for mixin in self.mixins.values():
             mixin.reset_parameters()
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` every transformer block (inductor), inside activation checkpointing if that is on.
+
+        Raises dynamo's process-wide recompile limit to at least two graphs per block: blocks share one
+        ``forward`` code object but index their mixins' per-layer modules by ``layer_idx``, so each block (and
+        each autocast state) is a graph of its own.
+        """
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(self.transformer.layers))
+        for layer in self.transformer.layers:
+            layer.compile()
 
     def derived_checkpoint_keys(self) -> set[str]:
         """Entries that official checkpoints hold but this model derives or never uses."""
@@ -181,9 +216,12 @@ class DiffusionTransformer(nn.Module):
 
         # 3. blocks
         checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
+        if checkpointing:
+            contexts = _keep_attention_contexts if self.checkpoint_keeps_attention else torch.utils.checkpoint.noop_context_fn
+            checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False, context_fn=contexts)
         for layer_idx, layer in enumerate(self.transformer.layers):
             if checkpointing:
-                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, ctx, layer_idx, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, ctx, layer_idx)
             else:
                 hidden = layer(hidden, ctx, layer_idx)
         hidden = self.transformer.final_layernorm(hidden)

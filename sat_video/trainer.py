@@ -169,6 +169,9 @@ class Trainer:
             load_checkpoint(dit, train.init_checkpoint)
         select_trainable(dit, list(train.trainable))
         dit.activation_checkpointing = train.activation_checkpointing
+        dit.checkpoint_keeps_attention = train.checkpoint_keeps_attention
+        if train.compile:
+            dit.compile_blocks()
         torch.manual_seed(train.seed + 1 + env.rank)
         random.seed(train.seed + 1 + env.rank)
         self.generator = torch.Generator().manual_seed(train.seed * 1_000_003 + env.rank)

@@ -121,12 +121,9 @@ def dit_section(preset: Preset, device: torch.device, peaks: dict, compile_block
     rows, checkpointing = [], []
     for size in preset.dits:
         pair = DiTPair(load_size(size), size.batch, device)
-        if compile_blocks:  # per block, where activation checkpointing applies too; the first call compiles
-            # Blocks index their mixins' per-layer modules by layer_idx: one graph per block and autocast state.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(pair.ours.transformer.layers))
+        if compile_blocks:  # as train.compile does; the first call compiles
             compiled = copy.deepcopy(pair.ours)
-            for layer in compiled.transformer.layers:
-                layer.compile()
+            compiled.compile_blocks()
         for label, dtype in DTYPES.items():
             steps = pair.steps(dtype)
             if compile_blocks:
@@ -149,25 +146,30 @@ def dit_section(preset: Preset, device: torch.device, peaks: dict, compile_block
     return rows, checkpointing
 
 
+# Activation checkpointing modes: (model.activation_checkpointing, model.checkpoint_keeps_attention).
+CHECKPOINTING_MODES = {"off": (False, True), "on": (True, True), "recompute all": (True, False)}
+CHECKPOINTING_LABELS = {"off": "off", "on": "on (keeps attention outputs; the default)", "recompute all": "on, recompute all"}
+
+
 def checkpointing_row(size: DiTSize, label: str, pair: DiTPair, dtype: torch.dtype, device: torch.device, preset: Preset) -> dict:
     model, step, forward = pair.ours, pair.step(pair.ours, dtype), pair.forward(pair.ours, dtype)
 
-    def with_checkpointing(on: bool, fn):
+    def in_mode(mode: str, fn):
         def run():
-            model.activation_checkpointing = on
+            model.activation_checkpointing, model.checkpoint_keeps_attention = CHECKPOINTING_MODES[mode]
             return fn()
         return run
 
-    variants = {"off": with_checkpointing(False, step), "on": with_checkpointing(True, step)}
+    variants = {mode: in_mode(mode, step) for mode in CHECKPOINTING_MODES}
     times = interleaved_times(variants, device=device, warmup=preset.warmup, reps=preset.reps)
     grads = gradient_bytes(model)
     row = {"size": size.name, "dtype": label}
-    for name, fn in variants.items():
-        row[name] = {"time": median(times[name]), "activations": step_peak_bytes(fn, device) - grads,
-                     "saved": saved_bytes(with_checkpointing(name == "on", forward), device)}
-    model.activation_checkpointing = False
-    print(f"checkpointing {size.name} {label}: off {row['off']['time']:.3f}s {row['off']['activations'] / MIB:.0f} MiB, "
-          f"on {row['on']['time']:.3f}s {row['on']['activations'] / MIB:.0f} MiB", flush=True)
+    for mode, fn in variants.items():
+        row[mode] = {"time": median(times[mode]), "activations": step_peak_bytes(fn, device) - grads,
+                     "saved": saved_bytes(in_mode(mode, forward), device)}
+    model.activation_checkpointing, model.checkpoint_keeps_attention = CHECKPOINTING_MODES["off"]
+    print(f"checkpointing {size.name} {label}: " + ", ".join(
+        f"{mode} {row[mode]['time']:.3f}s {row[mode]['activations'] / MIB:.0f} MiB" for mode in CHECKPOINTING_MODES), flush=True)
     return row
 
 
@@ -298,9 +300,9 @@ def _met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
-def _reduction(row: dict) -> float:
-    """Activation memory off / on; infinite when checkpointing leaves nothing above the gradients (tiny models)."""
-    on = row["on"]["activations"]
+def _reduction(row: dict, mode: str = "on") -> float:
+    """Activation memory off / ``mode``; infinite when checkpointing leaves nothing above the gradients (tiny models)."""
+    on = row[mode]["activations"]
     return row["off"]["activations"] / on if on > 0 else float("inf")
 
 
@@ -378,9 +380,11 @@ def _checkpointing_note(profile: list[dict]) -> list[str]:
     shares = {r["dtype"]: r["attention"] for r in profile if r["impl"] == "sat_video"}
     if not shares:
         return []
-    return ["Checkpointing recomputes each block's forward pass during backward, attention kernel included; attention is "
+    return ["Checkpointing recomputes each block's forward pass during backward. By default it keeps the outputs of the "
+            "attention kernels (`DiffusionTransformer.checkpoint_keeps_attention`, one `[B, N, D]` tensor and the softmax "
+            "statistics per block), so the attention forward kernel does not run twice; attention is "
             + " and ".join(f"{share:.0%} of the {dtype} step" for dtype, share in shares.items())
-            + " (profile above), so the recomputation costs most where attention dominates.", ""]
+            + " (profile above). *Recompute all* (`train.checkpoint_keeps_attention: false`) keeps only each block's input.", ""]
 
 
 def report(args, info: dict, peaks: dict, dits: list[dict], checkpointing: list[dict], profile: list[dict],
@@ -423,12 +427,12 @@ def report(args, info: dict, peaks: dict, dits: list[dict], checkpointing: list[
             "peak can come late in the backward pass, when most gradients exist, which hides how much the forward pass keeps; "
             "*saved after forward* (what the forward pass leaves for backward, output included) shows that.", "",
             *_checkpointing_note(profile),
-            _table(["size", "dtype", "step off (s)", "step on (s)", "extra time", "activations off (MiB)", "activations on (MiB)",
-                    "reduction", "saved after forward off / on (MiB)", "reduction"],
-                   [[r["size"], r["dtype"], f"{r['off']['time']:.3f}", f"{r['on']['time']:.3f}", f"{r['on']['time'] / r['off']['time'] - 1:+.0%}",
-                     f"{r['off']['activations'] / MIB:.0f}", f"{r['on']['activations'] / MIB:.0f}", f"{_reduction(r):.1f}x",
-                     f"{r['off']['saved'] / MIB:.0f} / {r['on']['saved'] / MIB:.0f}", f"{r['off']['saved'] / r['on']['saved']:.1f}x"]
-                    for r in checkpointing]), "",
+            _table(["size", "dtype", "checkpointing", "step (s)", "extra time", "activations (MiB)", "reduction",
+                    "saved after forward (MiB)", "reduction"],
+                   [[r["size"], r["dtype"], CHECKPOINTING_LABELS[mode], f"{r[mode]['time']:.3f}",
+                     f"{r[mode]['time'] / r['off']['time'] - 1:+.0%}", f"{r[mode]['activations'] / MIB:.0f}",
+                     f"{_reduction(r, mode):.1f}x", f"{r[mode]['saved'] / MIB:.0f}", f"{r['off']['saved'] / r[mode]['saved']:.1f}x"]
+                    for r in checkpointing for mode in CHECKPOINTING_MODES]), "",
             "## Training step through the engine (tools/train_video.py)", "",
             _table(["input", "micro-batch", "steps timed", "step (s)", "samples/s"],
                    [[r["input"], r["batch"], r["steps"], f"{r['time']:.3f}", f"{r['samples_per_s']:.2f}"] for r in training]), "",
