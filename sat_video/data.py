@@ -36,7 +36,7 @@ when its C++ side fails."""
 PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 """What PIL raises for unreadable, truncated, corrupt or absurdly large images, depending on the format."""
 RESIZE_CHUNK = 8
-"""Frames resized at once: bounds the float32 copy of long high-resolution clips."""
+"""Frames resized and converted at once: bounds the float32 temporaries of long high-resolution clips."""
 
 
 class DataError(ValueError):
@@ -271,25 +271,45 @@ def _read_image(path: Path) -> np.ndarray:
         raise UnusableSample(path, f"not a readable image ({_short(err, path)})") from None
 
 
-def _cover_and_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 ``[T, 3, h, w]`` -> float ``[T, 3, height, width]`` in [0, 255]: resized keeping the aspect ratio so
-    both sides cover the target, then center-cropped."""
-    scale = max(height / frames.shape[-2], width / frames.shape[-1])
-    size = (max(height, round(frames.shape[-2] * scale)), max(width, round(frames.shape[-1] * scale)))
-    top, left = (size[0] - height) // 2, (size[1] - width) // 2
-    chunks = []
-    for chunk in frames.split(RESIZE_CHUNK):
-        resized = F.interpolate(chunk.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-        chunks.append(resized[..., top:top + height, left:left + width])
-    return torch.cat(chunks)
+def _to_clip(frames: np.ndarray, height: int, width: int, num_frames: int = 1) -> torch.Tensor:
+    """uint8 ``[T, h, w, 3]`` -> float32 ``[3, max(T, num_frames), height, width]`` in ``[-1, 1]``.
+
+    Frames not already ``height x width`` are resized keeping the aspect ratio so both sides cover the target
+    (bilinear, antialiased), then center-cropped; frames already at that size are only converted. Frames past
+    ``T`` repeat the last one. Works ``RESIZE_CHUNK`` frames at a time, writing each chunk straight into the
+    output (no other full-clip copy); the values are those of ``interpolate(frames.float()) / 127.5 - 1``.
+    """
+    source = torch.from_numpy(frames)  # [T, h, w, 3]
+    count, (source_height, source_width) = len(source), source.shape[1:3]
+    clip = torch.empty(3, max(count, num_frames), height, width)
+    resize = (source_height, source_width) != (height, width)
+    if resize:
+        scale = max(height / source_height, width / source_width)
+        size = (max(height, round(source_height * scale)), max(width, round(source_width * scale)))
+        top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    for start in range(0, count, RESIZE_CHUNK):
+        chunk = source[start:start + RESIZE_CHUNK].permute(3, 0, 1, 2)  # [3, t, h, w], a view
+        target = clip[:, start:start + chunk.shape[1]]
+        if resize:
+            # Channels-first contiguous input: interpolate's faster layout, and the same values as channels-last.
+            resized = F.interpolate(chunk.transpose(0, 1).contiguous().float(), size=size, mode="bilinear",
+                                    antialias=True, align_corners=False)  # [t, 3, size]
+            target.copy_(resized[..., top:top + height, left:left + width].transpose(0, 1))
+        else:
+            target.copy_(chunk)
+        target.div_(127.5).sub_(1.0)
+    if count < clip.shape[1]:
+        clip[:, count:] = clip[:, count - 1:count]
+    return clip
 
 
 def load_clip(ref: SampleRef, spec: ClipSpec) -> tuple[torch.Tensor, str]:
     """Decode one sample.
 
     Returns:
-        ``(clip, caption)``: float32 ``[3, spec.num_frames, height, width]`` in ``[-1, 1]`` for a video,
-        ``[3, 1, height, width]`` for an image.
+        ``(clip, caption)``: float32 ``[3, spec.num_frames, height, width]`` in ``[-1, 1]`` for a video (a short
+        video that ``spec.min_frames`` allows is padded by repeating its last frame), ``[3, 1, height, width]``
+        for an image.
     Raises:
         UnusableSample: missing, empty or undecodable file, too few frames, missing or empty caption.
     """
@@ -298,11 +318,9 @@ def load_clip(ref: SampleRef, spec: ClipSpec) -> tuple[torch.Tensor, str]:
     if ref.path.stat().st_size == 0:
         raise UnusableSample(ref.path, "empty file (0 bytes)")
     caption = _read_caption(ref)
-    frames = _read_image(ref.path) if ref.is_image else _read_video(ref.path, spec)
-    clip = _cover_and_crop(torch.from_numpy(frames).permute(0, 3, 1, 2), spec.height, spec.width)  # [T, 3, H, W]
-    if not ref.is_image and len(clip) < spec.num_frames:  # min_frames allowed a short video
-        clip = torch.cat([clip, clip[-1:].expand(spec.num_frames - len(clip), -1, -1, -1)])
-    return (clip.permute(1, 0, 2, 3) / 127.5 - 1.0).contiguous(), caption  # [3, T, H, W]
+    if ref.is_image:
+        return _to_clip(_read_image(ref.path), spec.height, spec.width), caption
+    return _to_clip(_read_video(ref.path, spec), spec.height, spec.width, spec.num_frames), caption
 
 
 def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
@@ -314,8 +332,7 @@ def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise UnusableSample(path, "file not found")
-    frame = _cover_and_crop(torch.from_numpy(_read_image(path)).permute(0, 3, 1, 2), height, width)[0]
-    return frame / 127.5 - 1.0
+    return _to_clip(_read_image(path), height, width)[:, 0]
 
 
 @dataclass

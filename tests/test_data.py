@@ -8,6 +8,7 @@ import decord
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -23,6 +24,7 @@ from sat_video.data import (
     collate,
     discover,
     load_clip,
+    load_image,
 )
 from sat_video.synthetic import BACKGROUND, DIRECTIONS, NUM_COMBINATIONS, combination, make_moving_shapes
 from sat_video.video_io import write_mp4
@@ -181,6 +183,40 @@ def test_image_gives_one_frame(tmp_path):
     clip = load_clip(SampleRef(tmp_path / "videos" / "red.jpg", "a red image", None, True), SPEC)[0]
     assert clip.shape == (3, 1, 32, 32)
     assert clip[0].min() > 0.9 and clip[1:].max() < -0.8
+
+
+def reference_clip(frames: np.ndarray, height: int, width: int, num_frames: int) -> torch.Tensor:
+    """The plain recipe: float, resize to cover and center-crop (unless already at size), pad, scale, to [3, T, H, W]."""
+    clip = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # [T, 3, h, w]
+    h, w = clip.shape[-2:]
+    if (h, w) != (height, width):
+        scale = max(height / h, width / w)
+        size = (max(height, round(h * scale)), max(width, round(w * scale)))
+        clip = F.interpolate(clip, size=size, mode="bilinear", antialias=True, align_corners=False)
+        top, left = (size[0] - height) // 2, (size[1] - width) // 2
+        clip = clip[..., top:top + height, left:left + width]
+    clip = torch.cat([clip, clip[-1:].expand(num_frames - len(clip), -1, -1, -1)])
+    return (clip / 127.5 - 1.0).permute(1, 0, 2, 3)
+
+
+def test_clips_match_the_plain_recipe_with_and_without_resizing(tmp_path):
+    rng = np.random.default_rng(0)
+    ref = write_video(tmp_path / "videos" / "noise.mp4", rng.integers(0, 256, (12, 64, 96, 3), dtype=np.uint8), fps=8)
+    reader = decord.VideoReader(str(ref.path))
+    decoded = reader.get_batch(list(range(len(reader)))).asnumpy()  # 8 fps sampled at 8: every frame
+    image = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "videos" / "noise.png")
+    still = SampleRef(tmp_path / "videos" / "noise.png", "noise", None, True)
+    for height, width in ((64, 96), (40, 40), (80, 120)):  # at size, down with a crop, up
+        for num_frames, min_frames in ((9, None), (17, 9)):  # 17 > 12 frames: padded with the last one
+            clip = load_clip(ref, ClipSpec(num_frames, height, width, 8.0, skip_frames=0, min_frames=min_frames))[0]
+            expected = reference_clip(decoded[:num_frames], height, width, num_frames)
+            assert clip.shape == (3, num_frames, height, width) and clip.is_contiguous()
+            torch.testing.assert_close(clip, expected, atol=1e-6, rtol=0)
+    for height, width in ((48, 80), (32, 32)):
+        clip = load_clip(still, ClipSpec(9, height, width, 8.0))[0]
+        torch.testing.assert_close(clip, reference_clip(image[None], height, width, 1), atol=1e-6, rtol=0)
+        torch.testing.assert_close(load_image(still.path, height, width), clip[:, 0], atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------- bad files
