@@ -49,10 +49,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotation(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin`` for ``x`` ``[B, H, S, hd]``, computed in float32 as one complex product of
-    the adjacent pairs (a single element-wise pass each way, where the real form takes five)."""
+    """``x * cos + rotate_half(x) * sin`` for ``x`` ``[B, H, S, hd]`` and ``rotation`` = ``(cos, sin)`` per adjacent
+    pair, float32 ``[S, hd / 2, 2]``. Eager: one complex product of the pairs (a single element-wise pass each way,
+    where the real form takes five). Compiled: the real form, which inductor fuses into one kernel (it has no
+    complex kernels)."""
+    if torch.compiler.is_compiling():
+        a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = rotation.unbind(-1)
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, H, S, hd / 2]
-    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+    return torch.view_as_real(pairs * torch.view_as_complex(rotation)).flatten(-2).to(x.dtype)
 
 
 @register_mixin("rotary_3d")
@@ -92,13 +98,14 @@ class Rotary3DMixin(Mixin):
         return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
 
     def rotation(self, grid: TokenGrid, text_length: int, device: torch.device) -> torch.Tensor:
-        """``exp(i * angle)`` per adjacent pair, complex64 ``[L + N, head_dim / 2]``; text rows are 1 (no rotation),
-        so the whole sequence is rotated in one product, without slicing out the video tokens."""
+        """``(cos, sin)`` of the angle per adjacent pair, float32 ``[L + N, head_dim / 2, 2]``; text rows are (1, 0)
+        (no rotation), so the whole sequence is rotated at once, without slicing out the video tokens."""
         key = (grid, text_length, device)
         if key not in self._rotations:
             cos, sin = self.cos_sin(grid, device, torch.float32)
-            video = torch.complex(cos[:, ::2], sin[:, ::2])  # angles come repeated per pair
-            text = torch.ones(text_length, video.shape[1], dtype=video.dtype, device=device)
+            video = torch.stack([cos[:, ::2], sin[:, ::2]], dim=-1)  # angles come repeated per pair
+            text = torch.zeros(text_length, *video.shape[1:], device=device)
+            text[..., 0] = 1
             self._rotations[key] = torch.cat([text, video])
         return self._rotations[key]
 

@@ -3,7 +3,9 @@
 CogVideoX modulates and gates the text and the video tokens of one joint sequence with different vectors.
 :func:`modulate_per_modality` and :func:`gated_residual` do that in one output buffer each way and compute their
 own gradients. Written with slices and ``torch.cat`` instead, every slice's backward would materialise a
-zero-filled gradient of the whole sequence and autograd would add them up.
+zero-filled gradient of the whole sequence and autograd would add them up. Under ``torch.compile`` they take the
+plain form: inductor fuses the per-token vectors into one element-wise kernel each way, and dynamo cannot trace
+the ``out=`` slices.
 """
 
 import torch
@@ -80,11 +82,19 @@ class _GatedResidual(torch.autograd.Function):
         )
 
 
+def _per_token(text: torch.Tensor, video: torch.Tensor, text_length: int, tokens: int) -> torch.Tensor:
+    """``[B, 1, D]`` vectors -> ``[B, tokens, D]``: ``text`` on the first ``text_length`` tokens, ``video`` after."""
+    return torch.cat([text.expand(-1, text_length, -1), video.expand(-1, tokens - text_length, -1)], dim=1)
+
+
 def modulate_per_modality(
     x: torch.Tensor, text_length: int, text: tuple[torch.Tensor, torch.Tensor], video: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
     """:func:`modulate` the first ``text_length`` tokens of ``x`` ``[B, L + N, D]`` with ``text = (shift, scale)``
     and the rest with ``video = (shift, scale)``, each ``[B, 1, D]``."""
+    if torch.compiler.is_compiling():
+        shift, scale = (_per_token(t, v, text_length, x.shape[1]) for t, v in zip(text, video))
+        return modulate(x, shift, scale)
     return _ModulatePerModality.apply(x, text_length, *text, *video)
 
 
@@ -93,4 +103,6 @@ def gated_residual(
 ) -> torch.Tensor:
     """``hidden + gate * branch`` over ``[B, L + N, D]``, with ``text_gate`` for the first ``text_length`` tokens
     and ``gate`` for the rest (both ``[B, 1, D]``)."""
+    if torch.compiler.is_compiling():
+        return torch.addcmul(hidden, branch, _per_token(text_gate, gate, text_length, hidden.shape[1]))
     return _GatedResidual.apply(hidden, branch, text_length, text_gate, gate)

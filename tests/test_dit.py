@@ -55,11 +55,15 @@ def _step(model, inputs, checkpointing, keeps_attention=True):
     model.zero_grad()
     model.activation_checkpointing, model.checkpoint_keeps_attention = checkpointing, keeps_attention
     x, t, context, ofs = inputs
+    out = model(x, t, context, ofs=ofs)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _counted_step(model, inputs, checkpointing, keeps_attention=True):
     with _CountAttentionKernels() as counter:
-        out = model(x, t, context, ofs=ofs)
-        out.square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.detach(), grads, counter.forward_kernels
+        out, grads = _step(model, inputs, checkpointing, keeps_attention)
+    return out, grads, counter.forward_kernels
 
 
 @pytest.mark.parametrize("variant", ["cogvideox_2b", "cogvideox1.5_5b_i2v"])
@@ -69,10 +73,10 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_attention_o
     model = randomize_(sat_video.build_dit(cfg))
     inputs = tiny_inputs(cfg)
     layers = cfg.model.dit.num_layers
-    out, grads, kernels = _step(model, inputs, checkpointing=False)
+    out, grads, kernels = _counted_step(model, inputs, checkpointing=False)
     assert kernels == layers
     for keeps_attention, recomputed in ((True, 0), (False, layers)):
-        out_ckpt, grads_ckpt, kernels = _step(model, inputs, checkpointing=True, keeps_attention=keeps_attention)
+        out_ckpt, grads_ckpt, kernels = _counted_step(model, inputs, checkpointing=True, keeps_attention=keeps_attention)
         assert kernels == layers + recomputed, f"keeps_attention={keeps_attention}"
         torch.testing.assert_close(out_ckpt, out, atol=0, rtol=0)
         assert grads_ckpt.keys() == grads.keys()
@@ -82,16 +86,21 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_attention_o
 
 @pytest.mark.slow
 def test_compiled_blocks_match_eager_with_and_without_checkpointing():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     cfg = tiny_config("cogvideox_5b")
     torch.manual_seed(0)
     model = randomize_(sat_video.build_dit(cfg))
     compiled = copy.deepcopy(model)
     compiled.compile_blocks()
     inputs = tiny_inputs(cfg)
-    out, grads, _ = _step(model, inputs, checkpointing=False)
+    out, grads = _step(model, inputs, checkpointing=False)
     for checkpointing in (False, True):
-        out_compiled, grads_compiled, _ = _step(compiled, inputs, checkpointing=checkpointing)
+        out_compiled, grads_compiled = _step(compiled, inputs, checkpointing=checkpointing)
         torch.testing.assert_close(out_compiled, out, atol=1e-5, rtol=1e-4)
         for name in grads:
             torch.testing.assert_close(grads_compiled[name], grads[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
     assert all(layer._compiled_call_impl is not None for layer in compiled.transformer.layers)
+    assert counters["stats"]["unique_graphs"] >= cfg.model.dit.num_layers
+    assert not counters["graph_break"], f"graph breaks split the compiled blocks: {list(counters['graph_break'])}"
