@@ -142,13 +142,13 @@ class DiffusionTransformer(nn.Module):
     def compile_blocks(self) -> None:
         """``torch.compile`` every transformer block (inductor), inside activation checkpointing if that is on.
 
-        Raises dynamo's process-wide recompile limit to at least two graphs per block: blocks share one
-        ``forward`` code object but index their mixins' per-layer modules by ``layer_idx``, so each block (and
-        each autocast state) is a graph of its own.
+        Raises dynamo's process-wide recompile limit to four graphs per block: blocks share one ``forward`` code
+        object but index their mixins' per-layer modules by ``layer_idx``, so each block is a graph of its own,
+        and again per autocast state and for other input shapes (validation sampling).
         """
         import torch._dynamo
 
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(self.transformer.layers))
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(self.transformer.layers))
         for layer in self.transformer.layers:
             layer.compile()
 
