@@ -23,10 +23,11 @@ qk-LayerNorm and RoPE apply to both attentions (the temporal one shares its bloc
 loader never mixes images and videos in a batch). There the temporal parts are the identity: temporal blocks
 of (1)/(2) return their input and the temporal attention of (3)/(4) adds nothing, so image samples train only
 spatial parameters. The temporal parts still run, weighted by zero, so that their parameters receive an
-exact zero gradient rather than none: under ``torchrun`` one rank can draw an image batch while another draws
-a video batch, and DeepSpeed ZeRO-2 reduces gradient buckets across ranks, which aborts when ranks disagree
-on which parameters have gradients. (AdamW still moves temporal weights on image steps through its momentum
-and weight decay, as it moves any parameter whose gradient is zero.)
+exact zero gradient rather than none. DeepSpeed ZeRO-2 reduces gradient buckets across ranks and aborts when
+ranks disagree on which parameters have gradients; ``ClipBatchSampler`` already gives every rank the same kind
+(image or video) at each step, and the zero gradients keep every parameter in every reduction on top of that,
+so training does not depend on the data order to stay in step. (AdamW still moves temporal weights on image
+steps through its momentum and weight decay, as it moves any parameter whose gradient is zero.)
 """
 
 from __future__ import annotations

@@ -329,6 +329,55 @@ def test_sampler_ranks_are_disjoint_and_in_step():
     assert len(seen) == len(set(seen)) > 70
     assert all(len({kinds[i] for i in batch}) == 1 for batches in per_rank for batch in batches)
     assert any(kinds[batch[0]] for batch in per_rank[0]) and not all(kinds[batch[0]] for batch in per_rank[0])
+    assert all(len({kinds[batch[0]] for batch in position}) == 1 for position in zip(*per_rank))  # one kind per step
+
+
+def epoch_plans(kinds, batch_size, world_size, epoch, seed=0):
+    return [ClipBatchSampler(kinds, batch_size, rank, world_size, seed=seed).epoch_batches(epoch) for rank in range(world_size)]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_all_ranks_draw_the_same_kind_at_every_position(world_size):
+    kinds = [i % 4 == 2 for i in range(28)] + [False, False]  # 7 images among 23 videos
+    images, videos = kinds.count(True), kinds.count(False)
+    for epoch in range(6):
+        per_rank = epoch_plans(kinds, 2, world_size, epoch)
+        assert len({len(batches) for batches in per_rank}) == 1
+        for position in zip(*per_rank):  # one batch per rank
+            assert all(len(batch) == 2 for batch in position)
+            assert len({kinds[i] for batch in position for i in batch}) == 1, (epoch, position)
+        seen = [i for batches in per_rank for batch in batches for i in batch]
+        assert len(seen) == len(set(seen))  # no sample on two ranks (nor twice on one) within the epoch
+        # every full position of each kind is used: only fewer than world_size * 2 samples of a kind are left over
+        assert sum(kinds[i] for i in seen) == images // (2 * world_size) * 2 * world_size
+        assert sum(not kinds[i] for i in seen) == videos // (2 * world_size) * 2 * world_size
+
+
+def test_kind_order_is_shuffled_per_epoch_and_spread_over_it():
+    kinds = [i % 4 == 2 for i in range(28)] + [False, False]
+    orders = {tuple(kinds[batch[0]] for batch in epoch_plans(kinds, 2, 2, epoch)[0]) for epoch in range(8)}
+    assert len(orders) > 1  # the mixing changes between epochs
+    big = [i % 4 == 0 for i in range(400)]  # 100 images, 300 videos: 25 image and 75 video positions with 2 ranks of 2
+    order = [big[batch[0]] for batch in epoch_plans(big, 2, 2, 0)[0]]
+    assert len(order) == 100 and sum(order) == 25
+    assert all(3 <= sum(order[start:start + 25]) <= 11 for start in range(0, 100, 25))  # interleaved, not in blocks
+
+
+def test_sampler_resumes_exactly_on_every_rank():
+    kinds = [i % 4 == 2 for i in range(28)] + [False, False]
+    for rank in range(3):
+        full = take(ClipBatchSampler(kinds, 2, rank, 3, seed=4), 14)  # 4 batches per epoch
+        for k in (1, 4, 6, 9):
+            epoch, batch_index = full[k][0][1:]
+            assert take(ClipBatchSampler(kinds, 2, rank, 3, seed=4, start=(epoch, batch_index)), 14 - k) == full[k:]
+
+
+def test_a_kind_too_small_for_every_rank_is_left_out_with_a_warning(caplog):
+    kinds = [True] + [False] * 9
+    with caplog.at_level(logging.WARNING, logger="sat_video.data"):
+        per_rank = epoch_plans(kinds, 1, 2, 0)
+    assert "1 image sample(s) cannot fill a batch of 1 on each of 2 ranks" in caplog.text
+    assert all(len(batches) == 4 and not any(kinds[batch[0]] for batch in batches) for batches in per_rank)
 
 
 def test_sampler_resumes_exactly():
