@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from pathlib import Path
 from typing import Iterable
 
 from .hooks import Mixin
 
 _REGISTRY: dict[str, type[Mixin]] = {}
+# The built-in ``mixins`` package is installed beside ``sat_video`` (editable or not).
+BUILTIN_MIXINS = Path(__file__).resolve().parents[1] / "mixins"
 
 
 class UnknownMixinError(KeyError):
@@ -38,17 +41,28 @@ def register_mixin(name: str):
 
 
 def _import_builtin() -> None:
-    importlib.import_module("mixins")
+    module = importlib.import_module("mixins")
+    found = Path(module.__file__).resolve().parent if getattr(module, "__file__", None) else None
+    if found != BUILTIN_MIXINS:
+        where = found or ", ".join(getattr(module, "__path__", [])) or "?"
+        raise UnknownMixinError(
+            f"'import mixins' found {where}, not sat_video's built-in mixins ({BUILTIN_MIXINS}): a folder named "
+            "'mixins' on the Python path (often the working directory) shadows them; rename it and list your "
+            "module under model.dit.mixin_modules")
 
 
 def import_mixin_modules(modules: Iterable[str]) -> None:
-    """Import the modules a config explicitly allows (they register their mixins on import)."""
+    """Import the modules a config explicitly allows (they register their mixins on import).
+
+    Raises:
+        UnknownMixinError: the built-in mixins are shadowed, or a listed module cannot be imported.
+    """
     _import_builtin()
     for module in modules:
         try:
             importlib.import_module(module)
         except ImportError as err:
-            raise ImportError(f"model.dit.mixin_modules lists '{module}', which cannot be imported: {err}") from err
+            raise UnknownMixinError(f"model.dit.mixin_modules lists '{module}', which cannot be imported: {err}") from err
 
 
 def resolve_mixin_class(type_name: str, allowed_modules: Iterable[str] = ()) -> type[Mixin]:

@@ -1,5 +1,8 @@
 """Configs: merging, overrides, and clear errors for unknown keys, types and sizes."""
 
+import subprocess
+import sys
+
 import pytest
 
 import sat_video
@@ -73,6 +76,20 @@ def test_mixin_parameters_are_validated_against_the_mixin_config():
 def test_a_dotted_type_outside_the_allowed_modules_is_refused():
     with pytest.raises(ConfigError, match="mixin_modules"):
         tiny_config("cogvideox_5b", "model.dit.mixins.pos_embed.type=os.path.join")
+
+
+def test_an_unimportable_mixin_module_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.dit.mixin_modules lists 'no_such_ablations', which cannot be imported"):
+        tiny_config("cogvideox_5b", "model.dit.mixin_modules=[no_such_ablations]")
+
+
+def test_a_users_mixins_folder_shadowing_the_builtin_ones_is_named(tmp_path):
+    (tmp_path / "mixins").mkdir()
+    (tmp_path / "mixins" / "__init__.py").write_text("")
+    code = f"import sat_video; sat_video.load_config([{str(ROOT / 'configs' / 'cogvideox_5b.yaml')!r}])"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"'import mixins' found {tmp_path / 'mixins'}, not sat_video's built-in mixins" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_null_removes_an_inherited_mixin():
