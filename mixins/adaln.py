@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from sat_video.hooks import Mixin
-from sat_video.modulation import gated_residual, modulate_per_modality
-from sat_video.registry import register_mixin
+from sat_video.model.hooks import Mixin
+from sat_video.model.modulation import gated_residual, modulate_per_modality
+from sat_video.model.registry import register_mixin
 
 
 @register_mixin("adaln")

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sat_video.hooks import Mixin, wraps_previous
-from sat_video.registry import register_mixin
+from sat_video.model.hooks import Mixin, wraps_previous
+from sat_video.model.registry import register_mixin
 
 
 @register_mixin("condition_tokens")

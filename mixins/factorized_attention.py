@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sat_video.config import ConfigError
-from sat_video.context import TokenGrid
-from sat_video.hooks import Mixin, wraps_previous
-from sat_video.registry import register_mixin
-from sat_video.transformer import SelfAttention
+from sat_video.common.errors import ConfigError
+from sat_video.model.context import TokenGrid
+from sat_video.model.hooks import Mixin, wraps_previous
+from sat_video.model.registry import register_mixin
+from sat_video.model.transformer import SelfAttention
 
 ARRANGEMENTS = ("interleaved", "sequential", "serial_in_block", "parallel_in_block")
 BLOCK_ARRANGEMENTS = ("interleaved", "sequential")  # whole blocks are spatial or temporal

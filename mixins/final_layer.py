@@ -9,9 +9,9 @@ from __future__ import annotations
 from einops import rearrange
 from torch import nn
 
-from sat_video.hooks import Mixin
-from sat_video.modulation import modulate
-from sat_video.registry import register_mixin
+from sat_video.model.hooks import Mixin
+from sat_video.model.modulation import modulate
+from sat_video.model.registry import register_mixin
 
 FINAL_NORM_EPS = 1e-6  # SAT's; the diffusers export folds the difference to its 1e-5 into the weights
 

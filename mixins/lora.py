@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sat_video.config import ConfigError
-from sat_video.hooks import Mixin, wraps_previous
-from sat_video.registry import register_mixin
-from sat_video.sat_lora import LORA_TARGETS, SAT_TARGETS
+from sat_video.common.errors import ConfigError
+from sat_video.formats.sat_lora import LORA_TARGETS, SAT_TARGETS
+from sat_video.model.hooks import Mixin, wraps_previous
+from sat_video.model.registry import register_mixin
 
 # (in, out) of each target as multiples of the hidden size (the MLP is 4x wide, see sat_video/transformer.py).
 _WIDTHS = {

@@ -12,8 +12,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from sat_video.hooks import Mixin
-from sat_video.registry import register_mixin
+from sat_video.model.hooks import Mixin
+from sat_video.model.registry import register_mixin
 
 
 @register_mixin("image_patch_embed")

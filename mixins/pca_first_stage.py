@@ -18,11 +18,14 @@ import safetensors
 import safetensors.torch
 import torch
 
-from sat_video.checkpoint import atomic_write
-from sat_video.config import ConfigError, FirstStageConfig
+from sat_video.common.errors import CheckpointError, ConfigError, OutputExistsError
+from sat_video.common.files import atomic_write
+from sat_video.model.config import FirstStageConfig
+from sat_video.model.registry import register_stage
+from sat_video.model.stages import SPATIAL_COMPRESSION, FrozenStage
 
-PATCH_SIZE = 8
-"""Spatial compression, as CogVideoX's VAE."""
+PATCH_SIZE = SPATIAL_COMPRESSION
+"""Pixels per latent along height and width, as CogVideoX's VAE."""
 FRAMES_PER_TUBE = 4
 """Temporal compression after the first frame, as CogVideoX's VAE."""
 RGB = 3
@@ -153,7 +156,8 @@ class _UniformSubset:
         return rows
 
 
-class PatchPCAFirstStage(torch.nn.Module):
+@register_stage("patch_pca")
+class PatchPCAFirstStage(FrozenStage):
     """Frozen linear first stage: clips in ``[-1, 1]`` to scaled latents and back, with the VAE's interface.
 
     Build it with :meth:`fit`, keep it with :meth:`save`, and use it through ``model.first_stage``
@@ -172,8 +176,6 @@ class PatchPCAFirstStage(torch.nn.Module):
         self.first_frame = first_frame
         self.frame_groups = frame_groups
         self.scale_factor = scale_factor
-        self.requires_grad_(False)
-        self.eval()
 
     @property
     def latent_channels(self) -> int:
@@ -223,7 +225,7 @@ class PatchPCAFirstStage(torch.nn.Module):
         """
         path = Path(path)
         if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+            raise OutputExistsError(f"{path} already exists (pass overwrite=True to replace it)")
         tensors = {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()}
         atomic_write(path, lambda temp: safetensors.torch.save_file(tensors, str(temp)))
         return path
@@ -242,7 +244,7 @@ class PatchPCAFirstStage(torch.nn.Module):
         try:
             tensors = safetensors.torch.load_file(path)
         except safetensors.SafetensorError as err:
-            raise ValueError(f"{path}: not a safetensors file ({err})") from None
+            raise CheckpointError(f"{path}: not a safetensors file ({err})") from None
         first_dim = RGB * PATCH_SIZE**2
         dims = {"first_frame": first_dim, "frame_groups": FRAMES_PER_TUBE * first_dim}
         expected_keys = {f"{prefix}.{name}" for prefix in dims for name in ("mean", "basis", "std")}
@@ -257,7 +259,7 @@ class PatchPCAFirstStage(torch.nn.Module):
         mismatched = [f"{key} {tuple(tensors[key].shape)} (expected {shape})" for key, shape in sorted(expected_shapes.items())
                       if tuple(tensors[key].shape) != shape]
         if mismatched:
-            raise ValueError(f"{path}: shape mismatches (C: latent channels, from first_frame.std): {', '.join(mismatched)}")
+            raise CheckpointError(f"{path}: shape mismatches (C: latent channels, from first_frame.std): {', '.join(mismatched)}")
         bases = {prefix: PatchBasis(*(tensors[f"{prefix}.{name}"] for name in ("mean", "basis", "std"))) for prefix in dims}
         return cls(bases["first_frame"], bases["frame_groups"], scale_factor)
 
@@ -278,22 +280,6 @@ class PatchPCAFirstStage(torch.nn.Module):
             raise ConfigError(f"model.first_stage.path: not found: {path}")
         return cls.load(path, cfg.scale_factor)
 
-    def train(self, mode: bool = True) -> PatchPCAFirstStage:
-        """Frozen: stays in eval mode whatever ``mode`` asks."""
-        return super().train(False)
-
-    @torch.no_grad()
-    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Project clips on the bases.
-
-        Args:
-            video: ``[B, 3, T, H, W]`` in ``[-1, 1]`` with ``T = 1 + 4k`` and ``H``, ``W`` multiples of 8.
-            generator: unused (the projection is deterministic); kept so the engine calls both first stages alike.
-        Returns:
-            Latents ``[B, C, 1 + (T - 1) // 4, H / 8, W / 8]`` times ``scale_factor``, in the bases' dtype.
-        """
-        return self.encode_moments(video)[0] * self.scale_factor
-
     @torch.no_grad()
     def encode_moments(self, video: torch.Tensor) -> tuple[torch.Tensor, None]:
         """``(latents before scale_factor, None)``: the projection is deterministic (no posterior to sample)."""
@@ -308,13 +294,13 @@ class PatchPCAFirstStage(torch.nn.Module):
         return latents.permute(0, 4, 1, 2, 3), None  # [B, C, F, h, w]
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode scaled latents ``[B, C, F, h, w]`` to clips ``[B, 3, 1 + 4(F - 1), 8h, 8w]`` in ``[-1, 1]``."""
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode unscaled latents ``[B, C, F, h, w]`` to clips ``[B, 3, 1 + 4(F - 1), 8h, 8w]`` in ``[-1, 1]``."""
         if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
             raise ValueError(
                 f"PatchPCAFirstStage.decode: expected latents [B, {self.latent_channels}, F, h, w], found {list(latents.shape)}"
             )
-        latents = (latents / self.scale_factor).to(self.first_frame.basis.dtype).permute(0, 2, 3, 4, 1)  # [B, F, h, w, C]
+        latents = latents.to(self.first_frame.basis.dtype).permute(0, 2, 3, 4, 1)  # [B, F, h, w, C]
         video = _unpatch(self.first_frame.decode(latents[:, :1]), 1)
         if latents.shape[1] > 1:
             later = _unpatch(self.frame_groups.decode(latents[:, 1:]), FRAMES_PER_TUBE)

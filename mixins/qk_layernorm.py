@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from sat_video.hooks import Mixin
-from sat_video.registry import register_mixin
+from sat_video.model.hooks import Mixin
+from sat_video.model.registry import register_mixin
 
 
 @register_mixin("qk_layernorm")

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sat_video.context import TokenGrid
-from sat_video.hooks import Mixin
-from sat_video.registry import register_mixin
+from sat_video.common.errors import ConfigError
+from sat_video.model.context import TokenGrid
+from sat_video.model.hooks import Mixin
+from sat_video.model.registry import register_mixin
 
 
 def _axis_angles(dim: int, length: int, theta: float) -> torch.Tensor:
@@ -77,7 +78,7 @@ class Rotary3DMixin(Mixin):
     def __init__(self, dims, config=None):
         super().__init__(dims, config)
         if dims.head_dim % 16:
-            raise ValueError(f"3D RoPE splits the head dim 4/8 : 3/8 : 3/8 into even parts; head dim {dims.head_dim} is not a multiple of 16")
+            raise ConfigError(f"3D RoPE splits the head dim 4/8 : 3/8 : 3/8 into even parts; head dim {dims.head_dim} is not a multiple of 16")
         self._rotations: dict = {}
         if self.config.learned_table:
             patch_t = dims.patch_size_t or 1

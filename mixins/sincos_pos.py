@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sat_video.context import TokenGrid
-from sat_video.hooks import Mixin
-from sat_video.registry import register_mixin
+from sat_video.common.errors import ConfigError
+from sat_video.model.context import TokenGrid
+from sat_video.model.hooks import Mixin
+from sat_video.model.registry import register_mixin
 
 
 def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,7 @@ class SinCosInterpolatedPosMixin(Mixin):
     def __init__(self, dims, config=None):
         super().__init__(dims, config)
         if dims.hidden_size % 16:
-            raise ValueError(f"3D sin-cos positions need hidden_size divisible by 16, found {dims.hidden_size}")
+            raise ConfigError(f"3D sin-cos positions need hidden_size divisible by 16, found {dims.hidden_size}")
         self._tables: dict = {}
 
     def table(self, grid: TokenGrid, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

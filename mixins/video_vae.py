@@ -1,8 +1,8 @@
-"""VideoVAEMixin: the frozen CogVideoX 3D causal VAE, the first stage of the diffusion engine.
+"""VideoVAEMixin: the frozen CogVideoX 3D causal VAE, the first stage of the diffusion model.
 
-This is a first-stage plug-in of the engine, not a DiT hook mixin: it registers no hooks, the engine
-calls :meth:`VideoVAEMixin.encode` on training clips before the DiT and :meth:`VideoVAEMixin.decode` on
-sampled latents after it. The network is diffusers' ``AutoencoderKLCogVideoX``, the same as SAT's
+It plugs into the frozen-stage catalogue (:mod:`sat_video.model.stages`) as ``model.first_stage.type: video_vae``
+and provides ``encode_moments`` (clips to the posterior, before the DiT) and ``decode_latents`` (sampled latents to
+clips, after it); :meth:`~sat_video.model.stages.FrozenStage.encode` / ``decode`` add the scale factor. The network is diffusers' ``AutoencoderKLCogVideoX``, the same as SAT's
 ``vae_modules`` (8x8 spatial, 4x temporal compression, 16 latent channels, causal in time); weights
 come from a diffusers folder or SAT's ``3d-vae.pt`` (keys renamed as diffusers'
 ``scripts/convert_cogvideox_to_diffusers.py`` does).
@@ -22,16 +22,10 @@ import torch
 from diffusers import AutoencoderKLCogVideoX
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sat_video.config import ConfigError, FirstStageConfig
-
-TINY_VAE_ARCHITECTURE: dict[str, Any] = {
-    "block_out_channels": [8, 8, 16, 16],
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-}
-"""Smallest ``AutoencoderKLCogVideoX`` that keeps the real compression (four blocks: 8x spatial, 4x
-temporal, 16 latent channels) for ``model.first_stage.architecture`` in tests and tiny runs. The channel
-change 8 -> 16 keeps the 1x1 shortcut convolutions, so every kind of SAT key is present."""
+from sat_video.common.errors import CheckpointError, ConfigError
+from sat_video.model.config import FirstStageConfig
+from sat_video.model.registry import register_stage
+from sat_video.model.stages import FrozenStage
 
 SAT_CHECKPOINT_SUFFIXES = (".pt", ".ckpt", ".safetensors")
 SAT_ENGINE_PREFIX = "first_stage_model."
@@ -138,13 +132,13 @@ def _read_sat_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            raise ValueError(f"{path}: not a plain tensor checkpoint (torch.load with weights_only=True refused it): {err}") from None
+            raise CheckpointError(f"{path}: not a plain tensor checkpoint (torch.load with weights_only=True refused it): {err}") from None
         # SAT's 3d-vae.pt nests it under "state_dict"; a DeepSpeed engine checkpoint under "module".
         for nesting in ("state_dict", "module"):
             if isinstance(state_dict, dict) and isinstance(state_dict.get(nesting), dict):
                 state_dict = state_dict[nesting]
     if not isinstance(state_dict, dict):
-        raise TypeError(f"{path}: expected a state dict, found {type(state_dict).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict, found {type(state_dict).__name__}")
     # A whole engine checkpoint also holds the DiT and T5: keep only the VAE.
     first_stage = {key[len(SAT_ENGINE_PREFIX):]: value for key, value in state_dict.items() if key.startswith(SAT_ENGINE_PREFIX)}
     return first_stage or state_dict
@@ -168,7 +162,7 @@ def _load_sat_checkpoint(path: Path, architecture: dict[str, Any]) -> Autoencode
             for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
             if items
         ]
-        raise ValueError(
+        raise CheckpointError(
             f"{path} does not match AutoencoderKLCogVideoX with model.first_stage.architecture {architecture} "
             f"(keys after renaming SAT names to diffusers names): " + "; ".join(problems)
         )
@@ -185,19 +179,8 @@ def _load_diffusers_folder(path: Path, architecture: dict[str, Any]) -> Autoenco
     return vae
 
 
-def latents_from_moments(mean: torch.Tensor, std: torch.Tensor | None, scale_factor: float,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled latents from posterior moments: ``(mean + std * noise) * scale_factor``, or ``mean * scale_factor``
-    without ``std``. The noise is drawn on the generator's device in the moments' dtype, as diffusers'
-    ``DiagonalGaussianDistribution.sample`` draws it, so both give the same latents."""
-    if std is not None:
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
-                            device=generator.device if generator is not None else mean.device)
-        mean = mean + std * noise.to(mean.device)
-    return mean * scale_factor
-
-
-class VideoVAEMixin(torch.nn.Module):
+@register_stage("video_vae")
+class VideoVAEMixin(FrozenStage):
     """Frozen 3D causal VAE: clips in ``[-1, 1]`` to scaled latents and back.
 
     Args:
@@ -217,8 +200,6 @@ class VideoVAEMixin(torch.nn.Module):
         self.vae = vae
         self.scale_factor = scale_factor
         self.sample_posterior = sample_posterior
-        self.requires_grad_(False)
-        self.eval()
 
     @classmethod
     def from_config(cls, cfg: FirstStageConfig) -> VideoVAEMixin:
@@ -251,28 +232,11 @@ class VideoVAEMixin(torch.nn.Module):
             raise ConfigError(f"model.first_stage.path: not found: {path}")
         return cls(vae, cfg.scale_factor, cfg.sample_posterior)
 
-    def train(self, mode: bool = True) -> VideoVAEMixin:
-        """Frozen: stays in eval mode whatever ``mode`` asks."""
-        return super().train(False)
-
-    @torch.no_grad()
-    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Encode whole clips in one pass, as SAT's training does.
-
-        Args:
-            video: ``[B, 3, T, H, W]`` in ``[-1, 1]`` with ``T = 1 + 4k`` and ``H``, ``W`` multiples of 8.
-            generator: drives the posterior sample (ignored when ``sample_posterior`` is off).
-        Returns:
-            Latents ``[B, 16, 1 + (T - 1) // 4, H / 8, W / 8]`` times ``scale_factor``, in the VAE's dtype.
-        """
-        mean, std = self.encode_moments(video)
-        return latents_from_moments(mean, std, self.scale_factor, generator)
-
     @torch.no_grad()
     def encode_moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The posterior ``(mean, std)`` of ``video``, unscaled; ``std`` is ``None`` when ``sample_posterior`` is off
-        (the mode is then the latent). :func:`latents_from_moments` turns them into what :meth:`encode` returns,
-        draw for draw, which is what the latent cache stores and trains from."""
+        (the mode is then the latent). :func:`~sat_video.model.stages.latents_from_moments` turns them into what
+        :meth:`encode` returns, draw for draw, which is what the latent cache stores and trains from."""
         config = self.vae.config
         spatial = 2 ** (len(config.block_out_channels) - 1)
         if video.ndim != 5 or video.shape[1] != config.in_channels:
@@ -287,11 +251,11 @@ class VideoVAEMixin(torch.nn.Module):
         return (posterior.mean, posterior.std) if self.sample_posterior else (posterior.mode(), None)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode scaled latents ``[B, 16, F, h, w]`` to clips ``[B, 3, 1 + 4(F - 1), 8h, 8w]`` in ``[-1, 1]``.
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode unscaled latents ``[B, 16, F, h, w]`` to clips ``[B, 3, 1 + 4(F - 1), 8h, 8w]`` in ``[-1, 1]``.
 
         diffusers decodes 2 latent frames at a time (3 first when ``F`` is odd), carrying the causal conv
         cache across chunks: the chunks of SAT's ``decode_first_stage`` for up to 21 latent frames.
         """
-        video = self.vae.decode((latents / self.scale_factor).to(self.vae.dtype)).sample
+        video = self.vae.decode(latents.to(self.vae.dtype)).sample
         return video.clamp(-1.0, 1.0)

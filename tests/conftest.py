@@ -46,8 +46,8 @@ def variant(request):
 @pytest.fixture(scope="session")
 def train_assets(tmp_path_factory):
     """Real mp4 clips of moving shapes with captions (SFT layout) and a tiny T5 trained on those captions."""
-    from sat_video.synthetic import make_moving_shapes
-    from sat_video.text_encoder import make_tiny_t5
+    from sat_video.fixtures.synthetic import make_moving_shapes
+    from sat_video.fixtures.tiny_t5 import make_tiny_t5
 
     root = tmp_path_factory.mktemp("train_assets")
     items = make_moving_shapes(root / "data", num_videos=4, num_frames=16, height=64, width=64, fps=8, seed=0)

@@ -10,13 +10,12 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 from safetensors.torch import load_file
 
 import sat_video
-from sat_video.checkpoint import SAT_PREFIX
+from sat_video.formats.sat_checkpoint import SAT_PREFIX
+from tests.conftest import ROOT, randomize_, tiny_config, tiny_inputs
+from tests.formats.test_sat_checkpoint import _sat_lora_state
 from tools.convert_from_diffusers import main as convert_from_diffusers
 from tools.convert_to_diffusers import main as convert_to_diffusers
 from tools.widen_to_i2v import main as widen_to_i2v
-
-from .conftest import ROOT, randomize_, tiny_config, tiny_inputs
-from .test_checkpoint import _sat_lora_state
 
 
 def _base(variant):

@@ -24,10 +24,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sat_video.ablation import load_grid, measure, plot_losses, read_run, record_run, variant_config, write_results
-from sat_video.checkpoint import atomic_write
-from sat_video.cli import add_config_arguments, config_from_arguments, split_config_arguments
-from sat_video.config import ConfigError, load_config
+from sat_video.common.errors import OutputExistsError
+from sat_video.common.files import atomic_write
+from sat_video.config.cli import add_config_arguments, config_from_arguments, run_tool, split_config_arguments
+from sat_video.config.loader import load_config
+from sat_video.experiments.ablation import load_grid, measure, plot_losses, read_run, record_run, variant_config, write_results
 
 TRAIN_VIDEO = Path(__file__).resolve().with_name("train_video.py")
 
@@ -39,7 +40,7 @@ def train_command(config: Path, nproc: int) -> list[str]:
     return [*launcher, str(TRAIN_VIDEO), "--base", str(config)]
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--grid", required=True, help="the grid file (e.g. configs/ablations/latte.yaml)")
@@ -54,24 +55,19 @@ def main(argv=None) -> int:
         parser.error(f"--nproc must be at least 1, found {args.nproc}")
 
     # 1. every variant's config, size and FLOPs before anything runs, so that a bad grid fails at once
-    try:
-        base = config_from_arguments(args)
-        grid = load_grid(args.grid)
-        selected = [v.name for v in grid.select(args.only)]
-        configs = {v.name: variant_config(base, grid, v, save=args.out / v.name / "run", images=args.images)
-                   for v in grid.variants if v.name in selected}
-        for name in (v.name for v in grid.variants):  # earlier runs of variants not selected now stay in the table
-            if name not in configs and (args.out / name / "result.json").is_file():
-                configs[name] = load_config(args.out / name / "config.yaml")
-        reports = {v.name: measure(grid, v, configs[v.name]) for v in grid.variants if v.name in configs}
-    except ConfigError as err:
-        print(f"ablate: error: {err}", file=sys.stderr)
-        return 2
+    base = config_from_arguments(args)
+    grid = load_grid(args.grid)
+    selected = [v.name for v in grid.select(args.only)]
+    configs = {v.name: variant_config(base, grid, v, save=args.out / v.name / "run", images=args.images)
+               for v in grid.variants if v.name in selected}
+    for name in (v.name for v in grid.variants):  # earlier runs of variants not selected now stay in the table
+        if name not in configs and (args.out / name / "result.json").is_file():
+            configs[name] = load_config(args.out / name / "config.yaml")
+    reports = {v.name: measure(grid, v, configs[v.name]) for v in grid.variants if v.name in configs}
     existing = [name for name in selected if (args.out / name).exists()]
     if existing and not args.overwrite:
-        print(f"ablate: error: {args.out} already holds runs of {', '.join(existing)}; pass --overwrite to replace them, "
-              "or --only to run other variants", file=sys.stderr)
-        return 2
+        raise OutputExistsError(f"{args.out} already holds runs of {', '.join(existing)}; pass --overwrite to replace them, "
+                                "or --only to run other variants")
     for name, report in reports.items():
         if name not in selected:
             report.run = read_run(args.out / name)
@@ -100,6 +96,10 @@ def main(argv=None) -> int:
 
     print(f"ablate: results in {args.out / 'results.md'} and {args.out / 'loss.png'}")
     return 0 if any(reports[name].run.returncode == 0 for name in selected) else 1
+
+
+def main(argv=None) -> int:
+    return run_tool("ablate", run, argv)
 
 
 if __name__ == "__main__":

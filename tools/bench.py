@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sat_video.benchmark import (  # noqa: E402
+from sat_video.experiments.benchmark import (
     DiTPair,
     count_flops,
     gemm_peak,
@@ -222,8 +222,8 @@ class TrainAssets:
 
 
 def make_train_assets(preset: Preset, workdir: Path) -> TrainAssets:
-    from sat_video.synthetic import make_moving_shapes
-    from sat_video.text_encoder import make_tiny_t5
+    from sat_video.fixtures.synthetic import make_moving_shapes
+    from sat_video.fixtures.tiny_t5 import make_tiny_t5
 
     items = make_moving_shapes(workdir / "train_clips", num_videos=preset.train_videos, num_frames=16, height=64,
                                width=64, fps=8, seed=0)
@@ -265,8 +265,10 @@ def data_section(preset: Preset, workdir: Path) -> list[dict]:
     """Clips/s through the trainer's data path: VideoDataset (decord, resize, crop) and a DataLoader."""
     import time
 
-    from sat_video.data import ClipBatchSampler, ClipSpec, VideoDataset, collate, discover
-    from sat_video.synthetic import make_moving_shapes
+    from sat_video.data.clips import ClipSpec, VideoDataset, collate
+    from sat_video.data.sampler import ClipBatchSampler
+    from sat_video.data.sources import discover
+    from sat_video.fixtures.synthetic import make_moving_shapes
 
     frames, height, width = preset.clip
     make_moving_shapes(workdir / "clips", num_videos=preset.clip_videos, num_frames=frames, height=height, width=width,

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 import sat_video
-from sat_video.checkpoint import dit_state_dict, load_dit_state, lora_mixins, read_state_dict
-from sat_video.cli import add_config_arguments, split_config_arguments
-from sat_video.config import dit_config
-from sat_video.diffusers_export import LORA_WEIGHTS, ConversionError, write_diffusers_folder
-from sat_video.sat_lora import has_sat_lora, lora_to_diffusers, merge_lora, sat_lora_config
+from sat_video.common.errors import ConversionError, OutputExistsError
+from sat_video.config.cli import add_config_arguments, run_tool, split_config_arguments
+from sat_video.formats.diffusers_format import LORA_WEIGHTS, write_diffusers_folder
+from sat_video.formats.sat_checkpoint import dit_state_dict, load_dit_state, lora_mixins, read_state_dict
+from sat_video.formats.sat_lora import has_sat_lora, lora_to_diffusers, merge_lora, sat_lora_config
+from sat_video.model.config import dit_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,7 +50,7 @@ def build_with_lora(paths, overrides, state, args):
     return cfg, model
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--ckpt", required=True, help="SAT run folder, iteration folder, .pt or .safetensors")
@@ -61,37 +62,33 @@ def main(argv=None) -> int:
                         help="alpha of SAT LoRA weights when the config has no lora mixin (default 1, SAT's; scale alpha / rank)")
     args = parser.parse_args(argv)
     adapter = None
-    try:
-        if Path(args.out).exists():  # before reading a checkpoint of many GB
-            raise FileExistsError(f"{args.out} already exists; choose a new --out (nothing was written)")
-        paths, overrides = split_config_arguments(args)
-        state = dit_state_dict(read_state_dict(args.ckpt))
-        cfg, model = build_with_lora(paths, overrides, state, args)
-        load_dit_state(model, state, source=str(args.ckpt), lora_alpha=args.lora_alpha)
-        state, dims = model.state_dict(), dit_config(cfg)
-        lora = lora_mixins(model)
-        if len(lora) > 1:
-            raise ConversionError(f"diffusers holds one LoRA adapter per export; this model has {len(lora)} LoRA mixins: {', '.join(lora)}")
-        for name, mixin in lora.items():
-            dims = dataclasses.replace(dims, mixins={n: e for n, e in dims.mixins.items() if n != name})
-            if args.lora_adapter:
-                adapter = lora_to_diffusers(state, name, mixin.scale)
-                state = {k: v for k, v in state.items() if not k.startswith(f"mixins.{name}.")}
-            else:
-                state = merge_lora(state, name, mixin.scale)
-        if args.dtype:
-            state = {k: v.to(DTYPES[args.dtype]) for k, v in state.items()}
-            if adapter is not None:
-                adapter = {k: v.to(DTYPES[args.dtype]) for k, v in adapter.items()}
-        write_diffusers_folder(
-            state, dims, args.out,
-            snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
-            num_train_timesteps=cfg.model.diffusion.num_train_timesteps,
-            lora_adapter=adapter,
-        )
-    except (ValueError, FileExistsError) as err:  # ConfigError, CheckpointError and ConversionError among them
-        print(f"convert_to_diffusers: error: {err}", file=sys.stderr)
-        return 2
+    if Path(args.out).exists():  # before reading a checkpoint of many GB
+        raise OutputExistsError(f"{args.out} already exists; choose a new --out (nothing was written)")
+    paths, overrides = split_config_arguments(args)
+    state = dit_state_dict(read_state_dict(args.ckpt))
+    cfg, model = build_with_lora(paths, overrides, state, args)
+    load_dit_state(model, state, source=str(args.ckpt), lora_alpha=args.lora_alpha)
+    state, dims = model.state_dict(), dit_config(cfg)
+    lora = lora_mixins(model)
+    if len(lora) > 1:
+        raise ConversionError(f"diffusers holds one LoRA adapter per export; this model has {len(lora)} LoRA mixins: {', '.join(lora)}")
+    for name, mixin in lora.items():
+        dims = dataclasses.replace(dims, mixins={n: e for n, e in dims.mixins.items() if n != name})
+        if args.lora_adapter:
+            adapter = lora_to_diffusers(state, name, mixin.scale)
+            state = {k: v for k, v in state.items() if not k.startswith(f"mixins.{name}.")}
+        else:
+            state = merge_lora(state, name, mixin.scale)
+    if args.dtype:
+        state = {k: v.to(DTYPES[args.dtype]) for k, v in state.items()}
+        if adapter is not None:
+            adapter = {k: v.to(DTYPES[args.dtype]) for k, v in adapter.items()}
+    write_diffusers_folder(
+        state, dims, args.out,
+        snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
+        num_train_timesteps=cfg.model.diffusion.num_train_timesteps,
+        lora_adapter=adapter,
+    )
     params = sum(v.numel() for v in state.values())
     print(f"wrote {args.out}/transformer ({params:,} parameters) and {args.out}/scheduler")
     for name, mixin in lora_mixins(model).items():
@@ -101,6 +98,10 @@ def main(argv=None) -> int:
             print(f"  and {args.out}/{LORA_WEIGHTS}: LoRA mixin '{name}' (rank {mixin.config.rank}, "
                   f"{sum(v.numel() for v in adapter.values()):,} parameters, alpha / rank folded into lora_B)")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_tool("convert_to_diffusers", run, argv)
 
 
 if __name__ == "__main__":

@@ -17,31 +17,31 @@ from pathlib import Path
 
 import torch
 
-from sat_video.cli import add_config_arguments, config_from_arguments
-from sat_video.config import ConfigError, dit_config
-from sat_video.data import ClipSpec, DataError, discover
+from sat_video.common.errors import OutputExistsError
+from sat_video.config.cli import add_config_arguments, config_from_arguments, run_tool
+from sat_video.data.clips import ClipSpec
+from sat_video.data.sources import discover
+from sat_video.model.config import dit_config
 
 
 def encode(cfg, out: Path, samples_per_shard: int, overwrite: bool) -> int:
     from tqdm import tqdm
 
-    from sat_video.build import build_first_stage
-    from sat_video.distributed import barrier, init_distributed, shutdown
-    from sat_video.latent_cache import CacheWriter, ClipsToEncode, cache_settings, finish, staging_folder
-    from sat_video.text_encoder import T5TextEncoder
-    from sat_video.trainer import frozen_stage_dtype
+    from sat_video.data.latent_cache import CacheWriter, ClipsToEncode, cache_settings, finish, staging_folder
+    from sat_video.model.build import build_frozen_stages
+    from sat_video.training.distributed import barrier, init_distributed, shutdown
+    from sat_video.training.trainer import frozen_stage_dtype
 
     env = init_distributed()
     try:
         if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} exists; choose another --out, or pass --overwrite to replace it")
+            raise OutputExistsError(f"{out} exists; choose another --out, or pass --overwrite to replace it")
         refs = discover(list(cfg.data.sources))
-        spec = ClipSpec.from_config(cfg)
+        spec = ClipSpec.from_config(cfg.data, cfg.model.dit)
         dims = dit_config(cfg)
-        settings = cache_settings(cfg)
-        dtype = frozen_stage_dtype(cfg)
-        first_stage = build_first_stage(cfg).to(env.device, dtype)
-        text_encoder = T5TextEncoder.from_config(cfg.model.text_encoder, dims.text_length, dims.text_hidden_size).to(env.device, dtype)
+        settings = cache_settings(cfg.model, cfg.data)
+        dtype = frozen_stage_dtype(cfg.deepspeed.precision)
+        stages = build_frozen_stages(cfg.model).to(env.device, dtype)
         image_condition = dims.in_channels > dims.out_channels
 
         staging = staging_folder(out)
@@ -58,8 +58,8 @@ def encode(cfg, out: Path, samples_per_shard: int, overwrite: bool) -> int:
                 continue
             with torch.no_grad():
                 video = video[None].to(env.device, dtype)  # [1, 3, T, H, W]
-                mean, std = first_stage.encode_moments(video)
-                tensors = {"latent_mean": mean[0], "text": text_encoder([caption])[0]}
+                mean, std = stages.encode_moments(video)
+                tensors = {"latent_mean": mean[0], "text": stages.encode_text([caption])[0]}
             if std is not None:
                 tensors["latent_std"] = std[0]
             if image_condition:
@@ -79,7 +79,7 @@ def encode(cfg, out: Path, samples_per_shard: int, overwrite: bool) -> int:
         shutdown()
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--out", required=True, help="cache folder to create")
@@ -89,11 +89,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     if args.samples_per_shard < 1:
         parser.error(f"--samples-per-shard must be >= 1, found {args.samples_per_shard}")
-    try:
-        return encode(config_from_arguments(args), Path(args.out).expanduser().resolve(), args.samples_per_shard, args.overwrite)
-    except (ConfigError, DataError, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"precompute_latents: error: {err}", file=sys.stderr)
-        return 2
+    return encode(config_from_arguments(args), Path(args.out).expanduser().resolve(), args.samples_per_shard, args.overwrite)
+
+
+def main(argv=None) -> int:
+    return run_tool("precompute_latents", run, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
    DiT from that latent cache with ``torchrun --nproc_per_node 2 tools/train_video.py`` (DeepSpeed ZeRO-2, gloo);
 4. samples one video per caption with ``CogVideoXDDIMScheduler`` and classifier-free guidance, writes the
    mp4s and a contact sheet, and reads shape, colour and direction back from every sample to count how many
-   match their captions (``sat_video.synthetic.describe_clip``);
+   match their captions (``sat_video.fixtures.synthetic.describe_clip``);
 5. exports the checkpoint with ``tools/convert_to_diffusers.py`` and checks that diffusers' transformer
    loads it and gives the same output.
 
@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from sat_video.model.config import dit_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [ROOT / "configs" / name for name in ("cogvideox_5b.yaml", "tiny.yaml", "quickstart.yaml")]
@@ -48,7 +50,7 @@ def step(message: str) -> None:
 
 def caption_check(videos) -> str:
     """Read shape, colour and direction back from every sample (``describe_clip``) and compare with its caption."""
-    from sat_video.synthetic import describe_clip
+    from sat_video.fixtures.synthetic import describe_clip
 
     counts = {"shape": 0, "colour": 0, "direction": 0}
     for video in videos:
@@ -77,9 +79,10 @@ def main(argv=None) -> int:
 
     import sat_video
     from mixins.pca_first_stage import PatchPCAFirstStage
-    from sat_video.data import ClipSpec, discover, load_clip
-    from sat_video.synthetic import make_moving_shapes
-    from sat_video.text_encoder import make_tiny_t5
+    from sat_video.data.clips import ClipSpec, load_clip
+    from sat_video.data.sources import discover
+    from sat_video.fixtures.synthetic import make_moving_shapes
+    from sat_video.fixtures.tiny_t5 import make_tiny_t5
 
     started = time.perf_counter()
     run = new_run_folder(Path(args.out))
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
     if args.train_iters:
         overrides.append(f"train.train_iters={args.train_iters}")
     cfg = sat_video.load_config(BASE, overrides)
-    dims = sat_video.config.dit_config(cfg)
+    dims = dit_config(cfg)
 
     step(f"1. synthetic dataset: {args.num_videos} mp4 clips in {run / 'data'}")
     items = make_moving_shapes(run / "data", num_videos=args.num_videos, num_frames=16, height=64, width=64, fps=8, seed=0)
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
 
     step("2. frozen stages: tiny T5 + sentencepiece tokenizer trained on the captions; PCA first stage fitted to the clips")
     make_tiny_t5(captions, run / "t5", d_model=dims.text_hidden_size)
-    spec = ClipSpec.from_config(cfg)
+    spec = ClipSpec.from_config(cfg.data, cfg.model.dit)
     PatchPCAFirstStage.fit(load_clip(ref, spec)[0] for ref in discover([run / "data"])).save(run / "first_stage.safetensors")
 
     step(f"3. latent cache, then training {cfg.train.train_iters} steps: torchrun --nproc_per_node {args.nproc} "
@@ -111,15 +114,14 @@ def main(argv=None) -> int:
             return 1
 
     step(f"4. sampling {args.num_samples} videos (DDIM, {cfg.sample.steps} steps, guidance {cfg.sample.guidance_scale})")
-    from sat_video.build import build_first_stage
-    from sat_video.sampling import VideoGenerator, write_samples
-    from sat_video.text_encoder import T5TextEncoder
+    from sat_video.diffusion.sampling import VideoGenerator, write_samples
+    from sat_video.model.build import build_frozen_stages
 
     with torch.device("meta"):
         dit = sat_video.build_dit(cfg)
     sat_video.load_checkpoint(dit, run / "train")
-    text_encoder = T5TextEncoder.from_config(cfg.model.text_encoder, dims.text_length, dims.text_hidden_size)
-    generator = VideoGenerator(dit.eval(), text_encoder, build_first_stage(cfg), snr_shift_scale=cfg.model.diffusion.snr_shift_scale)
+    stages = build_frozen_stages(cfg.model)
+    generator = VideoGenerator(dit.eval(), stages, snr_shift_scale=cfg.model.diffusion.snr_shift_scale)
     videos = generator.generate(captions[: args.num_samples], cfg.sample, num_frames=dims.num_frames, height=spec.height,
                                 width=spec.width)
     written = write_samples(run / "samples", videos, cfg.data.fps)
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
     step("5. export to diffusers and compare")
     from diffusers import CogVideoXTransformer3DModel
 
-    from sat_video.diffusers_export import diffusers_rotary_embedding
+    from sat_video.formats.diffusers_format import diffusers_rotary_embedding
     from tools.convert_to_diffusers import main as convert_to_diffusers
 
     base_args = ["--base", *map(str, BASE), *overrides]
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
         return 1
     hf = CogVideoXTransformer3DModel.from_pretrained(run / "diffusers" / "transformer").eval()
     latents = torch.stack([v.latents for v in videos[:2]])
-    text = text_encoder(captions[:2])
+    text = stages.encode_text(captions[:2])
     timesteps = torch.tensor([100, 700])
     with torch.no_grad():
         ours = dit(latents, timesteps, text)

@@ -16,16 +16,29 @@ from pathlib import Path
 import torch
 
 import sat_video
-from sat_video.build import build_first_stage
-from sat_video.cli import add_config_arguments, config_from_arguments
-from sat_video.data import ClipSpec, UnusableSample, load_image
-from sat_video.sampling import VideoGenerator, write_samples
-from sat_video.text_encoder import T5TextEncoder
+from sat_video.common.errors import UsageError
+from sat_video.config.cli import add_config_arguments, config_from_arguments, run_tool
+from sat_video.data.clips import ClipSpec, load_image
+from sat_video.diffusion.config import SCHEDULER_NAMES
+from sat_video.diffusion.sampling import VideoGenerator, write_samples
+from sat_video.model.build import build_frozen_stages
+from sat_video.model.config import dit_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def main(argv=None) -> int:
+def read_prompts(path: str) -> list[str]:
+    """The non-empty lines of a prompts file."""
+    try:
+        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--prompts {path}: cannot be read as UTF-8 text ({err})") from None
+    if not prompts:
+        raise UsageError(f"{path}: no prompt in the file")
+    return prompts
+
+
+def run(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--ckpt", required=True, help="SAT run folder, iteration folder, .pt or .safetensors")
@@ -34,43 +47,38 @@ def main(argv=None) -> int:
     prompts.add_argument("--prompts", help="a text file, one prompt per line")
     parser.add_argument("--image", help="first frame for image-to-video models")
     parser.add_argument("--out", required=True, help="output folder (existing files are never replaced)")
-    parser.add_argument("--scheduler", choices=["dpm", "ddim"], help="default: sample.scheduler")
+    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="default: sample.scheduler")
     parser.add_argument("--steps", type=int, help="default: sample.steps")
     parser.add_argument("--guidance-scale", type=float, help="default: sample.guidance_scale")
     parser.add_argument("--seed", type=int, help="default: sample.seed")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     args = parser.parse_args(argv)
-    try:
-        cfg = config_from_arguments(args)
-        for key in ("scheduler", "steps", "guidance_scale", "seed"):
-            if getattr(args, key) is not None:
-                cfg.sample[key] = getattr(args, key)
-        texts = args.prompt or [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-        if not texts:
-            raise ValueError(f"{args.prompts}: no prompt in the file")
-        dtype = DTYPES[args.dtype]
-        dims = sat_video.config.dit_config(cfg)
-        with torch.device("meta"):
-            dit = sat_video.build_dit(cfg)
-        sat_video.load_checkpoint(dit, args.ckpt)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dit = dit.to(device, dtype).eval()
-        text_encoder = T5TextEncoder.from_config(cfg.model.text_encoder, dims.text_length, dims.text_hidden_size).to(device, dtype)
-        first_stage = build_first_stage(cfg).to(device, dtype)
-        spec = ClipSpec.from_config(cfg)  # videos of the training clips' size and length
-        height, width = spec.height, spec.width
-        image = load_image(args.image, height, width) if args.image else None
-        generator = VideoGenerator(dit, text_encoder, first_stage, snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
-                                   num_train_timesteps=cfg.model.diffusion.num_train_timesteps, ofs=cfg.model.diffusion.ofs)
-        videos = generator.generate(texts, cfg.sample, num_frames=dims.num_frames, height=height, width=width, image=image,
-                                    progress=True)
-        written = write_samples(args.out, videos, cfg.sample.fps or cfg.data.fps)
-    except (sat_video.ConfigError, sat_video.CheckpointError, UnusableSample, FileExistsError, FileNotFoundError,
-            ValueError) as err:
-        print(f"sample_video: error: {err}", file=sys.stderr)
-        return 2
+    overrides = [f"sample.{key}={getattr(args, key)}" for key in ("scheduler", "steps", "guidance_scale", "seed")
+                 if getattr(args, key) is not None]  # checked like any config value
+    args.overrides = [*args.overrides, *overrides]
+    cfg = config_from_arguments(args)
+    texts = args.prompt or read_prompts(args.prompts)
+    dtype = DTYPES[args.dtype]
+    dit = dit_config(cfg)
+    with torch.device("meta"):
+        model = sat_video.build_dit(cfg)
+    sat_video.load_checkpoint(model, args.ckpt)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device, dtype).eval()
+    stages = build_frozen_stages(cfg.model).to(device, dtype)
+    spec = ClipSpec.from_config(cfg.data, cfg.model.dit)  # videos of the training clips' size and length
+    image = load_image(args.image, spec.height, spec.width) if args.image else None
+    generator = VideoGenerator(model, stages, snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
+                               num_train_timesteps=cfg.model.diffusion.num_train_timesteps, ofs=cfg.model.diffusion.ofs)
+    videos = generator.generate(texts, cfg.sample, num_frames=dit.num_frames, height=spec.height, width=spec.width,
+                                image=image, progress=True)
+    written = write_samples(args.out, videos, cfg.sample.fps or cfg.data.fps)
     print("\n".join(["sample_video: wrote", *(f"  {path}" for path in written)]))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_tool("sample_video", run, argv)
 
 
 if __name__ == "__main__":

@@ -12,32 +12,21 @@ stopped (non-finite steps; a checkpoint was saved), 2 bad configuration, data, o
 import argparse
 import sys
 
-from sat_video.checkpoint import CheckpointError
-from sat_video.cli import add_config_arguments, config_from_arguments
-from sat_video.config import ConfigError
-from sat_video.data import DataError
-from sat_video.trainer import TrainingError, train
+from sat_video.config.cli import add_config_arguments, config_from_arguments, run_tool
+from sat_video.training.trainer import train
+
+
+def run(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    cfg = config_from_arguments(parser.parse_args(argv))
+    state = train(cfg)
+    print(f"train_video: finished {state.iteration} iterations; checkpoints in {cfg.train.save}")
+    return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_arguments(args)
-    except ConfigError as err:
-        print(f"train_video: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        state = train(cfg)
-    except (ConfigError, DataError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"train_video: error: {err}", file=sys.stderr)
-        return 2
-    except TrainingError as err:
-        print(f"train_video: stopped: {err}", file=sys.stderr)
-        return 1
-    print(f"train_video: finished {state.iteration} iterations; checkpoints in {cfg.train.save}")
-    return 0
+    return run_tool("train_video", run, argv)
 
 
 if __name__ == "__main__":

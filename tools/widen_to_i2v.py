@@ -19,10 +19,12 @@ import torch
 from omegaconf import OmegaConf
 
 import sat_video
-from sat_video.build import build_mixin
-from sat_video.cli import add_config_arguments, split_config_arguments
-from sat_video.config import dit_config
-from sat_video.i2v import widen_patch_embedding
+from sat_video.common.errors import OutputExistsError
+from sat_video.config.cli import add_config_arguments, run_tool, split_config_arguments
+from sat_video.formats.i2v import widen_patch_embedding
+from sat_video.formats.sat_checkpoint import check_state_dict
+from sat_video.model.build import build_mixin
+from sat_video.model.config import dit_config
 
 
 def _fresh_mixin_weights(cfg, keys: list[str]) -> dict[str, torch.Tensor]:
@@ -38,7 +40,7 @@ def _fresh_mixin_weights(cfg, keys: list[str]) -> dict[str, torch.Tensor]:
     return weights
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--ckpt", required=True, help="the T2V checkpoint")
@@ -46,31 +48,31 @@ def main(argv=None) -> int:
     parser.add_argument("--in-channels", type=int, default=32, help="input channels of the I2V model (default 32)")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    try:
-        if out.exists():
-            raise FileExistsError(f"{out} already exists; choose a new --out (nothing was written)")
-        paths, overrides = split_config_arguments(args)  # the overrides shape the I2V model only
-        source_cfg = sat_video.load_config(paths)
-        with torch.device("meta"):
-            source = sat_video.build_dit(source_cfg)
-        sat_video.load_checkpoint(source, args.ckpt)  # validates the T2V checkpoint against its config
-        target_cfg = sat_video.load_config(paths, [f"model.dit.in_channels={args.in_channels}", *overrides])
-        with torch.device("meta"):  # no second full-size copy in memory
-            target = sat_video.build_dit(target_cfg)
-        patch_embed = next(n for n, e in dit_config(source_cfg).mixins.items() if e["type"] == "image_patch_embed")
-        state = widen_patch_embedding(source.state_dict(), dit_config(source_cfg), args.in_channels, patch_embed)
-        fresh = [k for k in target.state_dict() if k not in state]
-        state.update(_fresh_mixin_weights(target_cfg, fresh))
-        target.load_state_dict(sat_video.checkpoint.check_state_dict(target, state, args.ckpt), assign=True)
-        file = sat_video.save_checkpoint(target, out, 0)
-        OmegaConf.save(target_cfg, out / "config.yaml")
-    except (sat_video.ConfigError, sat_video.CheckpointError, FileExistsError, ValueError, KeyError) as err:
-        print(f"widen_to_i2v: error: {err}", file=sys.stderr)
-        return 2
+    if out.exists():
+        raise OutputExistsError(f"{out} already exists; choose a new --out (nothing was written)")
+    paths, overrides = split_config_arguments(args)  # the overrides shape the I2V model only
+    source_cfg = sat_video.load_config(paths)
+    with torch.device("meta"):
+        source = sat_video.build_dit(source_cfg)
+    sat_video.load_checkpoint(source, args.ckpt)  # validates the T2V checkpoint against its config
+    target_cfg = sat_video.load_config(paths, [f"model.dit.in_channels={args.in_channels}", *overrides])
+    with torch.device("meta"):  # no second full-size copy in memory
+        target = sat_video.build_dit(target_cfg)
+    patch_embed = next(n for n, e in dit_config(source_cfg).mixins.items() if e["type"] == "image_patch_embed")
+    state = widen_patch_embedding(source.state_dict(), dit_config(source_cfg), args.in_channels, patch_embed)
+    fresh = [k for k in target.state_dict() if k not in state]
+    state.update(_fresh_mixin_weights(target_cfg, fresh))
+    target.load_state_dict(check_state_dict(target, state, args.ckpt), assign=True)
+    file = sat_video.save_checkpoint(target, out, 0)
+    OmegaConf.save(target_cfg, out / "config.yaml")
     print(f"wrote {file} and {out / 'config.yaml'}")
     for key in fresh:
         print(f"  initialised fresh (not in the T2V checkpoint): {key}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_tool("widen_to_i2v", run, argv)
 
 
 if __name__ == "__main__":

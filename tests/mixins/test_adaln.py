@@ -1,8 +1,7 @@
 import torch
 
 import sat_video
-
-from ..conftest import tiny_config, tiny_inputs
+from tests.conftest import tiny_config, tiny_inputs
 
 
 def test_blocks_are_the_identity_at_initialisation():

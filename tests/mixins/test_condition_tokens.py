@@ -4,10 +4,9 @@ import pytest
 import torch
 
 import sat_video
-from sat_video.build import build_mixin
-from sat_video.hooks import Mixin, wraps_previous
-
-from ..conftest import randomize_, tiny_config, tiny_inputs
+from sat_video.model.build import build_mixin
+from sat_video.model.hooks import Mixin, wraps_previous
+from tests.conftest import randomize_, tiny_config, tiny_inputs
 
 ALL_TOKENS = {"adaln_layer": None, "qk_norm": {"type": "qk_layernorm"}, "timestep_token": {"type": "condition_tokens"}}
 

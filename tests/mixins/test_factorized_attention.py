@@ -8,8 +8,7 @@ import torch.nn.functional as F
 import sat_video
 from mixins.factorized_attention import ARRANGEMENTS, spatial_attention, temporal_attention
 from sat_video import ConfigError, ForwardContext, TokenGrid
-
-from ..conftest import randomize_, tiny_config, tiny_inputs
+from tests.conftest import randomize_, tiny_config, tiny_inputs
 
 TEXT = 8  # tiny.yaml's text_length
 GRID = TokenGrid(4, 4, 4)  # tiny.yaml: 4 latent frames of 8x8 latents, 2x2 patches
@@ -168,7 +167,7 @@ def test_serial_and_parallel_own_one_temporal_attention_per_block():
 
 
 def test_temporal_attention_linears_go_through_the_project_hook():
-    from sat_video.hooks import Mixin, wraps_previous
+    from sat_video.model.hooks import Mixin, wraps_previous
 
     class Names(Mixin):
         def __init__(self, dims):

@@ -12,15 +12,14 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransf
 import sat_video
 from mixins.lora import LoRAAdapter, LoRAMixin
 from sat_video import CheckpointError, ConfigError, Mixin
-from sat_video.checkpoint import SAT_PREFIX, read_state_dict
-from sat_video.config import dit_config
-from sat_video.diffusers_export import LORA_WEIGHTS, diffusers_rotary_embedding
-from sat_video.optim import select_trainable
-from sat_video.sat_lora import merge_lora
+from sat_video.formats.diffusers_format import LORA_WEIGHTS, diffusers_rotary_embedding
+from sat_video.formats.sat_checkpoint import SAT_PREFIX, read_state_dict
+from sat_video.formats.sat_lora import merge_lora
+from sat_video.model.config import dit_config
+from sat_video.training.optim import select_trainable
+from tests.conftest import ROOT, VARIANTS, randomize_, tiny_config, tiny_inputs
+from tests.formats.test_sat_checkpoint import _sat_lora_state
 from tools.convert_to_diffusers import main as convert_to_diffusers
-
-from ..conftest import ROOT, VARIANTS, randomize_, tiny_config, tiny_inputs
-from ..test_checkpoint import _sat_lora_state
 
 TOLERANCE = 1e-5
 ALL_TARGETS = "[attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h]"

@@ -4,8 +4,7 @@ from diffusers.models.embeddings import CogVideoXPatchEmbed
 
 import sat_video
 from sat_video import TokenGrid
-
-from ..conftest import randomize_, tiny_config
+from tests.conftest import randomize_, tiny_config
 
 
 @pytest.mark.parametrize("variant", ["cogvideox_5b", "cogvideox1.5_5b_i2v"])

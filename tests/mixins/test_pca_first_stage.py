@@ -8,9 +8,11 @@ import safetensors.torch
 import torch
 
 from mixins.pca_first_stage import PatchPCAFirstStage
-from sat_video.config import ConfigError, FirstStageConfig
-from sat_video.data import ClipSpec, discover, load_clip
-from sat_video.synthetic import make_moving_shapes
+from sat_video.common.errors import ConfigError
+from sat_video.data.clips import ClipSpec, load_clip
+from sat_video.data.sources import discover
+from sat_video.fixtures.synthetic import make_moving_shapes
+from sat_video.model.config import FirstStageConfig
 
 FRAMES, SIZE = 9, 64
 NUM_FITTED = 12

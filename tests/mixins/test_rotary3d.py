@@ -6,9 +6,8 @@ import sat_video
 from mixins import Rotary3DMixin
 from mixins.rotary3d import rotate_half
 from sat_video import TokenGrid
-from sat_video.config import dit_config
-
-from ..conftest import tiny_config
+from sat_video.model.config import dit_config
+from tests.conftest import tiny_config
 
 
 def test_cos_sin_match_diffusers_integer_positions():

@@ -4,9 +4,8 @@ from diffusers.models.embeddings import get_3d_sincos_pos_embed
 import sat_video
 from mixins import SinCosInterpolatedPosMixin
 from sat_video import TokenGrid
-from sat_video.config import dit_config
-
-from ..conftest import tiny_config
+from sat_video.model.config import dit_config
+from tests.conftest import tiny_config
 
 
 def test_table_matches_diffusers_with_interpolation_on_any_grid():

@@ -8,8 +8,10 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from omegaconf import OmegaConf
 
 import sat_video
-from mixins.video_vae import TINY_VAE_ARCHITECTURE, VideoVAEMixin, diffusers_vae_to_sat, sat_vae_to_diffusers
-from sat_video.config import ConfigError, FirstStageConfig
+from mixins.video_vae import VideoVAEMixin, diffusers_vae_to_sat, sat_vae_to_diffusers
+from sat_video.common.errors import ConfigError
+from sat_video.fixtures.tiny_vae import TINY_VAE_ARCHITECTURE
+from sat_video.model.config import FirstStageConfig
 
 SCALE = 0.7
 

@@ -1,0 +1,202 @@
+"""Load a config: YAML files merged left to right, then ``key=value`` overrides, then checked whole.
+
+Every section maps to a dataclass owned by the layer that uses it (:mod:`sat_video.config.schema`); unknown keys
+and wrong types fail with the file, the full key and the closest valid key, and values outside what a field
+allows (:mod:`sat_video.common.constraints`) with the file that set them. Mixin parameters
+(``model.dit.mixins.<name>``) are checked against the ``Config`` dataclass of the mixin their ``type`` names, and
+frozen-stage types against the registered stages. A config that passes never fails later for one of these reasons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sat_video.common.constraints import field_problems
+from sat_video.common.errors import ConfigError, UnknownMixinError, did_you_mean
+from sat_video.config.schema import Config
+from sat_video.model.build import import_plugins, mixin_class, stage_class
+from sat_video.model.config import dit_config
+
+
+def _check_known_keys(data: Any, schema: type, path: str, source: str) -> None:
+    """Walk a plain mapping against dataclass ``schema``; open ``Dict`` fields are left to later checks."""
+    if not isinstance(data, dict):
+        return
+    fields = typing.get_type_hints(schema)
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            where = f"'{path}'" if path else "the top level"
+            raise ConfigError(
+                f"{source}: unknown key '{full}'{did_you_mean(key, fields)} "
+                f"(valid keys under {where}: {', '.join(fields)})"
+            )
+        if dataclasses.is_dataclass(fields[key]):
+            _check_known_keys(value, fields[key], full, source)
+
+
+def _dotlist_to_nested(overrides: Sequence[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+
+
+def _drop_retyped_mixins(cfg: DictConfig, data: dict, source: str) -> None:
+    """A layer that gives a mixin another ``type`` replaces the entry instead of merging parameters into it."""
+    model = data.get("model") or {}
+    dit = model.get("dit") or {} if isinstance(model, dict) else {}
+    incoming = dit.get("mixins") or {} if isinstance(dit, dict) else {}
+    if not isinstance(incoming, dict):
+        raise ConfigError(f"{source}: model.dit.mixins: expected a mapping of mixin name -> {{type: ..., ...}}, "
+                          f"found {type(incoming).__name__} {incoming!r}")
+    current = cfg.model.dit.mixins
+    for name, entry in incoming.items():
+        if isinstance(entry, dict) and "type" in entry and current.get(name) is not None and current[name].get("type") != entry["type"]:
+            current[name] = None
+
+
+def _source_of(key: str, layers: Sequence[tuple[str, dict]]) -> str:
+    """The last layer that sets dotted ``key`` (``default`` when none does): where a bad value came from."""
+    for source, data in reversed(layers):
+        node: Any = data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return source
+    return "default"
+
+
+def _check_section(node: DictConfig, schema: type, path: str, layers: Sequence[tuple[str, dict]]) -> None:
+    """Every constrained field of ``schema`` (and of its nested sections) under ``path``."""
+    values = {spec.name: node[spec.name] for spec in dataclasses.fields(schema) if not dataclasses.is_dataclass(spec.type)}
+    for name, problem in field_problems(schema, values):
+        key = f"{path}.{name}" if path else name
+        raise ConfigError(f"{_source_of(key, layers)}: {key}: {problem}")
+    hints = typing.get_type_hints(schema)
+    for spec in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[spec.name]):
+            _check_section(node[spec.name], hints[spec.name], f"{path}.{spec.name}" if path else spec.name, layers)
+
+
+def _validate_mixins(dit: DictConfig, layers: Sequence[tuple[str, dict]]) -> None:
+    """Each ``model.dit.mixins`` entry: a registered type, known parameters of the right types, allowed values."""
+    for name in list(dit.mixins.keys()):
+        entry = dit.mixins[name]
+        where = f"model.dit.mixins.{name}"
+        if entry is None:
+            del dit.mixins[name]
+            continue
+        if not isinstance(entry, DictConfig) or "type" not in entry:
+            raise ConfigError(f"{where}: expected a mapping with a 'type' key, found {OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else entry!r}")
+        if not str(name).isidentifier():
+            raise ConfigError(f"{where}: mixin names must be Python identifiers")
+        params = {k: v for k, v in OmegaConf.to_container(entry, resolve=True).items() if k != "type"}
+        try:
+            cls = mixin_class(entry.type, dit.mixin_modules)
+        except UnknownMixinError as err:
+            raise ConfigError(f"{_source_of(where + '.type', layers)}: {where}.type: {err}") from None
+        valid = [f.name for f in dataclasses.fields(cls.Config)]
+        for key in params:
+            if key not in valid:
+                raise ConfigError(
+                    f"unknown key '{where}.{key}' for mixin type '{entry.type}'{did_you_mean(key, valid)} "
+                    f"(valid: {', '.join(valid) or 'none'})"
+                )
+        try:
+            typed = OmegaConf.merge(OmegaConf.structured(cls.Config), params)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{where}: {err.msg if hasattr(err, 'msg') else err}") from None
+        _check_section(typed, cls.Config, where, layers)
+        dit.mixins[name] = {"type": entry.type, **OmegaConf.to_container(typed)}
+
+
+def _validate_stages(model: DictConfig, layers: Sequence[tuple[str, dict]]) -> None:
+    for section, hook in (("first_stage", "encode_moments"), ("text_encoder", "encode_text")):
+        key = f"model.{section}.type"
+        try:
+            stage_class(model[section].type, hook, key)
+        except UnknownMixinError as err:
+            raise ConfigError(f"{_source_of(key, layers)}: {err}") from None
+
+
+def _check_across_sections(cfg: DictConfig) -> None:
+    """Rules that tie keys of several sections together."""
+    validation, dit = cfg.train.validation, cfg.model.dit
+    if validation.interval and not validation.prompts:
+        raise ConfigError("train.validation.interval is set but train.validation.prompts is empty")
+    if validation.interval and dit.in_channels > dit.out_channels and not validation.image:
+        raise ConfigError("train.validation.image: an image-to-video model needs a first frame to validate with")
+    if cfg.train.lr_schedule.min_lr > cfg.train.optimizer.lr:
+        raise ConfigError(f"train.lr_schedule.min_lr ({cfg.train.lr_schedule.min_lr}) must not exceed "
+                          f"train.optimizer.lr ({cfg.train.optimizer.lr})")
+
+
+def read_yaml(path: str | Path, *, what: str = "config file", error: type[ConfigError] = ConfigError):
+    """The plain data of a YAML file; ``error`` names the file when it is missing or does not parse."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:  # yaml errors carry the line and column
+        raise error(f"{path}: cannot parse YAML: {err}") from None
+
+
+def load_config(paths: Union[str, Path, dict, Sequence[Union[str, Path, dict]]], overrides: Sequence[str] = ()) -> DictConfig:
+    """Load YAML files merged left to right, then apply ``key=value`` overrides.
+
+    Args:
+        paths: one path or a list; an item may also be a mapping (an in-memory config layer).
+        overrides: dotted ``key=value`` strings, applied last (``model.dit.num_layers=4``).
+    Returns:
+        A typed, resolved ``DictConfig`` following :class:`Config` (read ``cfg.model.dit.hidden_size``).
+    Raises:
+        ConfigError: unknown key (with the closest valid one), wrong type, a value outside what its field allows
+            (naming the file that set it, the full key, the allowed values and the closest one), an unregistered
+            mixin or stage type, or inconsistent sizes. Nothing has been read or built when it is raised.
+    """
+    if isinstance(paths, (str, Path, dict, DictConfig)):
+        paths = [paths]
+    cfg = OmegaConf.structured(Config)
+    layers = []
+    for path in paths:
+        if isinstance(path, (dict, DictConfig)):
+            layers.append(("in-memory config", OmegaConf.to_container(OmegaConf.create(path))))
+            continue
+        layers.append((str(path), read_yaml(path) or {}))
+    if overrides:
+        layers.append(("command-line override", _dotlist_to_nested(overrides)))
+    for source, data in layers:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, found {type(data).__name__}")
+        _check_known_keys(data, Config, "", source)
+        _drop_retyped_mixins(cfg, data, source)
+        try:
+            cfg = OmegaConf.merge(cfg, data)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{source}: {err.msg if hasattr(err, 'msg') else err} (key '{err.full_key}')") from None
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot resolve interpolation at '{err.full_key}': {err.msg}") from None
+    try:
+        import_plugins(cfg.model.dit.mixin_modules)
+    except UnknownMixinError as err:
+        raise ConfigError(f"{_source_of('model.dit.mixin_modules', layers)}: {err}") from None
+    _validate_mixins(cfg.model.dit, layers)
+    _validate_stages(cfg.model, layers)
+    _check_section(cfg, Config, "", layers)
+    dit_config(cfg).validate()
+    _check_across_sections(cfg)
+    return cfg
+
+

@@ -1,0 +1,323 @@
+"""Captioned video and image clips for training: decoding, cutting, skipping bad files, batching.
+
+* :func:`load_clip` decodes one sample into a ``[3, T, H, W]`` clip in ``[-1, 1]`` (SAT's recipe: frames
+  sampled at a target fps with a few frames skipped at each end, resized to cover, center-cropped).
+* :class:`VideoDataset` replaces a file that cannot be used by the next usable one of the same kind and
+  reports what it skipped, so one broken file never stops a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import decord
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sat_video.common.errors import DataError, UnusableSample
+from sat_video.data.config import DataConfig
+from sat_video.data.sources import SampleRef
+from sat_video.model.config import DiTConfig
+from sat_video.model.stages import SPATIAL_COMPRESSION
+
+logger = logging.getLogger(__name__)
+
+DECORD_ERRORS = (RuntimeError, decord.DECORDError)
+"""decord's ``VideoReader`` raises RuntimeError when ffmpeg cannot open a file, DECORDError (a bare Exception)
+when its C++ side fails."""
+PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+"""What PIL raises for unreadable, truncated, corrupt or absurdly large images, depending on the format."""
+RESIZE_CHUNK = 8
+"""Frames resized and converted at once: bounds the float32 temporaries of long high-resolution clips."""
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """How a clip is cut from a file.
+
+    Args:
+        num_frames: frames of a video clip, of the form 4k+1 (the VAE compresses 4 frames after the first).
+        height, width: pixel size of the clip.
+        fps: rate at which frames are sampled from the source (8 for CogVideoX 1.0, 16 for 1.5).
+        skip_frames: frames never used at each end of a video (fades, title cards).
+        min_frames: ``None``: a video must provide ``num_frames`` at ``fps``; otherwise a video with at least
+            this many is padded by repeating its last frame (SAT's behaviour).
+    """
+
+    num_frames: int
+    height: int
+    width: int
+    fps: float
+    skip_frames: int = 0
+    min_frames: int | None = None
+
+    def __post_init__(self):
+        problems = []
+        if self.num_frames < 1 or (self.num_frames - 1) % 4:
+            problems.append(f"num_frames must be of the form 4k+1 (1, 5, 9, ..., 49), found {self.num_frames}")
+        if self.height <= 0 or self.width <= 0:
+            problems.append(f"height and width must be positive, found {self.height}x{self.width}")
+        if not self.fps > 0:
+            problems.append(f"fps must be positive, found {self.fps}")
+        if self.skip_frames < 0:
+            problems.append(f"skip_frames must be >= 0, found {self.skip_frames}")
+        if self.min_frames is not None and not 1 <= self.min_frames <= self.num_frames:
+            problems.append(f"min_frames must be null or between 1 and num_frames ({self.num_frames}), found {self.min_frames}")
+        if problems:
+            raise DataError("clip settings: " + "; ".join(problems))
+
+    @classmethod
+    def from_config(cls, data: DataConfig, dit: DiTConfig) -> ClipSpec:
+        """From the ``data`` section and ``model.dit.num_frames``; a null ``data.height`` / ``data.width`` is the
+        model's latent size times the first stage's spatial compression (8)."""
+        try:
+            return cls(
+                num_frames=dit.num_frames,
+                height=data.height if data.height is not None else dit.latent_height * SPATIAL_COMPRESSION,
+                width=data.width if data.width is not None else dit.latent_width * SPATIAL_COMPRESSION,
+                fps=data.fps, skip_frames=data.skip_frames, min_frames=data.min_frames,
+            )
+        except DataError as err:
+            raise DataError(f"{err} (num_frames is model.dit.num_frames; the others are data.*)") from None
+
+
+def _read_caption(ref: SampleRef) -> str:
+    if ref.caption is not None:
+        text = ref.caption
+    elif ref.caption_file is None:
+        raise UnusableSample(ref.path, "no caption")
+    else:
+        try:
+            text = (ref.caption_file.read_text(encoding="utf-8-sig").splitlines() or [""])[0]
+        except FileNotFoundError:
+            raise UnusableSample(ref.path, f"caption file missing: {ref.caption_file}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise UnusableSample(ref.path, f"caption file {ref.caption_file} cannot be read as UTF-8 text ({err})") from None
+    if not text.strip():
+        raise UnusableSample(ref.path, "empty caption")
+    return text.strip()
+
+
+def _short(err: Exception, path: Path) -> str:
+    """First line of a decoder's message (which can run over many lines), naming the file only by its name."""
+    lines = str(err).replace(str(path), path.name).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:160] if lines else ''}"
+
+
+def _read_video(path: Path, spec: ClipSpec) -> np.ndarray:
+    """uint8 ``[T, H, W, 3]``: ``num_frames`` frames at ``spec.fps``, fewer (at least ``min_frames``) if the video is short."""
+    # decord indexes every packet when opening, so truncated files already fail here.
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+        total, source_fps = len(reader), reader.get_avg_fps()
+    except DECORD_ERRORS as err:
+        raise UnusableSample(path, f"not a readable video ({_short(err, path)})") from None
+    if not source_fps > 0:
+        raise UnusableSample(path, f"unknown frame rate ({source_fps})")
+    stride = source_fps / spec.fps
+    wanted = (spec.skip_frames + math.floor(i * stride + 0.5) for i in range(spec.num_frames))
+    indices = [index for index in wanted if index < total - spec.skip_frames]
+    needed = spec.num_frames if spec.min_frames is None else spec.min_frames
+    if len(indices) < needed:
+        at_least = "" if spec.min_frames is None else "at least "
+        raise UnusableSample(
+            path, f"too few frames: needs {at_least}{needed} at {spec.fps:g} fps after skipping {spec.skip_frames} at each end, "
+            f"has {len(indices)} ({total} frames at {source_fps:g} fps)",
+        )
+    try:
+        return reader.get_batch(indices).asnumpy()
+    except DECORD_ERRORS as err:
+        raise UnusableSample(path, f"decoding failed ({_short(err, path)})") from None
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """uint8 ``[1, H, W, 3]``."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))[None]  # a writable copy, as torch.from_numpy wants
+    except PIL_ERRORS as err:
+        raise UnusableSample(path, f"not a readable image ({_short(err, path)})") from None
+
+
+def _to_clip(frames: np.ndarray, height: int, width: int, num_frames: int = 1) -> torch.Tensor:
+    """uint8 ``[T, h, w, 3]`` -> float32 ``[3, max(T, num_frames), height, width]`` in ``[-1, 1]``.
+
+    Frames not already ``height x width`` are resized keeping the aspect ratio so both sides cover the target
+    (bilinear, antialiased), then center-cropped; frames already at that size are only converted. Frames past
+    ``T`` repeat the last one. Works ``RESIZE_CHUNK`` frames at a time, writing each chunk straight into the
+    output (no other full-clip copy); the values are those of ``interpolate(frames.float()) / 127.5 - 1``.
+    """
+    source = torch.from_numpy(frames)  # [T, h, w, 3]
+    count, (source_height, source_width) = len(source), source.shape[1:3]
+    clip = torch.empty(3, max(count, num_frames), height, width)
+    resize = (source_height, source_width) != (height, width)
+    if resize:
+        scale = max(height / source_height, width / source_width)
+        size = (max(height, round(source_height * scale)), max(width, round(source_width * scale)))
+        top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    for start in range(0, count, RESIZE_CHUNK):
+        chunk = source[start:start + RESIZE_CHUNK].permute(3, 0, 1, 2)  # [3, t, h, w], a view
+        target = clip[:, start:start + chunk.shape[1]]
+        if resize:
+            # Channels-first contiguous input: interpolate's faster layout, and the same values as channels-last.
+            resized = F.interpolate(chunk.transpose(0, 1).contiguous().float(), size=size, mode="bilinear",
+                                    antialias=True, align_corners=False)  # [t, 3, size]
+            target.copy_(resized[..., top:top + height, left:left + width].transpose(0, 1))
+        else:
+            target.copy_(chunk)
+        target.div_(127.5).sub_(1.0)
+    if count < clip.shape[1]:
+        clip[:, count:] = clip[:, count - 1:count]
+    return clip
+
+
+def load_clip(ref: SampleRef, spec: ClipSpec) -> tuple[torch.Tensor, str]:
+    """Decode one sample.
+
+    Returns:
+        ``(clip, caption)``: float32 ``[3, spec.num_frames, height, width]`` in ``[-1, 1]`` for a video (a short
+        video that ``spec.min_frames`` allows is padded by repeating its last frame), ``[3, 1, height, width]``
+        for an image.
+    Raises:
+        UnusableSample: missing, empty or undecodable file, too few frames, missing or empty caption.
+    """
+    if not ref.path.is_file():
+        raise UnusableSample(ref.path, "file not found")
+    if ref.path.stat().st_size == 0:
+        raise UnusableSample(ref.path, "empty file (0 bytes)")
+    caption = _read_caption(ref)
+    if ref.is_image:
+        return _to_clip(_read_image(ref.path), spec.height, spec.width), caption
+    return _to_clip(_read_video(ref.path, spec), spec.height, spec.width, spec.num_frames), caption
+
+
+def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """An image prepared like a training frame (cover, center crop): float32 ``[3, height, width]`` in ``[-1, 1]``.
+
+    Raises:
+        UnusableSample: missing or unreadable file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UnusableSample(path, "file not found")
+    return _to_clip(_read_image(path), height, width)[:, 0]
+
+
+@dataclass
+class Sample:
+    """One loaded clip; ``skipped`` lists ``(path, reason)`` of the files tried (and skipped) before it."""
+
+    video: torch.Tensor
+    caption: str
+    path: str
+    position: tuple[int, int]
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class Batch:
+    """What the data loader yields.
+
+    Args:
+        video: float32 ``[B, 3, T, H, W]`` in ``[-1, 1]`` (``T = 1`` for images).
+        captions, paths: one per sample.
+        position: ``(epoch, batch index in the epoch)``; resume with ``start=(epoch, batch index + 1)``.
+        skipped: ``(path, reason)`` of every file skipped while producing this batch.
+    """
+
+    video: torch.Tensor
+    captions: list[str]
+    paths: list[str]
+    position: tuple[int, int]
+    skipped: list[tuple[str, str]]
+
+    def pin_memory(self) -> Batch:
+        """Called by ``DataLoader(pin_memory=True)``."""
+        return dataclasses.replace(self, video=self.video.pin_memory())
+
+
+def _examples(failures: Sequence[tuple[str, str]], limit: int = 3) -> str:
+    shown = "; ".join(f"{path}: {reason}" for path, reason in failures[:limit])
+    return shown + ("; ..." if len(failures) > limit else "")
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Map-style dataset over discovered samples, indexed by the ``(index, epoch, batch index)`` items of
+    :class:`ClipBatchSampler`.
+
+    An unusable file is logged (logger ``sat_video.data``) and replaced by the next usable sample of the same
+    kind (image or video, so batch shapes still match), wrapping around the list.
+
+    Args:
+        refs: from :func:`discover`.
+        spec: how clips are cut.
+    """
+
+    def __init__(self, refs: Sequence[SampleRef], spec: ClipSpec):
+        if not refs:
+            raise DataError("VideoDataset needs at least one sample")
+        self.refs = list(refs)
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def _try_load(self, ref: SampleRef, failures: list[tuple[str, str]]) -> tuple[torch.Tensor, str] | None:
+        try:
+            return load_clip(ref, self.spec)
+        except UnusableSample as err:
+            logger.warning("skipping %s: %s", err.path, err.reason)
+            failures.append((err.path, err.reason))
+            return None
+
+    def __getitem__(self, item: tuple[int, int, int]) -> Sample:
+        index, epoch, batch_index = item
+        is_image = self.refs[index].is_image
+        failures: list[tuple[str, str]] = []
+        for offset in range(len(self.refs)):
+            ref = self.refs[(index + offset) % len(self.refs)]
+            if ref.is_image != is_image:
+                continue
+            loaded = self._try_load(ref, failures)
+            if loaded is not None:
+                return Sample(loaded[0], loaded[1], str(ref.path), (epoch, batch_index), tuple(failures))
+        kind = "image" if is_image else "video"
+        raise DataError(f"no usable {kind}: all {len(failures)} {kind} files failed, e.g. {_examples(failures)}")
+
+    def first_usable(self) -> int:
+        """Index of the first sample that loads; call it before training so a data set without a single usable
+        sample fails at once rather than inside a data-loader worker.
+
+        Raises:
+            DataError: no sample loads; the message names the folders and the first failures.
+        """
+        failures: list[tuple[str, str]] = []
+        for index, ref in enumerate(self.refs):
+            if self._try_load(ref, failures) is not None:
+                return index
+        folders = sorted({str(ref.path.parent) for ref in self.refs})
+        where = ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else "")
+        raise DataError(f"no usable sample in {where}: {len(failures)} files, e.g. {_examples(failures)}")
+
+
+def collate(samples: list[Sample]) -> Batch:
+    """Stack the samples of one batch (``DataLoader(collate_fn=collate)``)."""
+    shapes = {tuple(sample.video.shape) for sample in samples}
+    if len(shapes) > 1:
+        raise DataError(f"cannot batch clips of shapes {sorted(shapes)}: a batch must not mix images and videos (use ClipBatchSampler)")
+    return Batch(
+        video=torch.stack([sample.video for sample in samples]),
+        captions=[sample.caption for sample in samples],
+        paths=[sample.path for sample in samples],
+        position=samples[0].position,
+        skipped=[failure for sample in samples for failure in sample.skipped],
+    )
+
+

@@ -1,0 +1,298 @@
+"""Latent and text-embedding cache: encode a data set once, then train without decoding video, the VAE or T5.
+
+Layout of a cache folder (written by ``tools/precompute_latents.py``, read when ``data.latent_cache`` is set)::
+
+    manifest.json                  settings the tensors depend on, and one entry per sample
+    shard-<rank>-<k>.safetensors   per sample j: latent_mean.j [C, F, h, w], latent_std.j (posterior
+                                   sampling only), text.j [L, D], first_frame.j [3, 1, H, W] (I2V only)
+
+Latents are stored *before* ``model.first_stage.scale_factor`` and as posterior moments when the VAE samples
+its posterior, so every training step still draws a fresh latent (with the step's generator, exactly as
+encoding the clip would) and the scale factor may change without re-encoding. Image-to-video keeps the VAE
+for the one-frame condition, whose pixel noise is drawn per step (reference section 5).
+
+A cache is written into a staging folder and renamed when complete, so an interrupted run leaves no cache
+that looks usable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sat_video.common.errors import CacheError, UnusableSample
+from sat_video.common.files import atomic_write
+from sat_video.data.clips import ClipSpec, load_clip
+from sat_video.data.config import DataConfig
+from sat_video.data.sources import SampleRef
+
+logger = logging.getLogger("sat_video.data")
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+# Settings that decide the cached tensors, by config key; a different value means re-encoding.
+PATH_KEYS = ("model.first_stage.path", "model.text_encoder.path", "model.text_encoder.tokenizer_path")
+
+
+def cache_settings(model: DictConfig, data: DataConfig) -> dict[str, Any]:
+    """What the cached tensors depend on, by config key (clip size resolved as training resolves it), from the
+    ``model`` and ``data`` sections."""
+    first_stage, text = model.first_stage, model.text_encoder
+    spec = ClipSpec.from_config(data, model.dit)
+    settings = {
+        "model.first_stage.type": first_stage.type,
+        "model.first_stage.path": _resolved(first_stage.path),
+        "model.first_stage.sample_posterior": bool(first_stage.sample_posterior),
+        "model.text_encoder.path": _resolved(text.path),
+        "model.text_encoder.tokenizer_path": _resolved(text.tokenizer_path),
+        "model.dit.text_length": int(model.dit.text_length),
+        "model.dit.num_frames": spec.num_frames,
+        "data.height": spec.height,
+        "data.width": spec.width,
+        "data.fps": float(spec.fps),
+        "data.skip_frames": spec.skip_frames,
+        "data.min_frames": spec.min_frames,
+    }
+    if first_stage.path is None:  # a randomly initialised VAE is defined by its architecture and seed
+        settings["model.first_stage.architecture"] = _plain(first_stage.architecture)
+        settings["model.first_stage.init_seed"] = first_stage.init_seed
+    return settings
+
+
+def _resolved(path: Optional[str]) -> Optional[str]:
+    return str(Path(path).expanduser().resolve()) if path else None
+
+
+def _plain(value):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class CachedSample:
+    latent_mean: torch.Tensor
+    latent_std: Optional[torch.Tensor]
+    text: torch.Tensor
+    first_frame: Optional[torch.Tensor]
+    caption: str
+    path: str
+    position: tuple[int, int]
+
+
+@dataclass
+class CachedBatch:
+    """What the data loader yields when training from a cache (the counterpart of :class:`sat_video.data.Batch`).
+
+    Args:
+        latent_mean, latent_std: posterior moments ``[B, C, F, h, w]`` before the scale factor; no ``std``
+            when the first stage is deterministic.
+        text: T5 embeddings ``[B, L, D]``.
+        first_frame: I2V only, the clip's first frame ``[B, 3, 1, H, W]`` in ``[-1, 1]``.
+        position: ``(epoch, batch index)``, as for raw clips.
+    """
+
+    latent_mean: torch.Tensor
+    latent_std: Optional[torch.Tensor]
+    text: torch.Tensor
+    first_frame: Optional[torch.Tensor]
+    captions: list[str]
+    paths: list[str]
+    position: tuple[int, int]
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def _map_tensors(self, fn) -> CachedBatch:
+        return dataclasses.replace(self, **{name: None if getattr(self, name) is None else fn(getattr(self, name))
+                                            for name in ("latent_mean", "latent_std", "text", "first_frame")})
+
+    def pin_memory(self) -> CachedBatch:
+        """Called by ``DataLoader(pin_memory=True)``."""
+        return self._map_tensors(torch.Tensor.pin_memory)
+
+    def to(self, device: torch.device) -> CachedBatch:
+        return self._map_tensors(lambda tensor: tensor.to(device, non_blocking=True))
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """A cache folder as a dataset, indexed like :class:`sat_video.data.VideoDataset` by the
+    ``(index, epoch, batch index)`` items of :class:`sat_video.data.ClipBatchSampler`.
+
+    Args:
+        folder: written by ``tools/precompute_latents.py``.
+    Raises:
+        CacheError: no manifest, an unknown format, or shard files that are missing.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        manifest_file = self.folder / MANIFEST
+        if not manifest_file.is_file():
+            partial = sorted(self.folder.parent.glob(f".{self.folder.name}.partial-*")) if self.folder.parent.is_dir() else []
+            hint = f" (an unfinished cache is in {partial[0]}; run tools/precompute_latents.py again)" if partial else ""
+            raise CacheError(f"data.latent_cache: {manifest_file} not found; is {self.folder} a folder written by "
+                             f"tools/precompute_latents.py?{hint}")
+        try:
+            manifest = json.loads(manifest_file.read_text())
+            version, self.settings, self.samples = manifest["format_version"], manifest["settings"], manifest["samples"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CacheError(f"{manifest_file} is not a latent-cache manifest ({type(err).__name__}: {err})") from None
+        if version != FORMAT_VERSION:
+            raise CacheError(f"{manifest_file}: format_version {version}, this sat_video reads {FORMAT_VERSION}; re-run precompute")
+        self.skipped = [tuple(item) for item in manifest.get("skipped", [])]
+        if not self.samples:
+            raise CacheError(f"{manifest_file} lists no samples (all {len(self.skipped)} source files were unusable)")
+        missing = sorted({entry["shard"] for entry in self.samples if not (self.folder / entry["shard"]).is_file()})
+        if missing:
+            raise CacheError(f"{self.folder}: shard files listed in {MANIFEST} are missing: {', '.join(missing[:3])}")
+        self._open: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def kinds(self) -> list[bool]:
+        """``is_image`` per sample, for :class:`sat_video.data.ClipBatchSampler`."""
+        return [bool(entry["is_image"]) for entry in self.samples]
+
+    def check_compatible(self, model: DictConfig, data: DataConfig) -> None:
+        """Refuse a cache made with settings other than those of the ``model`` and ``data`` sections (first stage,
+        text encoder, clip size).
+
+        Paths that differ only log a warning: the same weights may simply have moved.
+        """
+        wanted = cache_settings(model, data)
+        conflicts = []
+        for key, value in wanted.items():
+            cached = self.settings.get(key)
+            if cached == value:
+                continue
+            if key in PATH_KEYS:
+                logger.warning("data.latent_cache %s was made with %s = %s; this config has %s", self.folder, key, cached, value)
+            else:
+                conflicts.append(f"{key}: cache {cached!r}, config {value!r}")
+        if conflicts:
+            raise CacheError(f"data.latent_cache {self.folder} was made with other settings; re-run "
+                             f"tools/precompute_latents.py with this config, or change it back: " + "; ".join(conflicts))
+
+    def _tensor(self, shard: str, name: str) -> torch.Tensor:
+        handle = self._open.get(shard)
+        if handle is None:  # opened lazily so that each data-loader worker has its own handles
+            handle = self._open[shard] = safe_open(str(self.folder / shard), framework="pt")
+        return handle.get_tensor(name)
+
+    def __getitem__(self, item: tuple[int, int, int]) -> CachedSample:
+        index, epoch, batch_index = item
+        entry = self.samples[index]
+        shard, key = entry["shard"], entry["key"]
+        optional = lambda name: self._tensor(shard, f"{name}.{key}") if name in entry["tensors"] else None  # noqa: E731
+        return CachedSample(
+            latent_mean=self._tensor(shard, f"latent_mean.{key}"), latent_std=optional("latent_std"),
+            text=self._tensor(shard, f"text.{key}"), first_frame=optional("first_frame"),
+            caption=entry["caption"], path=entry["path"], position=(epoch, batch_index))
+
+    def __getstate__(self):  # safetensors handles do not pickle; workers reopen their own
+        return {**self.__dict__, "_open": {}}
+
+
+def collate_cached(samples: list[CachedSample]) -> CachedBatch:
+    """Stack the samples of one batch (``DataLoader(collate_fn=collate_cached)``)."""
+    stack = lambda name: None if getattr(samples[0], name) is None else torch.stack([getattr(s, name) for s in samples])  # noqa: E731
+    return CachedBatch(
+        latent_mean=stack("latent_mean"), latent_std=stack("latent_std"), text=stack("text"),
+        first_frame=stack("first_frame"), captions=[s.caption for s in samples], paths=[s.path for s in samples],
+        position=samples[0].position)
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+class ClipsToEncode(torch.utils.data.Dataset):
+    """Decodes this rank's files in data-loader workers; an unusable file becomes its reason."""
+
+    def __init__(self, refs: list[tuple[int, SampleRef]], spec: ClipSpec):
+        self.refs, self.spec = refs, spec
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, item: int):
+        index, ref = self.refs[item]
+        try:
+            video, caption = load_clip(ref, self.spec)
+            return index, ref, video, caption, None
+        except UnusableSample as err:
+            return index, ref, None, None, err.reason
+
+
+class CacheWriter:
+    """Writes one rank's samples into shards of the staging folder, then its part of the manifest."""
+
+    def __init__(self, staging: Path, rank: int, samples_per_shard: int):
+        self.staging, self.rank, self.samples_per_shard = staging, rank, samples_per_shard
+        self.entries: list[dict] = []
+        self.skipped: list[tuple[str, str]] = []
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._count, self._shard_index = 0, 0
+
+    @property
+    def _shard_name(self) -> str:
+        return f"shard-{self.rank:03d}-{self._shard_index:05d}.safetensors"
+
+    def add(self, index: int, ref: SampleRef, caption: str, tensors: dict[str, torch.Tensor]) -> None:
+        key = self._count
+        for name, tensor in tensors.items():
+            self._tensors[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
+        self.entries.append({"index": index, "path": str(ref.path), "caption": caption, "is_image": ref.is_image,
+                             "shard": self._shard_name, "key": key, "tensors": sorted(tensors),
+                             "latent_shape": list(tensors["latent_mean"].shape)})
+        self._count += 1
+        if self._count == self.samples_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._tensors:
+            save_file(self._tensors, str(self.staging / self._shard_name))
+            self._tensors, self._count, self._shard_index = {}, 0, self._shard_index + 1
+
+    def write_part(self) -> None:
+        self.flush()
+        part = {"entries": self.entries, "skipped": self.skipped}
+        atomic_write(self.staging / f"part-{self.rank:03d}.json", lambda tmp: tmp.write_text(json.dumps(part)))
+
+
+def staging_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial-{os.environ.get('TORCHELASTIC_RUN_ID', os.getpid())}"
+
+
+def finish(staging: Path, out: Path, world_size: int, settings: dict) -> dict:
+    """Merge the ranks' manifest parts (samples in data-set order) and move the folder into place."""
+    entries, skipped = [], []
+    for rank in range(world_size):
+        part_file = staging / f"part-{rank:03d}.json"
+        part = json.loads(part_file.read_text())
+        entries.extend(part["entries"])
+        skipped.extend(part["skipped"])
+        part_file.unlink()
+    entries.sort(key=lambda entry: entry.pop("index"))
+    manifest = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": settings,
+                "samples": entries, "skipped": sorted(map(list, skipped))}
+    atomic_write(staging / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    if out.exists():  # only reached with --overwrite; the new cache is complete before the old one goes
+        shutil.rmtree(out)
+    staging.rename(out)
+    return manifest

@@ -1,0 +1,182 @@
+"""The hook catalogue: every stage of the DiT forward pass that a mixin may take over.
+
+A mixin is an ``nn.Module`` subclass of :class:`Mixin` that overrides some of the methods below. The
+base class's bodies are never called; each method documents one hook: when it runs, what it receives,
+what it must return and how several mixins implementing it compose.
+
+Two composition kinds exist (:class:`Composition`):
+
+* ``REPLACE``: at most one mixin replaces the stage (the default implementation, if any, lives in
+  :mod:`sat_video.transformer`). A second replacement is a conflict and is refused when the mixin is
+  added, naming both mixins. A mixin may instead *wrap* the current implementation: decorate its
+  method with :func:`wraps_previous`, and it receives the implementation beneath it as ``inner=``.
+  Wrappers stack in the order their mixins were added, around whatever replacement exists.
+* ``CHAIN``: every mixin implementing the hook runs and receives the output of the previous one.
+  They run in ascending ``chain_priority[hook]`` of their class (default 0), ties in the order the
+  mixins were added; qk-LayerNorm declares -10 so that it always precedes RoPE.
+
+All hooks receive the per-forward :class:`~sat_video.context.ForwardContext` as ``ctx`` and, inside
+layers, the ``layer_idx``. Shapes use ``B`` batch, ``L`` text tokens, ``N`` video tokens, ``D``
+hidden size, ``H`` heads and ``hd`` head dim.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from sat_video.model.config import DiTConfig
+    from sat_video.model.context import ForwardContext
+    from sat_video.model.transformer import MLP, SelfAttention, TransformerLayer
+
+
+class Composition(enum.Enum):
+    REPLACE = "replace"
+    CHAIN = "chain"
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    name: str
+    composition: Composition
+    required: bool = False  # forward refuses to run until some mixin provides it
+    example: str = ""  # a shipped mixin that provides it, for error messages
+    threaded_args: int = 1  # CHAIN: how many leading arguments each link returns to the next
+
+
+HOOKS: tuple[HookSpec, ...] = (
+    HookSpec("embed", Composition.REPLACE, required=True, example="ImagePatchEmbedMixin"),
+    HookSpec("add_position", Composition.CHAIN),
+    HookSpec("layer_forward", Composition.REPLACE),
+    HookSpec("attention_forward", Composition.REPLACE),
+    HookSpec("project", Composition.REPLACE),
+    HookSpec("process_qkv", Composition.CHAIN, threaded_args=3),
+    HookSpec("attention_kernel", Composition.REPLACE),
+    HookSpec("mlp_forward", Composition.REPLACE),
+    HookSpec("final_forward", Composition.REPLACE, required=True, example="FinalLayerMixin"),
+)
+HOOK_SPECS = {spec.name: spec for spec in HOOKS}
+
+
+def wraps_previous(method):
+    """Mark a ``REPLACE`` hook implementation as a wrapper: it is called with ``inner=`` (the
+    implementation beneath it) instead of conflicting with an existing replacement."""
+    method.wraps_previous = True
+    return method
+
+
+class Mixin(nn.Module):
+    """Base class of every mixin; its hook methods below are the whole catalogue.
+
+    Subclasses set ``Config`` (a dataclass of their own YAML parameters, validated at load time) and
+    receive the model's shared sizes as ``dims`` instead of repeating them in their parameters.
+
+    Args:
+        dims (`DiTConfig`): the shared sizes of the model this mixin will be added to.
+        config (`Config`, *optional*): the mixin's own parameters; defaults to ``Config()``.
+    """
+
+    @dataclass
+    class Config:
+        pass
+
+    # Names (relative to the mixin) that official checkpoints store but this mixin derives itself, such
+    # as RoPE frequency tables; the checkpoint loader accepts and drops them.
+    derived_checkpoint_keys: ClassVar[tuple[str, ...]] = ()
+    # Per CHAIN hook, where this mixin's link runs relative to others (lower runs first; default 0).
+    chain_priority: ClassVar[dict[str, int]] = {}
+
+    def __init__(self, dims: "DiTConfig", config: Optional[Any] = None):
+        super().__init__()
+        self.dims = dims
+        self.config = config if config is not None else self.Config()
+        if not isinstance(self.config, self.Config):
+            raise TypeError(
+                f"{type(self).__name__} expects a {type(self).__name__}.Config, got {type(self.config).__name__}"
+            )
+
+    def implemented_hooks(self) -> list[str]:
+        """Hook names this mixin overrides, in catalogue order. Override to drop hooks that a config
+        switches off (the hook table is rebuilt from this when the mixin is added)."""
+        return [spec.name for spec in HOOKS if getattr(type(self), spec.name) is not getattr(Mixin, spec.name)]
+
+    def reset_parameters(self) -> None:
+        """Initialise this mixin's parameters as for training from scratch (no-op by default)."""
+
+    # ------------------------------------------------------------------ hook catalogue
+
+    def embed(self, x: torch.Tensor, context: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+        """REPLACE, required. Turn inputs into the token sequence.
+
+        Args:
+            x: latents ``[B, T, C, H, W]`` (I2V: image channels already concatenated).
+            context: text embeddings ``[B, L, text_hidden_size]``.
+        Returns:
+            ``[B, L + N, D]``: text tokens first, then video tokens ordered t, h, w. Everything in front of
+            the ``N`` video tokens counts as condition tokens: a wrapper may prepend more (a timestep token,
+            say) and every later stage sees ``ctx.text_length`` grown to match.
+        """
+        raise NotImplementedError
+
+    def add_position(self, hidden: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+        """CHAIN. Add absolute positions to the embedded sequence ``[B, L + N, D]``; same shape out."""
+        raise NotImplementedError
+
+    def layer_forward(
+        self, layer: "TransformerLayer", hidden: torch.Tensor, ctx: "ForwardContext", layer_idx: int
+    ) -> torch.Tensor:
+        """REPLACE (default: pre-LN residual block). The whole body of block ``layer_idx``.
+
+        ``hidden`` is ``[B, L + N, D]``; return the same shape. Call ``layer.attention(x, ctx, layer_idx)``
+        and ``layer.mlp(x, ctx, layer_idx)`` so that the finer hooks below still apply.
+        """
+        raise NotImplementedError
+
+    def attention_forward(
+        self, attention: "SelfAttention", x: torch.Tensor, ctx: "ForwardContext", layer_idx: int
+    ) -> torch.Tensor:
+        """REPLACE (default: ``attention.attend(x, ctx, layer_idx)``). The whole attention stage of block
+        ``layer_idx``, ``[B, L + N, D]`` in and out (normalised input, before the residual add).
+
+        ``attention.attend(x, ctx, layer_idx, kernel=...)`` runs projection, ``process_qkv``, a kernel
+        (default: the ``attention_kernel`` hook) and the output projection; a mixin that needs several
+        attentions per block (spatial and temporal, say) calls it once per attention module it owns.
+        """
+        raise NotImplementedError
+
+    def project(
+        self, linear: nn.Linear, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int, name: str
+    ) -> torch.Tensor:
+        """REPLACE (default: ``linear(x)``). Every linear inside a block goes through this hook; ``name`` is
+        its path inside the block (``attention.query_key_value``, ``attention.dense``,
+        ``mlp.dense_h_to_4h``, ``mlp.dense_4h_to_h``, or a mixin's own attention such as
+        ``temporal_attention.dense``). Return ``linear(x)`` plus any change (LoRA adds a low-rank update)."""
+        raise NotImplementedError
+
+    def process_qkv(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "ForwardContext", layer_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CHAIN. Transform queries, keys and values ``[B, H, L + N, hd]`` after the fused projection
+        (qk-LayerNorm, RoPE, ...); return the three tensors, same shapes."""
+        raise NotImplementedError
+
+    def attention_kernel(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "ForwardContext", layer_idx: int
+    ) -> torch.Tensor:
+        """REPLACE (default: ``scaled_dot_product_attention``, full joint attention). Inputs
+        ``[B, H, L + N, hd]``; return ``[B, H, L + N, hd]``."""
+        raise NotImplementedError
+
+    def mlp_forward(self, mlp: "MLP", x: torch.Tensor, ctx: "ForwardContext", layer_idx: int) -> torch.Tensor:
+        """REPLACE (default: ``dense_h_to_4h`` -> GELU(tanh) -> ``dense_4h_to_h``). ``[B, L + N, D]`` in and out."""
+        raise NotImplementedError
+
+    def final_forward(self, hidden: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+        """REPLACE, required. Map the normalised sequence ``[B, L + N, D]`` to the output
+        ``[B, T, C_out, H, W]`` (video tokens only)."""
+        raise NotImplementedError

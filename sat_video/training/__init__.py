@@ -1,0 +1,1 @@
+"""Training: the loop around DeepSpeed, the optimizer and LR schedule, process groups, the run folder."""

@@ -1,0 +1,106 @@
+"""The ``train`` and ``deepspeed`` sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from sat_video.common.constraints import at_least, one_of
+
+
+@dataclass
+class OptimizerConfig:
+    """``train.optimizer``: AdamW (the reference SFT settings by default)."""
+
+    lr: float = field(default=1e-5, metadata=at_least(0, exclusive=True))
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = field(default=1e-8, metadata=at_least(0, exclusive=True))
+    weight_decay: float = field(default=1e-4, metadata=at_least(0))
+
+
+@dataclass
+class ScheduleConfig:
+    """``train.lr_schedule``: linear warm-up, then decay to ``min_lr`` (never below it, never negative)."""
+
+    warmup_iters: int = field(default=0, metadata=at_least(0))
+    decay_style: str = field(default="constant", metadata=one_of("constant", "linear", "cosine"))
+    """``constant``, ``linear`` or ``cosine``."""
+    decay_iters: Optional[int] = field(default=None, metadata=at_least(1))
+    """Iterations from the end of warm-up to ``min_lr``; ``null``: until ``train.train_iters``."""
+    min_lr: float = field(default=0.0, metadata=at_least(0))
+
+
+@dataclass
+class ValidationConfig:
+    """``train.validation``: sample fixed prompts while training (mp4 + contact sheet under ``<save>/samples``)."""
+
+    interval: int = field(default=0, metadata=at_least(0))
+    """Steps between validations; 0 turns them off."""
+    prompts: List[str] = field(default_factory=list)
+    steps: int = field(default=25, metadata=at_least(1))
+    """Sampling steps (fewer than ``sample.steps`` to keep validation cheap)."""
+    image: Optional[str] = None
+    """First frame for image-to-video models (required by them when validation is on)."""
+
+
+@dataclass
+class TrainConfig:
+    """``train``: the loop, its checkpoints and its logs."""
+
+    save: str = "runs/default"
+    """Run folder: checkpoints (SAT layout), ``metrics.jsonl``, TensorBoard logs, ``config.yaml``."""
+    resume: Optional[str] = None
+    """``latest`` (the newest complete checkpoint in ``save``) or a checkpoint folder to continue from."""
+    overwrite: bool = False
+    """Allow starting a fresh run in a ``save`` folder that already holds a run (its checkpoints are
+    deleted). Without it such a start is refused."""
+    init_checkpoint: Optional[str] = None
+    """Weights to start from (an official SAT checkpoint, a run of ours, a ``.safetensors``); model weights
+    only, nothing else is restored."""
+    train_iters: int = field(default=1000, metadata=at_least(1))
+    """Optimizer steps of the whole run."""
+    micro_batch_size: int = field(default=1, metadata=at_least(1))
+    """Samples per rank per forward."""
+    gradient_accumulation_steps: int = field(default=1, metadata=at_least(1))
+    grad_clip: float = field(default=0.1, metadata=at_least(0))
+    """Global gradient-norm clip; 0 disables."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainable: List[str] = field(default_factory=lambda: ["*"])
+    """Glob patterns over DiT parameter names; only matching parameters train (``mixins.adaln_layer.*``)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in backward instead of storing its activations."""
+    checkpoint_keeps_attention: bool = True
+    """With activation checkpointing, keep each block's attention-kernel output (``[B, N, D]`` plus softmax
+    statistics) so that backward does not run the attention forward kernel again; ``false`` keeps only each
+    block's input (least memory, most recomputation)."""
+    compile: bool = False
+    """``torch.compile`` each transformer block (inductor) before training; the first steps compile (minutes
+    at full size). ``tools/bench.py --compile`` measures what it gains on the machine at hand."""
+    seed: int = field(default=42, metadata=at_least(0))
+    """Model init is the same on every rank; data order, timesteps and noise differ per rank."""
+    log_interval: int = field(default=1, metadata=at_least(1))
+    """Steps between log lines (console, TensorBoard, ``metrics.jsonl``)."""
+    save_interval: int = field(default=1000, metadata=at_least(1))
+    """Steps between checkpoints; the last step is always saved."""
+    keep_last: Optional[int] = field(default=None, metadata=at_least(1))
+    """Keep only this many newest checkpoints; ``null`` keeps all."""
+    max_nonfinite_steps: int = field(default=5, metadata=at_least(1))
+    """Skipped steps (non-finite loss or gradients) in a row that stop the run."""
+    tensorboard: bool = True
+    progress_bar: bool = True
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """``deepspeed``: the engine's settings; everything else DeepSpeed takes goes in ``extra``."""
+
+    zero_stage: int = field(default=2, metadata=one_of(0, 1, 2, 3))
+    """ZeRO stage 0, 1, 2 or 3."""
+    precision: str = field(default="bf16", metadata=one_of("bf16", "fp16", "fp32"))
+    """``bf16`` (5B models), ``fp16`` (2B was trained in fp16) or ``fp32``."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory (ZeRO-2/3)."""
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Merged last into the generated DeepSpeed config (e.g. ``{fp16: {initial_scale_power: 16}}``)."""

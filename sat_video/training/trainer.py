@@ -1,0 +1,429 @@
+"""The training loop: DeepSpeed around the diffusion engine, complete checkpoints, exact resume, logs.
+
+Separation of concerns (as torchtitan): the model is built from the config (``build_dit``), the frozen
+stages and the engine define the step (``engine.py``), DeepSpeed owns parallelism and the optimizer
+update, and this file only orders them, counts, logs and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sat_video.common.errors import CheckpointError, RunStopped
+from sat_video.common.files import atomic_write
+from sat_video.data.clips import ClipSpec, VideoDataset, collate, load_image
+from sat_video.data.latent_cache import LatentCache, collate_cached
+from sat_video.data.sampler import ClipBatchSampler
+from sat_video.data.sources import discover
+from sat_video.diffusion.conditioning import TrainingInputBuilder
+from sat_video.diffusion.loss import DiffusionLoss
+from sat_video.diffusion.sampling import VideoGenerator, module_dtype, write_samples
+from sat_video.diffusion.schedule import NoiseSchedule, sample_timesteps, timestep_interval
+from sat_video.formats.sat_checkpoint import MODEL_STATES, load_checkpoint
+from sat_video.model.build import build_dit, build_frozen_stages
+from sat_video.model.config import dit_config
+from sat_video.training.config import DeepSpeedConfig, TrainConfig
+from sat_video.training.distributed import DistributedEnv, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
+from sat_video.training.optim import FiniteAdamW, lr_lambda, parameter_groups, select_trainable
+from sat_video.training.run_folder import RunFolder, trainer_state_file
+
+logger = logging.getLogger("sat_video.train")
+
+# Testing hook: seconds to sleep after a checkpoint is staged and before it is committed, so that a test
+# can SIGKILL a run in the middle of saving.
+PAUSE_BEFORE_COMMIT_ENV = "SAT_VIDEO_PAUSE_BEFORE_COMMIT"
+
+
+@dataclass
+class LoopState:
+    """Everything besides DeepSpeed's own state that an exact resume needs, per rank."""
+
+    iteration: int = 0
+    data_position: tuple[int, int] = (0, 0)
+    nonfinite_streak: int = 0
+    skipped_steps: int = 0
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
+
+
+def frozen_stage_dtype(precision: str) -> torch.dtype:
+    """VAE and T5 run in bf16 under bf16 training (``deepspeed.precision``) and in fp32 otherwise (T5 overflows in fp16)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig) -> dict:
+    """DeepSpeed's config dict from the ``deepspeed`` and ``train`` sections (values checked when loaded)."""
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+    }
+    return _deep_merge(config, OmegaConf.to_container(ds.extra, resolve=True))
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        base[key] = _deep_merge(dict(base.get(key, {})), value) if isinstance(value, dict) else value
+    return base
+
+
+def _memory_stats(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"memory_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+                "memory_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+    return {"cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Builds everything a config describes and runs the loop. ``Trainer(cfg).run()``."""
+
+    def __init__(self, cfg: DictConfig, env: Optional[DistributedEnv] = None):
+        self.cfg = cfg
+        self.env = env or init_distributed()
+        self.run_folder = RunFolder(cfg.train.save)
+        self.state = LoopState()
+        self._writer = None
+        self._build()
+
+    # ------------------------------------------------------------------ construction
+
+    def _build(self) -> None:
+        import deepspeed
+
+        cfg, env = self.cfg, self.env
+        train = cfg.train
+        dims = dit_config(cfg)
+        resume_from = self.run_folder.resolve_resume(train.resume)
+        if env.is_main:
+            if resume_from is None:
+                self.run_folder.start_fresh(train.overwrite)
+            else:
+                self.run_folder.remove_partial()
+            atomic_write(self.run_folder.path / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp))
+        barrier()
+
+        # Data first: a dataset without a usable sample fails before any model is built.
+        self.clip_spec = ClipSpec.from_config(cfg.data, cfg.model.dit)
+        self.cached = bool(cfg.data.latent_cache)
+        if self.cached:
+            self.dataset = LatentCache(cfg.data.latent_cache)
+            self.dataset.check_compatible(cfg.model, cfg.data)
+            self.kinds, self.collate = self.dataset.kinds, collate_cached
+            self.state.skipped_files = list(self.dataset.skipped)
+        else:
+            refs = discover(list(cfg.data.sources))
+            self.dataset = VideoDataset(refs, self.clip_spec)
+            self.dataset.first_usable()
+            self.kinds, self.collate = [ref.is_image for ref in refs], collate
+
+        # The same initial weights on every rank; afterwards each rank draws its own timesteps and noise.
+        torch.manual_seed(train.seed)
+        dit = build_dit(cfg)
+        if train.init_checkpoint:
+            load_checkpoint(dit, train.init_checkpoint)
+        select_trainable(dit, list(train.trainable))
+        dit.activation_checkpointing = train.activation_checkpointing
+        dit.checkpoint_keeps_attention = train.checkpoint_keeps_attention
+        if train.compile:
+            dit.compile_blocks()
+        torch.manual_seed(train.seed + 1 + env.rank)
+        random.seed(train.seed + 1 + env.rank)
+        self.generator = torch.Generator().manual_seed(train.seed * 1_000_003 + env.rank)
+
+        # T5 overflows in fp16, so the frozen stages run in bf16 or fp32. From a latent cache, the VAE is needed
+        # only for the I2V condition and validation videos, T5 only for validation prompts.
+        frozen_dtype = frozen_stage_dtype(cfg.deepspeed.precision)
+        sampling = bool(train.validation.interval)
+        self.stages = build_frozen_stages(
+            cfg.model, first_stage=not self.cached or sampling or dims.in_channels > dims.out_channels,
+            text_encoder=not self.cached or sampling).to(env.device, frozen_dtype)
+        self.inputs = TrainingInputBuilder(dims, cfg.model.diffusion, self.stages, scale_factor=cfg.model.first_stage.scale_factor)
+
+        diffusion = cfg.model.diffusion
+        schedule = NoiseSchedule(diffusion.snr_shift_scale, diffusion.num_train_timesteps)
+        world = env.world_size if diffusion.interval_timesteps else 1
+        self.interval = timestep_interval(env.rank if diffusion.interval_timesteps else 0, world, diffusion.num_train_timesteps)
+        module = DiffusionLoss(dit, schedule, ofs=diffusion.ofs)
+        self.optimizer = FiniteAdamW(parameter_groups(dit, train.optimizer.weight_decay), train.optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(train.lr_schedule, train.optimizer.lr, train.train_iters))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=deepspeed_config(cfg.deepspeed, cfg.train),
+            dist_init_required=False)
+
+        if resume_from is not None:
+            self._load(resume_from)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _load(self, folder: Path) -> None:
+        state_file = trainer_state_file(folder, self.env.rank)
+        if not state_file.is_file():
+            raise CheckpointError(
+                f"{state_file} is missing: {folder} was written by a run with another number of processes "
+                f"(resuming needs the same data-parallel size, now {self.env.world_size})")
+        path, _ = self.engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {folder}")
+        # The optimizer state carries the LR of the saved step; take it from the schedule of this config, which
+        # may extend the run (a larger train.train_iters) or change its decay.
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+            group["lr"] = lr
+        saved = torch.load(state_file, map_location="cpu", weights_only=True)
+        _set_rng_state(saved["rng"], self.generator)
+        loop = saved["loop"]
+        self.state = LoopState(iteration=loop["iteration"], data_position=tuple(loop["data_position"]),
+                               nonfinite_streak=loop["nonfinite_streak"], skipped_steps=loop["skipped_steps"],
+                               skipped_files=[tuple(item) for item in loop["skipped_files"]])
+        if self.env.is_main:
+            self._truncate_metrics(self.state.iteration)
+            logger.info("resumed from %s at iteration %d", folder, self.state.iteration)
+
+    def save(self) -> Path:
+        """Write a complete checkpoint of the current iteration (collective: every rank must call it)."""
+        iteration = self.state.iteration
+        staging = self.run_folder.staging(iteration)
+        if self.env.is_main:
+            staging.parent.mkdir(parents=True, exist_ok=True)
+        barrier()
+        self.engine.save_checkpoint(str(self.run_folder.path), tag=staging.name, client_state={"iteration": iteration},
+                                    save_latest=False)
+        if self.engine.zero_optimization_partition_weights():
+            # ZeRO-3 writes only partitions; gather the whole DiT into SAT's file so every loader can read it.
+            module = self.engine._zero3_consolidated_16bit_state_dict()
+            if self.env.is_main:
+                torch.save({"module": module, "iteration": iteration}, staging / MODEL_STATES)
+        loop = {"iteration": iteration, "data_position": list(self.state.data_position),
+                "nonfinite_streak": self.state.nonfinite_streak, "skipped_steps": self.state.skipped_steps,
+                "skipped_files": [list(item) for item in self.state.skipped_files]}
+        torch.save({"rng": _rng_state(self.generator), "loop": loop}, trainer_state_file(staging, self.env.rank))
+        barrier()
+        final = self.run_folder.path / str(iteration)
+        if self.env.is_main:
+            pause = float(os.environ.get(PAUSE_BEFORE_COMMIT_ENV, 0))
+            if pause:
+                time.sleep(pause)
+            self.run_folder.commit(iteration, self.cfg.train.keep_last)
+            logger.info("saved checkpoint %s", final)
+        barrier()
+        return final
+
+    # ------------------------------------------------------------------ logging
+
+    def _truncate_metrics(self, iteration: int) -> None:
+        """Drop metric lines a killed run wrote after the checkpoint we resume from."""
+        file = self.run_folder.path / "metrics.jsonl"
+        if file.is_file():
+            kept = [line for line in file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= iteration]
+            atomic_write(file, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+    def _log(self, record: dict) -> None:
+        with open(self.run_folder.path / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        writer = self._tensorboard()
+        if writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    writer.add_scalar(f"train/{key}", value, record["step"])
+            writer.flush()
+
+    def _tensorboard(self):
+        if self.cfg.train.tensorboard and self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_folder.path / "tensorboard"))
+        return self._writer
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loader(self):
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=ClipBatchSampler(self.kinds, self.cfg.train.micro_batch_size, self.env.rank, self.env.world_size,
+                                           self.cfg.train.seed, start=self.state.data_position),
+            num_workers=self.cfg.data.num_workers, collate_fn=self.collate, pin_memory=self.env.device.type == "cuda",
+            persistent_workers=self.cfg.data.num_workers > 0)
+        return iter(loader)
+
+    def _micro_step(self, batches) -> torch.Tensor:
+        batch = next(batches)
+        self.state.data_position = (batch.position[0], batch.position[1] + 1)
+        self.state.skipped_files.extend(item for item in batch.skipped if item not in self.state.skipped_files)
+        if self.cached:
+            inputs = self.inputs.prepare_cached(batch.to(self.env.device), self.generator)
+        else:
+            video = batch.video.to(self.env.device, module_dtype(self.stages.first_stage), non_blocking=True)
+            inputs = self.inputs.prepare(video, batch.captions, self.generator)
+        timesteps = sample_timesteps(inputs.latents.shape[0], self.interval, self.generator)
+        noise = torch.randn(inputs.latents.shape, generator=self.generator)
+        loss = self.engine(inputs, timesteps, noise).mean()
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach().float()
+
+    def run(self) -> LoopState:
+        """Train until ``train.train_iters``; returns the final loop state."""
+        env, train = self.env, self.cfg.train
+        global_batch = train.micro_batch_size * train.gradient_accumulation_steps * env.world_size
+        batches = self._loader()
+        progress = None
+        if env.is_main and train.progress_bar:
+            from tqdm import tqdm
+
+            progress = tqdm(total=train.train_iters, initial=self.state.iteration, desc="train", dynamic_ncols=True)
+        window = {"loss": 0.0, "steps": 0, "time": 0.0}
+        try:
+            while self.state.iteration < train.train_iters:
+                start = time.perf_counter()
+                lr = self.engine.get_lr()[0]
+                self.optimizer.last_step_skipped = False
+                losses = torch.stack([self._micro_step(batches) for _ in range(train.gradient_accumulation_steps)])
+                # [sum of losses, non-finite micro-steps, micro-steps] over all ranks
+                totals = all_reduce_sum(torch.tensor([losses.nan_to_num(0.0, 0.0, 0.0).sum().item(),
+                                                      float((~torch.isfinite(losses)).sum()), float(losses.numel())]))
+                skipped = (not self.engine.was_step_applied()) or self.optimizer.last_step_skipped or totals[1] > 0
+                self.state.iteration += 1
+                elapsed = time.perf_counter() - start
+                if skipped:
+                    self.state.skipped_steps += 1
+                    self.state.nonfinite_streak += 1
+                    logger.warning("iteration %d: non-finite loss or gradients, step skipped (%d in a row)",
+                                   self.state.iteration, self.state.nonfinite_streak)
+                else:
+                    self.state.nonfinite_streak = 0
+                    window["loss"] += (totals[0] / totals[2]).item()
+                    window["steps"] += 1
+                window["time"] += elapsed
+                if progress is not None:
+                    progress.update(1)
+                if env.is_main and (self.state.iteration % train.log_interval == 0 or skipped):
+                    self._log_window(window, global_batch, lr)
+                if self.state.nonfinite_streak >= train.max_nonfinite_steps:
+                    self.save()
+                    raise RunStopped(
+                        f"{self.state.nonfinite_streak} steps in a row had a non-finite loss or gradients "
+                        f"(train.max_nonfinite_steps={train.max_nonfinite_steps}); stopped at iteration "
+                        f"{self.state.iteration} and saved the last good weights to {self.run_folder.path}")
+                if train.validation.interval and self.state.iteration % train.validation.interval == 0:
+                    self.validate()
+                if self.state.iteration % train.save_interval == 0 or self.state.iteration == train.train_iters:
+                    self.save()
+        finally:
+            if progress is not None:
+                progress.close()
+        self._report_skipped_files()
+        return self.state
+
+    def _log_window(self, window: dict, global_batch: int, lr: float) -> None:
+        steps = max(window["steps"], 1)
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {
+            "step": self.state.iteration,
+            "loss": window["loss"] / steps if window["steps"] else float("nan"),
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "samples_per_s": global_batch * steps / max(window["time"], 1e-9),
+            "step_time_s": window["time"] / steps,
+            "skipped_steps": self.state.skipped_steps,
+            **_memory_stats(self.env.device),
+        }
+        self._log(record)
+        logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        window.update(loss=0.0, steps=0, time=0.0)
+
+    def validate(self) -> Optional[Path]:
+        """Sample ``train.validation.prompts`` with the current weights into ``<save>/samples/<iteration>``.
+
+        Every rank samples (ZeRO-3 needs all of them for a forward); the main rank writes. Sampling draws from
+        its own seeded generators, so validation never changes what training draws.
+        """
+        cfg, dims = self.cfg, self.engine.module.dit.dims
+        height, width = self.clip_spec.height, self.clip_spec.width
+        image = load_image(cfg.train.validation.image, height, width) if cfg.train.validation.image else None
+        generator = VideoGenerator(self.engine.module.dit, self.stages, snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
+                                   num_train_timesteps=cfg.model.diffusion.num_train_timesteps, ofs=cfg.model.diffusion.ofs)
+        videos = generator.generate(list(cfg.train.validation.prompts), cfg.sample, num_frames=dims.num_frames, height=height,
+                                    width=width, image=image, steps=cfg.train.validation.steps)
+        if not self.env.is_main:
+            return None
+        folder = self.run_folder.path / "samples" / str(self.state.iteration)
+        written = write_samples(folder, videos, cfg.sample.fps or cfg.data.fps, overwrite=True)
+        writer = self._tensorboard()
+        if writer is not None:
+            from PIL import Image
+
+            sheet = np.asarray(Image.open(written[-1]).convert("RGB"))
+            writer.add_image("validation/contact_sheet", sheet, self.state.iteration, dataformats="HWC")
+            writer.flush()
+        logger.info("validation samples in %s", folder)
+        return folder
+
+    def _report_skipped_files(self) -> None:
+        merged = sorted({item for items in gather_objects(self.state.skipped_files) for item in items})
+        if not self.env.is_main:
+            return
+        report = self.run_folder.path / "skipped_files.txt"
+        if merged:
+            lines = [f"{path}\t{reason}" for path, reason in merged]
+            atomic_write(report, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+            logger.warning("skipped %d unusable file(s) (list in %s):\n  %s", len(merged), report, "\n  ".join(lines))
+        else:
+            logger.info("no unusable files met")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def train(cfg: DictConfig) -> LoopState:
+    """Run a whole training job in this process (one rank of a ``torchrun`` job, or a single process)."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    env = init_distributed()
+    if not env.is_main:
+        logging.getLogger("sat_video").setLevel(logging.WARNING)
+    try:
+        trainer = Trainer(cfg, env)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
+    finally:
+        shutdown()

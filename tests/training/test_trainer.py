@@ -1,0 +1,168 @@
+"""End-to-end training through tools/train_video.py: torchrun with two CPU processes, DeepSpeed ZeRO-2,
+real mp4 files, exact resume, a SIGKILL while saving, bad files, non-finite steps."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from sat_video.formats.sat_checkpoint import read_state_dict
+from sat_video.training.trainer import PAUSE_BEFORE_COMMIT_ENV
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+BASE = [str(ROOT / "configs" / name) for name in ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml")]
+
+
+def command(assets, save, *overrides, nproc=1, data=None):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    return [*launcher, str(ROOT / "tools" / "train_video.py"), "--base", *BASE,
+            f"data.sources=[{data or assets / 'data'}]", f"model.text_encoder.path={assets / 't5'}",
+            f"train.save={save}", "train.tensorboard=false", *overrides]
+
+
+def run(*args, env=None, **kwargs):
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command(*args, **kwargs), cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def metrics(save):
+    return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_two_processes_zero2_loss_finite_and_falls(train_assets, tmp_path):
+    save = tmp_path / "run"
+    ok(run(train_assets, save, "train.train_iters=40", "train.save_interval=20", "train.tensorboard=true", nproc=2))
+    records = metrics(save)
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert {"step", "loss", "lr", "grad_norm", "samples_per_s", "step_time_s", "skipped_steps"} <= set(records[0])
+    losses = [r["loss"] for r in records]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.75 * first, f"loss did not fall: first 5 {first:.3f}, last 5 {last:.3f}"
+    assert records[0]["lr"] == pytest.approx(5e-4) and records[1]["lr"] == pytest.approx(1e-3)  # 2 warm-up steps
+    assert min(r["lr"] for r in records) >= 1e-4 - 1e-12
+    # SAT layout that our loader (and SAT's, which reads "module") takes
+    assert (save / "latest").read_text().strip() == "40"
+    state = read_state_dict(save)
+    assert all(key.startswith("model.diffusion_model.") for key in state)
+    assert sorted(p.name for p in (save / "40").glob("trainer_state_rank*.pt")) == ["trainer_state_rank0.pt", "trainer_state_rank1.pt"]
+    assert list((save / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_is_exact_with_two_processes(train_assets, tmp_path):
+    # decay_iters fixed: the schedule must not depend on train_iters, which the stopped run sets to 3
+    common = ["train.save_interval=3", "train.gradient_accumulation_steps=2", "train.micro_batch_size=1", "data.num_workers=1",
+              "train.lr_schedule.decay_iters=4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    # validation in the straight run only: sampling must not change what training draws
+    ok(run(train_assets, straight, "train.train_iters=6", *common, "train.validation.interval=2", "train.validation.steps=2",
+           "train.validation.prompts=[a red circle moving left]", "model.dit.num_frames=9", nproc=2))
+    assert sorted(p.name for p in (straight / "samples").iterdir()) == ["2", "4", "6"]
+    assert (straight / "samples" / "6" / "contact_sheet.png").is_file()
+    ok(run(train_assets, resumed, "train.train_iters=3", *common, "model.dit.num_frames=9", nproc=2))
+    ok(run(train_assets, resumed, "train.train_iters=6", "train.resume=latest", *common, "model.dit.num_frames=9", nproc=2))
+    a, b = metrics(straight), metrics(resumed)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-6, (ra, rb)
+        assert ra["lr"] == pytest.approx(rb["lr"], abs=1e-12)
+    wa, wb = read_state_dict(straight), read_state_dict(resumed)
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+
+def test_sigkill_while_saving_resumes_from_previous_checkpoint(train_assets, tmp_path):
+    save = tmp_path / "run"
+    args = ["train.train_iters=4", "train.save_interval=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", PAUSE_BEFORE_COMMIT_ENV: "4"}
+    proc = subprocess.Popen(command(train_assets, save, *args, nproc=2), cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (save / ".tmp-4" / "trainer_state_rank1.pt").exists():  # staged, not yet committed
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.poll() is not None else "timeout"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (save / "latest").read_text().strip() == "2" and not (save / "4").exists()
+    read_state_dict(save)  # the previous checkpoint is complete and loadable
+
+    ok(run(train_assets, save, *args, "train.resume=latest", nproc=2))
+    assert (save / "latest").read_text().strip() == "4" and not (save / ".tmp-4").exists()
+    assert [r["step"] for r in metrics(save)] == [1, 2, 3, 4]
+
+
+def test_bad_files_are_skipped_and_reported(train_assets, tmp_path):
+    from sat_video.data.video_io import write_mp4
+
+    data = tmp_path / "data"
+    shutil.copytree(train_assets / "data", data)
+    videos, labels = data / "videos", data / "labels"
+    good = sorted(videos.glob("*.mp4"))[0]
+    (videos / "empty.mp4").write_bytes(b"")
+    (videos / "truncated.mp4").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (videos / "notes.mp4").write_text("this is not a video\n")
+    write_mp4(videos / "two_frames.mp4", torch.zeros(2, 64, 64, 3, dtype=torch.uint8).numpy(), fps=8)
+    for name in ("empty", "truncated", "notes", "two_frames"):
+        (labels / f"{name}.txt").write_text("a bad file\n")
+    save = tmp_path / "run"
+    # 8 files, one process, micro-batch 1: 16 steps visit every file at least once
+    proc = ok(run(train_assets, save, "train.train_iters=16", "train.micro_batch_size=1", "train.save_interval=100", data=data))
+    report = (save / "skipped_files.txt").read_text()
+    for name in ("empty.mp4", "truncated.mp4", "notes.mp4", "two_frames.mp4"):
+        assert name in report and name in proc.stderr
+    assert len(report.splitlines()) == 4
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in metrics(save)])))
+
+    # the finished run is not overwritten by a fresh start ...
+    again = run(train_assets, save, "train.train_iters=1", data=data)
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "train.resume=latest" in again.stderr
+    assert (save / "latest").read_text().strip() == "16"
+    # ... unless asked to
+    ok(run(train_assets, save, "train.train_iters=1", "train.overwrite=true", "train.micro_batch_size=1", data=data))
+    assert (save / "latest").read_text().strip() == "1" and not (save / "16").exists()
+
+
+def test_dataset_without_usable_sample_fails_at_start(tmp_path, train_assets):
+    data = tmp_path / "data"
+    (data / "videos").mkdir(parents=True)
+    (data / "labels").mkdir()
+    (data / "videos" / "a.mp4").write_bytes(b"")
+    (data / "labels" / "a.txt").write_text("caption\n")
+    proc = run(train_assets, tmp_path / "run", data=data)
+    assert proc.returncode == 2 and "no usable sample" in proc.stderr and "a.mp4" in proc.stderr
+
+
+def test_non_finite_steps_stop_the_run_with_a_checkpoint(train_assets, tmp_path):
+    save = tmp_path / "run"
+    proc = run(train_assets, save, "train.train_iters=20", "train.max_nonfinite_steps=3", "train.optimizer.lr=1e30",
+               "train.lr_schedule.warmup_iters=0", "train.lr_schedule.min_lr=0", "train.grad_clip=0")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "3 steps in a row had a non-finite loss or gradients" in proc.stderr
+    records = metrics(save)
+    assert records[-1]["skipped_steps"] == 3
+    weights = read_state_dict(save)  # the last good state, saved before stopping
+    assert all(torch.isfinite(w.float()).all() for w in weights.values())
+
+
+def test_config_typo_exits_nonzero_naming_the_key(capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import train_video
+    finally:
+        sys.path.pop(0)
+    assert train_video.main(["--base", *BASE, "model.dit.hiden_size=64"]) == 2
+    err = capsys.readouterr().err
+    assert "model.dit.hiden_size" in err and "did you mean 'hidden_size'" in err
