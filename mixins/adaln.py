@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
+from sat_video.model.context import ForwardContext
 from sat_video.model.hooks import Mixin
 from sat_video.model.modulation import gated_residual, modulate_per_modality
 from sat_video.model.registry import register_mixin
+from sat_video.model.transformer import TransformerLayer
 
 
 @register_mixin("adaln")
@@ -33,14 +36,14 @@ class AdaLNMixin(Mixin):
 
     chain_priority = {"process_qkv": -10}  # normalise q/k before any rotation
 
-    def __init__(self, dims, config=None):
-        super().__init__(dims, config)
+    def __init__(self, dit_config, config=None):
+        super().__init__(dit_config, config)
         self.adaLN_modulations = nn.ModuleList(
-            nn.Sequential(nn.SiLU(), nn.Linear(dims.time_embed_dim, 12 * dims.hidden_size)) for _ in range(dims.num_layers)
+            nn.Sequential(nn.SiLU(), nn.Linear(dit_config.time_embed_dim, 12 * dit_config.hidden_size)) for _ in range(dit_config.num_layers)
         )
         if self.config.qk_layernorm:
-            self.query_layernorm_list = nn.ModuleList(nn.LayerNorm(dims.head_dim, eps=1e-6) for _ in range(dims.num_layers))
-            self.key_layernorm_list = nn.ModuleList(nn.LayerNorm(dims.head_dim, eps=1e-6) for _ in range(dims.num_layers))
+            self.query_layernorm_list = nn.ModuleList(nn.LayerNorm(dit_config.head_dim, eps=1e-6) for _ in range(dit_config.num_layers))
+            self.key_layernorm_list = nn.ModuleList(nn.LayerNorm(dit_config.head_dim, eps=1e-6) for _ in range(dit_config.num_layers))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -52,8 +55,8 @@ class AdaLNMixin(Mixin):
         hooks = super().implemented_hooks()
         return hooks if self.config.qk_layernorm else [h for h in hooks if h != "process_qkv"]
 
-    def layer_forward(self, layer, hidden, ctx, layer_idx):
-        n = ctx.text_length
+    def layer_forward(self, layer: TransformerLayer, hidden: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
+        n = ctx.num_condition_tokens
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
          text_shift_msa, text_scale_msa, text_gate_msa, text_shift_mlp, text_scale_mlp, text_gate_mlp,
          ) = self.adaLN_modulations[layer_idx](ctx.temb)[:, None].chunk(12, dim=-1)  # each [B, 1, D]
@@ -66,7 +69,7 @@ class AdaLNMixin(Mixin):
         x = modulate_per_modality(layer.post_attention_layernorm(hidden), n, (text_shift_mlp, text_scale_mlp), (shift_mlp, scale_mlp))
         return gated_residual(hidden, layer.mlp(x, ctx, layer_idx), n, text_gate_mlp, gate_mlp)
 
-    def process_qkv(self, q, k, v, ctx, layer_idx):
+    def process_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Normalised in the fused projection's [B, S, H, hd] memory order and handed on as [B, H, S, hd] views of it:
         # attention then returns that order too, so the output projection reads it without a transposing copy.
         q = self.query_layernorm_list[layer_idx](q.transpose(1, 2)).transpose(1, 2)

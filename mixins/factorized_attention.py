@@ -33,6 +33,7 @@ steps through its momentum and weight decay, as it moves any parameter whose gra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,16 +41,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from sat_video.common.errors import ConfigError
-from sat_video.model.context import TokenGrid
+from sat_video.model.context import ForwardContext, TokenGrid
 from sat_video.model.hooks import Mixin, wraps_previous
 from sat_video.model.registry import register_mixin
-from sat_video.model.transformer import SelfAttention
+from sat_video.model.transformer import SelfAttention, TransformerLayer
 
 ARRANGEMENTS = ("interleaved", "sequential", "serial_in_block", "parallel_in_block")
 BLOCK_ARRANGEMENTS = ("interleaved", "sequential")  # whole blocks are spatial or temporal
 
 
-def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_length: int, grid: TokenGrid) -> torch.Tensor:
+def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_condition_tokens: int, grid: TokenGrid) -> torch.Tensor:
     """Video queries see the condition tokens and their own frame; condition queries see everything.
 
     Args:
@@ -57,7 +58,7 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_le
     Returns:
         ``[B, H, L + N, hd]``.
     """
-    n, frames, per_frame = text_length, grid.frames, grid.height * grid.width
+    n, frames, per_frame = num_condition_tokens, grid.frames, grid.height * grid.width
     batch = q.shape[0]
     condition = F.scaled_dot_product_attention(q[:, :, :n], k, v)  # [B, H, L, hd]
 
@@ -74,7 +75,7 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_le
     return torch.cat([condition, video], dim=2)
 
 
-def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_length: int, grid: TokenGrid) -> torch.Tensor:
+def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_condition_tokens: int, grid: TokenGrid) -> torch.Tensor:
     """Video queries see their own ``(h, w)`` in every frame; condition queries see only condition tokens.
 
     Args:
@@ -82,7 +83,7 @@ def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_l
     Returns:
         ``[B, H, L + N, hd]``.
     """
-    n, frames, per_frame = text_length, grid.frames, grid.height * grid.width
+    n, frames, per_frame = num_condition_tokens, grid.frames, grid.height * grid.width
     batch = q.shape[0]
     condition = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n])  # [B, H, L, hd]
 
@@ -117,15 +118,15 @@ class FactorizedAttentionMixin(Mixin):
                 raise ConfigError(f"factorized_attention mixin: arrangement must be one of {', '.join(ARRANGEMENTS)}, "
                                   f"found '{self.arrangement}'")
 
-    def __init__(self, dims, config=None):
-        super().__init__(dims, config)
+    def __init__(self, dit_config, config=None):
+        super().__init__(dit_config, config)
         arrangement = self.config.arrangement
-        if arrangement in BLOCK_ARRANGEMENTS and dims.num_layers < 2:
+        if arrangement in BLOCK_ARRANGEMENTS and dit_config.num_layers < 2:
             raise ConfigError(f"factorized_attention mixin: arrangement '{arrangement}' needs at least one spatial and one "
-                              f"temporal block, but model.dit.num_layers is {dims.num_layers}")
+                              f"temporal block, but model.dit.num_layers is {dit_config.num_layers}")
         if arrangement not in BLOCK_ARRANGEMENTS:
             self.temporal_attention = nn.ModuleList(
-                SelfAttention(dims.hidden_size, dims.num_attention_heads, role="temporal_attention") for _ in range(dims.num_layers)
+                SelfAttention(dit_config.hidden_size, dit_config.num_attention_heads, role="temporal_attention") for _ in range(dit_config.num_layers)
             )
         self.reset_parameters()
 
@@ -133,7 +134,7 @@ class FactorizedAttentionMixin(Mixin):
         # The base blocks' initialisation (SAT's), so that (3)/(4) differ from (1)/(2) by arrangement, not by init.
         if self.config.arrangement in BLOCK_ARRANGEMENTS:
             return
-        out_std = 0.02 / math.sqrt(2.0 * self.dims.num_layers)
+        out_std = 0.02 / math.sqrt(2.0 * self.dit_config.num_layers)
         for attention in self.temporal_attention:
             for linear, std in ((attention.query_key_value, 0.02), (attention.dense, out_std)):
                 nn.init.normal_(linear.weight, std=std)
@@ -149,17 +150,17 @@ class FactorizedAttentionMixin(Mixin):
         if self.config.arrangement == "interleaved":
             return layer_idx % 2 == 1
         if self.config.arrangement == "sequential":
-            return layer_idx >= (self.dims.num_layers + 1) // 2
+            return layer_idx >= (self.dit_config.num_layers + 1) // 2
         return False
 
     # (1) and (2): whole blocks are spatial or temporal
 
-    def attention_kernel(self, q, k, v, ctx, layer_idx):
+    def attention_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
         kernel = temporal_attention if self.is_temporal_block(layer_idx) else spatial_attention
-        return kernel(q, k, v, ctx.text_length, ctx.grid)
+        return kernel(q, k, v, ctx.num_condition_tokens, ctx.grid)
 
     @wraps_previous
-    def layer_forward(self, layer, hidden, ctx, layer_idx, *, inner):
+    def layer_forward(self, layer: TransformerLayer, hidden: torch.Tensor, ctx: ForwardContext, layer_idx: int, *, inner: Callable[..., torch.Tensor]) -> torch.Tensor:
         out = inner(layer, hidden, ctx, layer_idx)
         if ctx.grid.frames > 1 or not self.is_temporal_block(layer_idx):
             return out
@@ -168,12 +169,12 @@ class FactorizedAttentionMixin(Mixin):
     # (3) and (4): one spatial and one temporal attention per block
 
     def _spatial(self, q, k, v, ctx, layer_idx):
-        return spatial_attention(q, k, v, ctx.text_length, ctx.grid)
+        return spatial_attention(q, k, v, ctx.num_condition_tokens, ctx.grid)
 
     def _temporal(self, q, k, v, ctx, layer_idx):
-        return temporal_attention(q, k, v, ctx.text_length, ctx.grid)
+        return temporal_attention(q, k, v, ctx.num_condition_tokens, ctx.grid)
 
-    def attention_forward(self, attention, x, ctx, layer_idx):
+    def attention_forward(self, attention: SelfAttention, x: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
         spatial = attention.attend(x, ctx, layer_idx, kernel=self._spatial)  # [B, L + N, D]
         temporal_input = x + spatial if self.config.arrangement == "serial_in_block" else x
         temporal = self.temporal_attention[layer_idx].attend(temporal_input, ctx, layer_idx, kernel=self._temporal)

@@ -16,6 +16,7 @@ diffusers' LoRA format.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import List
 
@@ -25,6 +26,7 @@ from torch import nn
 
 from sat_video.common.errors import ConfigError
 from sat_video.formats.sat_lora import LORA_TARGETS, SAT_TARGETS
+from sat_video.model.context import ForwardContext
 from sat_video.model.hooks import Mixin, wraps_previous
 from sat_video.model.registry import register_mixin
 
@@ -94,12 +96,12 @@ class LoRAMixin(Mixin):
             if problems:
                 raise ConfigError("lora mixin: " + "; ".join(problems))
 
-    def __init__(self, dims, config=None):
-        super().__init__(dims, config)
+    def __init__(self, dit_config, config=None):
+        super().__init__(dit_config, config)
         self.scale = self.config.alpha / self.config.rank
         self.dropout = nn.Dropout(self.config.dropout) if self.config.dropout else nn.Identity()
         self.targets = frozenset(self.config.targets)
-        width = dims.hidden_size
+        width = dit_config.hidden_size
 
         def layer_adapters() -> nn.ModuleDict:
             # nested by the target's path so that keys read layers.{i}.attention.query_key_value.matrix_A.{p}
@@ -111,7 +113,7 @@ class LoRAMixin(Mixin):
                 groups.setdefault(group, nn.ModuleDict())[linear] = adapter
             return nn.ModuleDict(groups)
 
-        self.layers = nn.ModuleList(layer_adapters() for _ in range(dims.num_layers))
+        self.layers = nn.ModuleList(layer_adapters() for _ in range(dit_config.num_layers))
 
     def reset_parameters(self) -> None:
         for module in self.modules():
@@ -119,7 +121,7 @@ class LoRAMixin(Mixin):
                 module.reset_parameters()
 
     @wraps_previous
-    def project(self, linear, x, ctx, layer_idx, name, *, inner):
+    def project(self, linear: nn.Linear, x: torch.Tensor, ctx: ForwardContext, layer_idx: int, name: str, *, inner: Callable[..., torch.Tensor]) -> torch.Tensor:
         out = inner(linear, x, ctx, layer_idx, name)
         if name not in self.targets:
             return out

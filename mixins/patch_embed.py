@@ -12,6 +12,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from sat_video.model.context import ForwardContext
 from sat_video.model.hooks import Mixin
 from sat_video.model.registry import register_mixin
 
@@ -24,14 +25,14 @@ class ImagePatchEmbedMixin(Mixin):
     ``text_proj.{weight,bias}`` ``[D, text_hidden_size]``.
     """
 
-    def __init__(self, dims, config=None):
-        super().__init__(dims, config)
-        p, pt = dims.patch_size, dims.patch_size_t
+    def __init__(self, dit_config, config=None):
+        super().__init__(dit_config, config)
+        p, pt = dit_config.patch_size, dit_config.patch_size_t
         if pt is None:
-            self.proj = nn.Conv2d(dims.in_channels, dims.hidden_size, kernel_size=p, stride=p)
+            self.proj = nn.Conv2d(dit_config.in_channels, dit_config.hidden_size, kernel_size=p, stride=p)
         else:
-            self.proj = nn.Linear(dims.in_channels * pt * p * p, dims.hidden_size)
-        self.text_proj = nn.Linear(dims.text_hidden_size, dims.hidden_size)
+            self.proj = nn.Linear(dit_config.in_channels * pt * p * p, dit_config.hidden_size)
+        self.text_proj = nn.Linear(dit_config.text_hidden_size, dit_config.hidden_size)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -40,21 +41,21 @@ class ImagePatchEmbedMixin(Mixin):
         nn.init.zeros_(self.proj.bias)
         self.text_proj.reset_parameters()
 
-    def embed(self, x, context, ctx):
-        dims = self.dims
-        if x.shape[2] != dims.in_channels:
-            raise ValueError(f"x has {x.shape[2]} channels, the model expects in_channels={dims.in_channels}")
-        if context.shape[-1] != dims.text_hidden_size:
-            raise ValueError(f"context width {context.shape[-1]} != text_hidden_size {dims.text_hidden_size}")
+    def embed(self, x: torch.Tensor, encoder_hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        dit_config = self.dit_config
+        if x.shape[2] != dit_config.in_channels:
+            raise ValueError(f"x has {x.shape[2]} channels, the model expects in_channels={dit_config.in_channels}")
+        if encoder_hidden_states.shape[-1] != dit_config.text_hidden_size:
+            raise ValueError(f"encoder_hidden_states width {encoder_hidden_states.shape[-1]} != text_hidden_size {dit_config.text_hidden_size}")
         batch, frames = x.shape[:2]
-        if dims.patch_size_t is None:
+        if dit_config.patch_size_t is None:
             video = self.proj(x.flatten(0, 1))  # [B*T, D, h, w]
             video = rearrange(video, "(b t) d h w -> b (t h w) d", b=batch, t=frames)
         else:
             video = rearrange(
                 x, "b (t o) c (h p) (w q) -> b (t h w) (c o p q)",
-                o=dims.patch_size_t, p=dims.patch_size, q=dims.patch_size,
+                o=dit_config.patch_size_t, p=dit_config.patch_size, q=dit_config.patch_size,
             )
             video = self.proj(video)
-        text = self.text_proj(context)
+        text = self.text_proj(encoder_hidden_states)
         return torch.cat([text, video], dim=1)  # [B, L + N, D]

@@ -246,21 +246,21 @@ class PatchPCAFirstStage(FrozenStage):
         except safetensors.SafetensorError as err:
             raise CheckpointError(f"{path}: not a safetensors file ({err})") from None
         first_dim = RGB * PATCH_SIZE**2
-        dims = {"first_frame": first_dim, "frame_groups": FRAMES_PER_TUBE * first_dim}
-        expected_keys = {f"{prefix}.{name}" for prefix in dims for name in ("mean", "basis", "std")}
+        dit_config = {"first_frame": first_dim, "frame_groups": FRAMES_PER_TUBE * first_dim}
+        expected_keys = {f"{prefix}.{name}" for prefix in dit_config for name in ("mean", "basis", "std")}
         if tensors.keys() != expected_keys:
             raise ValueError(
                 f"{path}: not a PatchPCAFirstStage file: expected keys {sorted(expected_keys)}, found {sorted(tensors)}"
             )
         channels = tensors["first_frame.std"].shape[0] if tensors["first_frame.std"].ndim == 1 else -1
         expected_shapes = {}
-        for prefix, dim in dims.items():
+        for prefix, dim in dit_config.items():
             expected_shapes |= {f"{prefix}.mean": (dim,), f"{prefix}.basis": (channels, dim), f"{prefix}.std": (channels,)}
         mismatched = [f"{key} {tuple(tensors[key].shape)} (expected {shape})" for key, shape in sorted(expected_shapes.items())
                       if tuple(tensors[key].shape) != shape]
         if mismatched:
             raise CheckpointError(f"{path}: shape mismatches (C: latent channels, from first_frame.std): {', '.join(mismatched)}")
-        bases = {prefix: PatchBasis(*(tensors[f"{prefix}.{name}"] for name in ("mean", "basis", "std"))) for prefix in dims}
+        bases = {prefix: PatchBasis(*(tensors[f"{prefix}.{name}"] for name in ("mean", "basis", "std"))) for prefix in dit_config}
         return cls(bases["first_frame"], bases["frame_groups"], scale_factor)
 
     @classmethod

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
+from sat_video.model.context import ForwardContext
 from sat_video.model.hooks import Mixin
 from sat_video.model.registry import register_mixin
 
@@ -30,15 +32,15 @@ class QKLayerNormMixin(Mixin):
 
     chain_priority = {"process_qkv": -10}  # normalise q/k before any rotation
 
-    def __init__(self, dims, config=None):
-        super().__init__(dims, config)
+    def __init__(self, dit_config, config=None):
+        super().__init__(dit_config, config)
         eps = self.config.eps
-        self.query_layernorm_list = nn.ModuleList(nn.LayerNorm(dims.head_dim, eps=eps) for _ in range(dims.num_layers))
-        self.key_layernorm_list = nn.ModuleList(nn.LayerNorm(dims.head_dim, eps=eps) for _ in range(dims.num_layers))
+        self.query_layernorm_list = nn.ModuleList(nn.LayerNorm(dit_config.head_dim, eps=eps) for _ in range(dit_config.num_layers))
+        self.key_layernorm_list = nn.ModuleList(nn.LayerNorm(dit_config.head_dim, eps=eps) for _ in range(dit_config.num_layers))
 
     def reset_parameters(self) -> None:
         for norm in (*self.query_layernorm_list, *self.key_layernorm_list):
             norm.reset_parameters()
 
-    def process_qkv(self, q, k, v, ctx, layer_idx):
+    def process_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.query_layernorm_list[layer_idx](q), self.key_layernorm_list[layer_idx](k), v

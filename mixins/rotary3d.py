@@ -2,8 +2,8 @@
 
 The head dim is split ``[t | h | w] = [hd/4 | 3hd/8 | 3hd/8]``; each axis rotates adjacent pairs
 ``(x_2i, x_2i+1)`` by ``pos * theta^(-2i/d)`` at *integer* positions, so other grids extrapolate
-(no interpolation). Text tokens are not rotated. It runs after qk-LayerNorm when the AdaLN mixin is
-added first (``process_qkv`` chains in insertion order).
+(no interpolation). Text tokens are not rotated. It always runs after qk-LayerNorm, whatever the order the
+mixins were added in: qk-LayerNorm's ``process_qkv`` link declares ``chain_priority`` -10, this one the default 0.
 
 ``learned_table: true`` adds the 5B-I2V learned ``[1, L + T*H*W, D]`` table (zero init) to all
 tokens, text included; it exists only for the training grid (shorter clips use its prefix, as SAT).
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sat_video.common.errors import ConfigError
-from sat_video.model.context import TokenGrid
+from sat_video.model.context import ForwardContext, TokenGrid
 from sat_video.model.hooks import Mixin
 from sat_video.model.registry import register_mixin
 
@@ -75,15 +75,15 @@ class Rotary3DMixin(Mixin):
 
     derived_checkpoint_keys = ("freqs_sin", "freqs_cos")
 
-    def __init__(self, dims, config=None):
-        super().__init__(dims, config)
-        if dims.head_dim % 16:
-            raise ConfigError(f"3D RoPE splits the head dim 4/8 : 3/8 : 3/8 into even parts; head dim {dims.head_dim} is not a multiple of 16")
+    def __init__(self, dit_config, config=None):
+        super().__init__(dit_config, config)
+        if dit_config.head_dim % 16:
+            raise ConfigError(f"3D RoPE splits the head dim 4/8 : 3/8 : 3/8 into even parts; head dim {dit_config.head_dim} is not a multiple of 16")
         self._rotations: dict = {}
         if self.config.learned_table:
-            patch_t = dims.patch_size_t or 1
-            self.train_grid = TokenGrid(dims.latent_frames // patch_t, dims.latent_height // dims.patch_size, dims.latent_width // dims.patch_size)
-            self.pos_embedding = nn.Parameter(torch.zeros(1, dims.text_length + self.train_grid.num_tokens, dims.hidden_size))
+            patch_t = dit_config.patch_size_t or 1
+            self.train_grid = TokenGrid(dit_config.latent_frames // patch_t, dit_config.latent_height // dit_config.patch_size, dit_config.latent_width // dit_config.patch_size)
+            self.pos_embedding = nn.Parameter(torch.zeros(1, dit_config.text_length + self.train_grid.num_tokens, dit_config.hidden_size))
 
     def reset_parameters(self) -> None:
         if self.config.learned_table:
@@ -95,31 +95,31 @@ class Rotary3DMixin(Mixin):
 
     def cos_sin(self, grid: TokenGrid, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin`` ``[T*H*W, head_dim]`` of ``grid`` (diffusers' ``image_rotary_emb`` layout)."""
-        cos, sin = rotary_3d_cos_sin(self.dims.head_dim, grid, self.config.theta)
+        cos, sin = rotary_3d_cos_sin(self.dit_config.head_dim, grid, self.config.theta)
         return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
 
-    def rotation(self, grid: TokenGrid, text_length: int, device: torch.device) -> torch.Tensor:
+    def rotation(self, grid: TokenGrid, num_condition_tokens: int, device: torch.device) -> torch.Tensor:
         """``(cos, sin)`` of the angle per adjacent pair, float32 ``[L + N, head_dim / 2, 2]``; text rows are (1, 0)
         (no rotation), so the whole sequence is rotated at once, without slicing out the video tokens."""
-        key = (grid, text_length, device)
+        key = (grid, num_condition_tokens, device)
         if key not in self._rotations:
             cos, sin = self.cos_sin(grid, device, torch.float32)
             video = torch.stack([cos[:, ::2], sin[:, ::2]], dim=-1)  # angles come repeated per pair
-            text = torch.zeros(text_length, *video.shape[1:], device=device)
+            text = torch.zeros(num_condition_tokens, *video.shape[1:], device=device)
             text[..., 0] = 1
             self._rotations[key] = torch.cat([text, video])
         return self._rotations[key]
 
-    def process_qkv(self, q, k, v, ctx, layer_idx):
-        rotation = self.rotation(ctx.grid, ctx.text_length, q.device)  # broadcast over batch and heads
+    def process_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rotation = self.rotation(ctx.grid, ctx.num_condition_tokens, q.device)  # broadcast over batch and heads
         return apply_rotation(q, rotation), apply_rotation(k, rotation), v
 
-    def add_position(self, hidden, ctx):
+    def add_position(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         grid, train = ctx.grid, self.train_grid
-        if (grid.height, grid.width) != (train.height, train.width) or grid.frames > train.frames or ctx.text_length != self.dims.text_length:
+        if (grid.height, grid.width) != (train.height, train.width) or grid.frames > train.frames or ctx.num_condition_tokens != self.dit_config.text_length:
             raise ValueError(
-                f"the learned position table covers {self.dims.text_length} text tokens and a "
-                f"{train.frames}x{train.height}x{train.width} grid; this input has {ctx.text_length} text "
+                f"the learned position table covers {self.dit_config.text_length} text tokens and a "
+                f"{train.frames}x{train.height}x{train.width} grid; this input has {ctx.num_condition_tokens} text "
                 f"tokens and a {grid.frames}x{grid.height}x{grid.width} grid (only fewer frames are possible)"
             )
         return hidden + self.pos_embedding[:, : hidden.shape[1]]

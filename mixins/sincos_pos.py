@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sat_video.common.errors import ConfigError
-from sat_video.model.context import TokenGrid
+from sat_video.model.context import ForwardContext, TokenGrid
 from sat_video.model.hooks import Mixin
 from sat_video.model.registry import register_mixin
 
@@ -56,21 +56,21 @@ class SinCosInterpolatedPosMixin(Mixin):
 
     derived_checkpoint_keys = ("pos_embedding",)
 
-    def __init__(self, dims, config=None):
-        super().__init__(dims, config)
-        if dims.hidden_size % 16:
-            raise ConfigError(f"3D sin-cos positions need hidden_size divisible by 16, found {dims.hidden_size}")
+    def __init__(self, dit_config, config=None):
+        super().__init__(dit_config, config)
+        if dit_config.hidden_size % 16:
+            raise ConfigError(f"3D sin-cos positions need hidden_size divisible by 16, found {dit_config.hidden_size}")
         self._tables: dict = {}
 
     def table(self, grid: TokenGrid, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The ``[T*H*W, D]`` table of ``grid``."""
         c = self.config
-        table = sincos_3d_table(self.dims.hidden_size, grid, c.time_interpolation, c.height_interpolation, c.width_interpolation)
+        table = sincos_3d_table(self.dit_config.hidden_size, grid, c.time_interpolation, c.height_interpolation, c.width_interpolation)
         return table.to(device=device, dtype=dtype)
 
-    def add_position(self, hidden, ctx):
-        key = (ctx.grid, ctx.text_length, hidden.device, hidden.dtype)
+    def add_position(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        key = (ctx.grid, ctx.num_condition_tokens, hidden.device, hidden.dtype)
         if key not in self._tables:  # zero rows for the text: one addition over the whole sequence, no slicing
             table = self.table(ctx.grid, hidden.device, hidden.dtype)
-            self._tables[key] = torch.cat([table.new_zeros(ctx.text_length, table.shape[1]), table])  # [L + N, D]
+            self._tables[key] = torch.cat([table.new_zeros(ctx.num_condition_tokens, table.shape[1]), table])  # [L + N, D]
         return hidden + self._tables[key]

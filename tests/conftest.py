@@ -28,13 +28,13 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torc
 
 
 def tiny_inputs(cfg, batch=2, frames=4, height=None, width=None, seed=0):
-    dims = cfg.model.dit
+    dit_config = cfg.model.dit
     generator = torch.Generator().manual_seed(seed)
-    height, width = height or dims.latent_height, width or dims.latent_width
-    x = torch.randn(batch, frames, dims.in_channels, height, width, generator=generator)
-    context = torch.randn(batch, dims.text_length, dims.text_hidden_size, generator=generator)
+    height, width = height or dit_config.latent_height, width or dit_config.latent_width
+    x = torch.randn(batch, frames, dit_config.in_channels, height, width, generator=generator)
+    context = torch.randn(batch, dit_config.text_length, dit_config.text_hidden_size, generator=generator)
     timesteps = torch.randint(0, 1000, (batch,), generator=generator)
-    ofs = torch.full((batch,), 2.0) if dims.ofs_embed_dim else None
+    ofs = torch.full((batch,), 2.0) if dit_config.ofs_embed_dim else None
     return x, timesteps, context, ofs
 
 

@@ -21,7 +21,7 @@ from sat_video.common.errors import ConversionError, OutputExistsError
 from sat_video.config.cli import add_config_arguments, run_tool, split_config_arguments
 from sat_video.formats.diffusers_format import from_diffusers_config, from_diffusers_state_dict, read_diffusers_transformer
 from sat_video.formats.sat_checkpoint import check_state_dict
-from sat_video.model.config import dit_config
+from sat_video.model.config import DiTConfig
 
 
 def run(argv=None) -> int:
@@ -45,10 +45,10 @@ def run(argv=None) -> int:
                   if k != "mixin_modules" and mine.get(k) != theirs.get(k)}
         if differ:
             raise ConversionError(f"--base configs and {args.diffusers} describe different models (base vs diffusers): {differ}")
-    dims = dit_config(cfg)
+    dit_config = DiTConfig.from_config(cfg)
     with torch.device("meta"):
         model = sat_video.build_dit(cfg)
-    state = check_state_dict(model, from_diffusers_state_dict(hf_state, dims), args.diffusers)
+    state = check_state_dict(model, from_diffusers_state_dict(hf_state, dit_config), args.diffusers)
     model.load_state_dict(state, assign=True)
     file = sat_video.save_checkpoint(model, out, args.iteration)
     OmegaConf.save(cfg, out / "config.yaml")

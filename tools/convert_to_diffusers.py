@@ -25,7 +25,7 @@ from sat_video.config.cli import add_config_arguments, run_tool, split_config_ar
 from sat_video.formats.diffusers_format import LORA_WEIGHTS, write_diffusers_folder
 from sat_video.formats.sat_checkpoint import dit_state_dict, load_dit_state, lora_mixins, read_state_dict
 from sat_video.formats.sat_lora import has_sat_lora, lora_to_diffusers, merge_lora, sat_lora_config
-from sat_video.model.config import dit_config
+from sat_video.model.config import DiTConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,12 +68,12 @@ def run(argv=None) -> int:
     state = dit_state_dict(read_state_dict(args.ckpt))
     cfg, model = build_with_lora(paths, overrides, state, args)
     load_dit_state(model, state, source=str(args.ckpt), lora_alpha=args.lora_alpha)
-    state, dims = model.state_dict(), dit_config(cfg)
+    state, dit_config = model.state_dict(), DiTConfig.from_config(cfg)
     lora = lora_mixins(model)
     if len(lora) > 1:
         raise ConversionError(f"diffusers holds one LoRA adapter per export; this model has {len(lora)} LoRA mixins: {', '.join(lora)}")
     for name, mixin in lora.items():
-        dims = dataclasses.replace(dims, mixins={n: e for n, e in dims.mixins.items() if n != name})
+        dit_config = dataclasses.replace(dit_config, mixins={n: e for n, e in dit_config.mixins.items() if n != name})
         if args.lora_adapter:
             adapter = lora_to_diffusers(state, name, mixin.scale)
             state = {k: v for k, v in state.items() if not k.startswith(f"mixins.{name}.")}
@@ -84,7 +84,7 @@ def run(argv=None) -> int:
         if adapter is not None:
             adapter = {k: v.to(DTYPES[args.dtype]) for k, v in adapter.items()}
     write_diffusers_folder(
-        state, dims, args.out,
+        state, dit_config, args.out,
         snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
         num_train_timesteps=cfg.model.diffusion.num_train_timesteps,
         lora_adapter=adapter,

@@ -21,7 +21,7 @@ from sat_video.common.errors import OutputExistsError
 from sat_video.config.cli import add_config_arguments, config_from_arguments, run_tool
 from sat_video.data.clips import ClipSpec
 from sat_video.data.sources import discover
-from sat_video.model.config import dit_config
+from sat_video.model.config import DiTConfig
 
 
 def encode(cfg, out: Path, samples_per_shard: int, overwrite: bool) -> int:
@@ -38,11 +38,11 @@ def encode(cfg, out: Path, samples_per_shard: int, overwrite: bool) -> int:
             raise OutputExistsError(f"{out} exists; choose another --out, or pass --overwrite to replace it")
         refs = discover(list(cfg.data.sources))
         spec = ClipSpec.from_config(cfg.data, cfg.model.dit)
-        dims = dit_config(cfg)
+        dit_config = DiTConfig.from_config(cfg)
         settings = cache_settings(cfg.model, cfg.data)
         dtype = frozen_stage_dtype(cfg.deepspeed.precision)
         stages = build_frozen_stages(cfg.model).to(env.device, dtype)
-        image_condition = dims.in_channels > dims.out_channels
+        image_condition = dit_config.in_channels > dit_config.out_channels
 
         staging = staging_folder(out)
         if env.is_main:

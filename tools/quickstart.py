@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from sat_video.model.config import dit_config
+from sat_video.model.config import DiTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [ROOT / "configs" / name for name in ("cogvideox_5b.yaml", "tiny.yaml", "quickstart.yaml")]
@@ -91,14 +91,14 @@ def main(argv=None) -> int:
     if args.train_iters:
         overrides.append(f"train.train_iters={args.train_iters}")
     cfg = sat_video.load_config(BASE, overrides)
-    dims = dit_config(cfg)
+    dit_config = DiTConfig.from_config(cfg)
 
     step(f"1. synthetic dataset: {args.num_videos} mp4 clips in {run / 'data'}")
     items = make_moving_shapes(run / "data", num_videos=args.num_videos, num_frames=16, height=64, width=64, fps=8, seed=0)
     captions = [caption for _, caption in items]
 
     step("2. frozen stages: tiny T5 + sentencepiece tokenizer trained on the captions; PCA first stage fitted to the clips")
-    make_tiny_t5(captions, run / "t5", d_model=dims.text_hidden_size)
+    make_tiny_t5(captions, run / "t5", d_model=dit_config.text_hidden_size)
     spec = ClipSpec.from_config(cfg.data, cfg.model.dit)
     PatchPCAFirstStage.fit(load_clip(ref, spec)[0] for ref in discover([run / "data"])).save(run / "first_stage.safetensors")
 
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     sat_video.load_checkpoint(dit, run / "train")
     stages = build_frozen_stages(cfg.model)
     generator = VideoGenerator(dit.eval(), stages, snr_shift_scale=cfg.model.diffusion.snr_shift_scale)
-    videos = generator.generate(captions[: args.num_samples], cfg.sample, num_frames=dims.num_frames, height=spec.height,
+    videos = generator.generate(captions[: args.num_samples], cfg.sample, num_frames=dit_config.num_frames, height=spec.height,
                                 width=spec.width)
     written = write_samples(run / "samples", videos, cfg.data.fps)
     matches = caption_check(videos)
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     timesteps = torch.tensor([100, 700])
     with torch.no_grad():
         ours = dit(latents, timesteps, text)
-        theirs = hf(latents, text, timesteps, image_rotary_emb=diffusers_rotary_embedding(dims, latents.shape[1], *latents.shape[3:]),
+        theirs = hf(latents, text, timesteps, image_rotary_emb=diffusers_rotary_embedding(dit_config, latents.shape[1], *latents.shape[3:]),
                     return_dict=False)[0]
     diff = (ours - theirs).abs().max().item()
 

@@ -22,7 +22,7 @@ from sat_video.data.clips import ClipSpec, load_image
 from sat_video.diffusion.config import SCHEDULER_NAMES
 from sat_video.diffusion.sampling import VideoGenerator, write_samples
 from sat_video.model.build import build_frozen_stages
-from sat_video.model.config import dit_config
+from sat_video.model.config import DiTConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -59,7 +59,7 @@ def run(argv=None) -> int:
     cfg = config_from_arguments(args)
     texts = args.prompt or read_prompts(args.prompts)
     dtype = DTYPES[args.dtype]
-    dit = dit_config(cfg)
+    dit = DiTConfig.from_config(cfg)
     with torch.device("meta"):
         model = sat_video.build_dit(cfg)
     sat_video.load_checkpoint(model, args.ckpt)

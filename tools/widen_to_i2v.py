@@ -24,18 +24,18 @@ from sat_video.config.cli import add_config_arguments, run_tool, split_config_ar
 from sat_video.formats.i2v import widen_patch_embedding
 from sat_video.formats.sat_checkpoint import check_state_dict
 from sat_video.model.build import build_mixin
-from sat_video.model.config import dit_config
+from sat_video.model.config import DiTConfig
 
 
 def _fresh_mixin_weights(cfg, keys: list[str]) -> dict[str, torch.Tensor]:
     """Initial values for ``keys`` that the T2V checkpoint lacks, from freshly built copies of their mixins."""
-    dims = dit_config(cfg)
+    dit_config = DiTConfig.from_config(cfg)
     owners = {key.split(".")[1] for key in keys if key.startswith("mixins.")}
     if any(not key.startswith("mixins.") for key in keys):
         raise sat_video.CheckpointError(f"the T2V checkpoint lacks non-mixin weights of the target model: {keys}")
     weights = {}
     for name in owners:
-        mixin_state = build_mixin(dims, dims.mixins[name]).state_dict()
+        mixin_state = build_mixin(dit_config, dit_config.mixins[name]).state_dict()
         weights.update({f"mixins.{name}.{k}": v for k, v in mixin_state.items() if f"mixins.{name}.{k}" in keys})
     return weights
 
@@ -58,8 +58,8 @@ def run(argv=None) -> int:
     target_cfg = sat_video.load_config(paths, [f"model.dit.in_channels={args.in_channels}", *overrides])
     with torch.device("meta"):  # no second full-size copy in memory
         target = sat_video.build_dit(target_cfg)
-    patch_embed = next(n for n, e in dit_config(source_cfg).mixins.items() if e["type"] == "image_patch_embed")
-    state = widen_patch_embedding(source.state_dict(), dit_config(source_cfg), args.in_channels, patch_embed)
+    patch_embed = next(n for n, e in DiTConfig.from_config(source_cfg).mixins.items() if e["type"] == "image_patch_embed")
+    state = widen_patch_embedding(source.state_dict(), DiTConfig.from_config(source_cfg), args.in_channels, patch_embed)
     fresh = [k for k in target.state_dict() if k not in state]
     state.update(_fresh_mixin_weights(target_cfg, fresh))
     target.load_state_dict(check_state_dict(target, state, args.ckpt), assign=True)

@@ -21,7 +21,7 @@ from sat_video.common.constraints import field_problems
 from sat_video.common.errors import ConfigError, UnknownMixinError, did_you_mean
 from sat_video.config.schema import Config
 from sat_video.model.build import import_plugins, mixin_class, stage_class
-from sat_video.model.config import dit_config
+from sat_video.model.config import DiTConfig
 
 
 def _check_known_keys(data: Any, schema: type, path: str, source: str) -> None:
@@ -195,7 +195,7 @@ def load_config(paths: Union[str, Path, dict, Sequence[Union[str, Path, dict]]],
     _validate_mixins(cfg.model.dit, layers)
     _validate_stages(cfg.model, layers)
     _check_section(cfg, Config, "", layers)
-    dit_config(cfg).validate()
+    DiTConfig.from_config(cfg).validate()
     _check_across_sections(cfg)
     return cfg
 

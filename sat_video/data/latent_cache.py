@@ -9,7 +9,7 @@ Layout of a cache folder (written by ``tools/precompute_latents.py``, read when 
 Latents are stored *before* ``model.first_stage.scale_factor`` and as posterior moments when the VAE samples
 its posterior, so every training step still draws a fresh latent (with the step's generator, exactly as
 encoding the clip would) and the scale factor may change without re-encoding. Image-to-video keeps the VAE
-for the one-frame condition, whose pixel noise is drawn per step (reference section 5).
+for the one-frame condition, whose pixel noise is drawn per step (as :class:`~sat_video.diffusion.conditioning.TrainingInputBuilder` draws it).
 
 A cache is written into a staging folder and renamed when complete, so an interrupted run leaves no cache
 that looks usable.

@@ -24,7 +24,7 @@ class DiffusionLoss(nn.Module):
         super().__init__()
         self.model = nn.ModuleDict({"diffusion_model": dit})
         self.schedule = schedule
-        self.ofs = ofs if dit.dims.ofs_embed_dim else None
+        self.ofs = ofs if dit.dit_config.ofs_embed_dim else None
 
     @property
     def dit(self) -> nn.Module:

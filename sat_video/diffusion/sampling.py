@@ -123,14 +123,14 @@ class VideoGenerator:
                  ofs: float = 2.0):
         self.dit, self.stages = dit, stages
         self.snr_shift_scale, self.num_train_timesteps = snr_shift_scale, num_train_timesteps
-        self.ofs = ofs if dit.dims.ofs_embed_dim else None
+        self.ofs = ofs if dit.dit_config.ofs_embed_dim else None
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
         """``(frames, pad, C, h, w)``: latent frames incl. ``pad`` leading frames for 1.5's temporal patches."""
-        dims = self.dit.dims
-        frames = (num_frames - 1) // dims.temporal_compression_ratio + 1
-        pad = leading_pad_frames(frames, dims)
-        return frames + pad, pad, dims.out_channels, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION
+        dit_config = self.dit.dit_config
+        frames = (num_frames - 1) // dit_config.temporal_compression_ratio + 1
+        pad = leading_pad_frames(frames, dit_config)
+        return frames + pad, pad, dit_config.out_channels, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], settings: SampleConfig, *, num_frames: int, height: int, width: int,
@@ -139,8 +139,8 @@ class VideoGenerator:
 
         ``image``: ``[3, H, W]`` in [-1, 1], required by I2V models (``in_channels > out_channels``).
         """
-        dims = self.dit.dims
-        if (dims.in_channels > dims.out_channels) != (image is not None):
+        dit_config = self.dit.dit_config
+        if (dit_config.in_channels > dit_config.out_channels) != (image is not None):
             raise UsageError("an image-to-video model needs an image (--image), a text-to-video model takes none")
         frames, pad, channels, h, w = self.latent_shape(num_frames, height, width)
         device = next(self.dit.parameters()).device

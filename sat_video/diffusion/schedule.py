@@ -1,4 +1,4 @@
-"""The CogVideoX noise schedule, v-prediction loss and per-rank timestep intervals (reference section 5).
+"""The CogVideoX noise schedule, v-prediction loss and per-rank timestep intervals (CogVideoX paper, section 3; SAT's ``sgm`` diffusion code).
 
 The schedule equals diffusers' ``CogVideoXDDIMScheduler(rescale_betas_zero_snr=True, snr_shift_scale=s)``
 (``tests/test_diffusion.py`` checks ``alphas_cumprod`` for s = 1 and 3).

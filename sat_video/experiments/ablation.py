@@ -36,7 +36,7 @@ from sat_video.config.loader import load_config, read_yaml
 from sat_video.data.clips import ClipSpec
 from sat_video.diffusion.conditioning import leading_pad_frames
 from sat_video.model.build import build_dit
-from sat_video.model.config import dit_config
+from sat_video.model.config import DiTConfig
 from sat_video.training.optim import select_trainable
 
 VARIANT_KEYS = ("description", "set", "images")
@@ -177,16 +177,16 @@ def flops_per_step(cfg: DictConfig) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    dims, clip, batch = dit_config(cfg), ClipSpec.from_config(cfg.data, cfg.model.dit), cfg.train.micro_batch_size
-    frames = dims.latent_frames + leading_pad_frames(dims.latent_frames, dims)
+    dit_config, clip, batch = DiTConfig.from_config(cfg), ClipSpec.from_config(cfg.data, cfg.model.dit), cfg.train.micro_batch_size
+    frames = dit_config.latent_frames + leading_pad_frames(dit_config.latent_frames, dit_config)
     height, width = clip.height // VAE_SPATIAL_COMPRESSION, clip.width // VAE_SPATIAL_COMPRESSION
     with torch.device("meta"):
         model = build_dit(cfg)
         select_trainable(model, list(cfg.train.trainable))
-        x = torch.zeros(batch, frames, dims.in_channels, height, width)
-        context = torch.zeros(batch, dims.text_length, dims.text_hidden_size)
+        x = torch.zeros(batch, frames, dit_config.in_channels, height, width)
+        context = torch.zeros(batch, dit_config.text_length, dit_config.text_hidden_size)
         timesteps = torch.zeros(batch, dtype=torch.long)
-        ofs = torch.zeros(batch) if dims.ofs_embed_dim else None
+        ofs = torch.zeros(batch) if dit_config.ofs_embed_dim else None
         with FlopCounterMode(display=False) as counter:
             model(x, timesteps, context, ofs=ofs).pow(2).mean().backward()
     return counter.get_total_flops() * cfg.train.gradient_accumulation_steps

@@ -203,31 +203,31 @@ class DiTPair:
 
         from sat_video.formats.diffusers_format import diffusers_rotary_embedding, to_diffusers_config, to_diffusers_state_dict
         from sat_video.model.build import build_dit
-        from sat_video.model.config import dit_config
+        from sat_video.model.config import DiTConfig
 
-        dims = dit_config(cfg)
+        dit_config = DiTConfig.from_config(cfg)
         torch.manual_seed(0)
         self.ours = build_dit(cfg)
         with torch.no_grad():
             for param in self.ours.parameters():
                 param.add_(torch.randn_like(param) * 0.02)
-        self.theirs = CogVideoXTransformer3DModel(**to_diffusers_config(dims))
-        self.theirs.load_state_dict(to_diffusers_state_dict(self.ours.state_dict(), dims), strict=True)
+        self.theirs = CogVideoXTransformer3DModel(**to_diffusers_config(dit_config))
+        self.theirs.load_state_dict(to_diffusers_state_dict(self.ours.state_dict(), dit_config), strict=True)
         self.ours.to(device).train()
         self.theirs.to(device).train()
         self.device = device
 
-        self.x = torch.randn(batch, dims.latent_frames, dims.in_channels, dims.latent_height, dims.latent_width, device=device)
-        self.context = torch.randn(batch, dims.text_length, dims.text_hidden_size, device=device)
+        self.x = torch.randn(batch, dit_config.latent_frames, dit_config.in_channels, dit_config.latent_height, dit_config.latent_width, device=device)
+        self.context = torch.randn(batch, dit_config.text_length, dit_config.text_hidden_size, device=device)
         self.timesteps = torch.randint(0, 1000, (batch,), device=device)
-        rope = diffusers_rotary_embedding(dims, dims.latent_frames, dims.latent_height, dims.latent_width)
+        rope = diffusers_rotary_embedding(dit_config, dit_config.latent_frames, dit_config.latent_height, dit_config.latent_width)
         self.rope = tuple(r.to(device) for r in rope) if rope is not None else None
-        self.tokens = dims.text_length + dims.latent_frames * dims.latent_height * dims.latent_width // dims.patch_size**2
+        self.tokens = dit_config.text_length + dit_config.latent_frames * dit_config.latent_height * dit_config.latent_width // dit_config.patch_size**2
         self.params = sum(p.numel() for p in self.ours.parameters())
 
         for fn in self.steps(torch.float32).values():
             fn()
-        check_same_gradients(self.ours, self.theirs, dims)
+        check_same_gradients(self.ours, self.theirs, dit_config)
 
     def forward(self, model: torch.nn.Module, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
         def run():
@@ -250,11 +250,11 @@ class DiTPair:
         return {"sat_video": self.step(self.ours, dtype), "diffusers": self.step(self.theirs, dtype)}
 
 
-def check_same_gradients(ours, theirs, dims) -> None:
+def check_same_gradients(ours, theirs, dit_config) -> None:
     """Refuse to time two models that do not compute the same gradients (fp32): the comparison would be void."""
     from sat_video.formats.diffusers_format import to_diffusers_state_dict
 
-    expected = to_diffusers_state_dict({name: p.grad for name, p in ours.named_parameters()}, dims)
+    expected = to_diffusers_state_dict({name: p.grad for name, p in ours.named_parameters()}, dit_config)
     # Some gradients are zero up to rounding (the key bias without RoPE: softmax ignores a shift shared by all keys),
     # so errors are relative to each tensor's largest gradient, or to 1e-3 of the largest one overall if larger.
     floor = 1e-3 * max(g.abs().max() for g in expected.values())

@@ -61,29 +61,29 @@ EPS_FOLD = math.sqrt(DIFFUSERS_NORM_EPS / FINAL_NORM_EPS)
 HF_NORM_LINEAR_KEY = re.compile(r"^transformer_blocks\.(\d+)\.norm([12])\.linear\.(weight|bias)$")
 
 
-def mixin_names(dims: DiTConfig) -> dict[str, str]:
+def mixin_names(dit_config: DiTConfig) -> dict[str, str]:
     """Mixin name per role (``pe``, ``pos``, ``ada``, ``fin``); refuse mixins diffusers cannot express."""
     by_type: dict[str, str] = {}
-    for name, entry in dims.mixins.items():
+    for name, entry in dit_config.mixins.items():
         by_type.setdefault(entry["type"], name)
-    unsupported = [f"{n} ({e['type']})" for n, e in dims.mixins.items()
+    unsupported = [f"{n} ({e['type']})" for n, e in dit_config.mixins.items()
                    if e["type"] not in (*ROLE_TYPES.values(), *POSITION_TYPES)]
     positions = [t for t in POSITION_TYPES if t in by_type]
     missing = [t for t in ROLE_TYPES.values() if t not in by_type]
-    if unsupported or missing or len(positions) != 1 or len(by_type) != len(dims.mixins):
+    if unsupported or missing or len(positions) != 1 or len(by_type) != len(dit_config.mixins):
         raise ConversionError(
             "diffusers' CogVideoXTransformer3DModel needs exactly image_patch_embed, adaln, final_layer and one "
             f"of {POSITION_TYPES}; this model has: "
-            + ", ".join(f"{n} ({e['type']})" for n, e in dims.mixins.items())
+            + ", ".join(f"{n} ({e['type']})" for n, e in dit_config.mixins.items())
             + (f". Unsupported: {', '.join(unsupported)}" if unsupported else "")
         )
     return {"pe": by_type["image_patch_embed"], "pos": by_type[positions[0]], "ada": by_type["adaln"], "fin": by_type["final_layer"]}
 
 
-def to_diffusers_config(dims: DiTConfig) -> dict[str, Any]:
+def to_diffusers_config(dit_config: DiTConfig) -> dict[str, Any]:
     """The ``CogVideoXTransformer3DModel`` config of the same model."""
-    names = mixin_names(dims)
-    pos, ada = dims.mixins[names["pos"]], dims.mixins[names["ada"]]
+    names = mixin_names(dit_config)
+    pos, ada = dit_config.mixins[names["pos"]], dit_config.mixins[names["ada"]]
     if not ada.get("qk_layernorm", True):
         raise ConversionError("diffusers' CogVideoX blocks always apply q/k LayerNorm; this model has qk_layernorm: false")
     rotary = pos["type"] == "rotary_3d"
@@ -98,25 +98,25 @@ def to_diffusers_config(dims: DiTConfig) -> dict[str, Any]:
                 f"and width by {pos.get('width_interpolation')}"
             )
     return {
-        "num_attention_heads": dims.num_attention_heads,
-        "attention_head_dim": dims.head_dim,
-        "in_channels": dims.in_channels,
-        "out_channels": dims.out_channels,
+        "num_attention_heads": dit_config.num_attention_heads,
+        "attention_head_dim": dit_config.head_dim,
+        "in_channels": dit_config.in_channels,
+        "out_channels": dit_config.out_channels,
         "flip_sin_to_cos": True,
         "freq_shift": 0,
-        "time_embed_dim": dims.time_embed_dim,
-        "ofs_embed_dim": dims.ofs_embed_dim,
-        "text_embed_dim": dims.text_hidden_size,
-        "num_layers": dims.num_layers,
+        "time_embed_dim": dit_config.time_embed_dim,
+        "ofs_embed_dim": dit_config.ofs_embed_dim,
+        "text_embed_dim": dit_config.text_hidden_size,
+        "num_layers": dit_config.num_layers,
         "dropout": 0.0,
         "attention_bias": True,
-        "sample_width": dims.latent_width,
-        "sample_height": dims.latent_height,
-        "sample_frames": dims.num_frames,
-        "patch_size": dims.patch_size,
-        "patch_size_t": dims.patch_size_t,
-        "temporal_compression_ratio": dims.temporal_compression_ratio,
-        "max_text_seq_length": dims.text_length,
+        "sample_width": dit_config.latent_width,
+        "sample_height": dit_config.latent_height,
+        "sample_frames": dit_config.num_frames,
+        "patch_size": dit_config.patch_size,
+        "patch_size_t": dit_config.patch_size_t,
+        "temporal_compression_ratio": dit_config.temporal_compression_ratio,
+        "max_text_seq_length": dit_config.text_length,
         "activation_fn": "gelu-approximate",
         "timestep_activation_fn": "silu",
         "norm_elementwise_affine": True,
@@ -184,9 +184,9 @@ def _rename(key: str, pairs: list[tuple[re.Pattern, str]]) -> str | None:
     return None
 
 
-def to_diffusers_state_dict(state: dict[str, torch.Tensor], dims: DiTConfig) -> dict[str, torch.Tensor]:
+def to_diffusers_state_dict(state: dict[str, torch.Tensor], dit_config: DiTConfig) -> dict[str, torch.Tensor]:
     """Our (prefix-free, LoRA-merged) DiT state dict -> diffusers keys."""
-    names = mixin_names(dims)
+    names = mixin_names(dit_config)
     pairs = [_template_regex(sat, names) for sat, _ in KEYS_RENAME_TEMPLATES]
     pairs = [(p, _template_regex(hf, names)[1]) for (p, _), (_, hf) in zip(pairs, KEYS_RENAME_TEMPLATES)]
     adaln_key = re.compile(rf"^mixins\.{re.escape(names['ada'])}\.adaLN_modulations\.(\d+)\.1\.(weight|bias)$")
@@ -208,9 +208,9 @@ def to_diffusers_state_dict(state: dict[str, torch.Tensor], dims: DiTConfig) -> 
     return out
 
 
-def from_diffusers_state_dict(hf_state: dict[str, torch.Tensor], dims: DiTConfig) -> dict[str, torch.Tensor]:
+def from_diffusers_state_dict(hf_state: dict[str, torch.Tensor], dit_config: DiTConfig) -> dict[str, torch.Tensor]:
     """diffusers keys -> our DiT state dict (the inverse of :func:`to_diffusers_state_dict`)."""
-    names = mixin_names(dims)
+    names = mixin_names(dit_config)
     pairs = [_template_regex(hf, names) for _, hf in KEYS_RENAME_TEMPLATES]
     pairs = [(p, _template_regex(sat, names)[1]) for (p, _), (sat, _) in zip(pairs, KEYS_RENAME_TEMPLATES)]
     out: dict[str, torch.Tensor] = {}
@@ -240,15 +240,15 @@ def from_diffusers_state_dict(hf_state: dict[str, torch.Tensor], dims: DiTConfig
     return out
 
 
-def diffusers_rotary_embedding(dims: DiTConfig, frames: int, height: int, width: int):
+def diffusers_rotary_embedding(dit_config: DiTConfig, frames: int, height: int, width: int):
     """The ``image_rotary_emb`` to pass to diffusers' transformer so that it rotates as SAT does (integer
     positions on the input's own grid) for latents ``[B, frames, C, height, width]``; ``None`` without RoPE."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
-    if dims.mixins[mixin_names(dims)["pos"]]["type"] != "rotary_3d":
+    if dit_config.mixins[mixin_names(dit_config)["pos"]]["type"] != "rotary_3d":
         return None
-    grid = (height // dims.patch_size, width // dims.patch_size)
-    return get_3d_rotary_pos_embed(dims.head_dim, None, grid, frames // (dims.patch_size_t or 1), grid_type="slice", max_size=grid)
+    grid = (height // dit_config.patch_size, width // dit_config.patch_size)
+    return get_3d_rotary_pos_embed(dit_config.head_dim, None, grid, frames // (dit_config.patch_size_t or 1), grid_type="slice", max_size=grid)
 
 
 # ---------------------------------------------------------------------- folders on disk
@@ -258,7 +258,7 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name a pipeline's load_
 
 
 def write_diffusers_folder(
-    state: dict[str, torch.Tensor], dims: DiTConfig, out_dir, *, snr_shift_scale: float, num_train_timesteps: int = 1000,
+    state: dict[str, torch.Tensor], dit_config: DiTConfig, out_dir, *, snr_shift_scale: float, num_train_timesteps: int = 1000,
     lora_adapter: Optional[dict[str, torch.Tensor]] = None,
 ) -> None:
     """Write ``out_dir/transformer`` (config.json + safetensors) and ``out_dir/scheduler``, plus
@@ -280,8 +280,8 @@ def write_diffusers_folder(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise OutputExistsError(f"{out_dir} already exists; choose a new --out (nothing was written)")
-    config = {"_class_name": "CogVideoXTransformer3DModel", "_diffusers_version": diffusers.__version__, **to_diffusers_config(dims)}
-    hf_state = {k: v.contiguous() for k, v in to_diffusers_state_dict(state, dims).items()}
+    config = {"_class_name": "CogVideoXTransformer3DModel", "_diffusers_version": diffusers.__version__, **to_diffusers_config(dit_config)}
+    hf_state = {k: v.contiguous() for k, v in to_diffusers_state_dict(state, dit_config).items()}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

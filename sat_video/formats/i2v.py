@@ -13,7 +13,7 @@ from sat_video.common.errors import CheckpointError
 from sat_video.model.config import DiTConfig
 
 
-def widen_patch_embedding(state: dict[str, torch.Tensor], dims: DiTConfig, in_channels: int, patch_embed: str = "patch_embed") -> dict[str, torch.Tensor]:
+def widen_patch_embedding(state: dict[str, torch.Tensor], dit_config: DiTConfig, in_channels: int, patch_embed: str = "patch_embed") -> dict[str, torch.Tensor]:
     """Return a copy of ``state`` whose ``mixins.<patch_embed>.proj.weight`` takes ``in_channels`` inputs.
 
     Handles both layouts: 1.0 ``Conv2d`` ``[D, C, p, p]`` and 1.5 ``Linear`` ``[D, C * pt * p * p]`` (features
@@ -23,18 +23,18 @@ def widen_patch_embedding(state: dict[str, torch.Tensor], dims: DiTConfig, in_ch
     if key not in state:
         raise CheckpointError(f"{key} not in the checkpoint; is the patch-embedding mixin named '{patch_embed}'?")
     weight = state[key]
-    if in_channels <= dims.in_channels:
-        raise CheckpointError(f"in_channels must grow: the checkpoint has {dims.in_channels}, asked for {in_channels}")
-    if dims.patch_size_t is None:  # [D, C, p, p]
-        if weight.shape[1] != dims.in_channels:
-            raise CheckpointError(f"{key} has {weight.shape[1]} input channels, the config says {dims.in_channels}")
-        extra = weight.new_zeros(weight.shape[0], in_channels - dims.in_channels, *weight.shape[2:])
+    if in_channels <= dit_config.in_channels:
+        raise CheckpointError(f"in_channels must grow: the checkpoint has {dit_config.in_channels}, asked for {in_channels}")
+    if dit_config.patch_size_t is None:  # [D, C, p, p]
+        if weight.shape[1] != dit_config.in_channels:
+            raise CheckpointError(f"{key} has {weight.shape[1]} input channels, the config says {dit_config.in_channels}")
+        extra = weight.new_zeros(weight.shape[0], in_channels - dit_config.in_channels, *weight.shape[2:])
         widened = torch.cat([weight, extra], dim=1)
     else:  # [D, C * patch volume]
-        volume = dims.patch_size_t * dims.patch_size**2
-        if weight.shape[1] != dims.in_channels * volume:
-            raise CheckpointError(f"{key} has {weight.shape[1]} inputs, the config implies {dims.in_channels * volume}")
-        per_channel = weight.view(weight.shape[0], dims.in_channels, volume)
-        extra = weight.new_zeros(weight.shape[0], in_channels - dims.in_channels, volume)
+        volume = dit_config.patch_size_t * dit_config.patch_size**2
+        if weight.shape[1] != dit_config.in_channels * volume:
+            raise CheckpointError(f"{key} has {weight.shape[1]} inputs, the config implies {dit_config.in_channels * volume}")
+        per_channel = weight.view(weight.shape[0], dit_config.in_channels, volume)
+        extra = weight.new_zeros(weight.shape[0], in_channels - dit_config.in_channels, volume)
         widened = torch.cat([per_channel, extra], dim=1).flatten(1)
     return {**state, key: widened}

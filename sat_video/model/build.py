@@ -13,7 +13,7 @@ from typing import Union
 from omegaconf import DictConfig
 
 from sat_video.common.errors import UnknownMixinError
-from sat_video.model.config import DiTConfig, FirstStageConfig, TextEncoderConfig, dit_config
+from sat_video.model.config import DiTConfig, FirstStageConfig, TextEncoderConfig
 from sat_video.model.dit import DiffusionTransformer
 from sat_video.model.hooks import Mixin
 from sat_video.model.registry import import_modules, resolve_mixin_class, resolve_stage_class
@@ -67,7 +67,7 @@ def build_dit(cfg: Union[DictConfig, DiTConfig]) -> DiffusionTransformer:
     Weights are initialised as for training from scratch. Build under ``torch.device("meta")`` to get
     the structure without memory, then load weights with :func:`sat_video.load_checkpoint`.
     """
-    dit = dit_config(cfg)
+    dit = DiTConfig.from_config(cfg)
     dit.validate()
     model = DiffusionTransformer(dit)
     for name, entry in dit.mixins.items():
@@ -93,5 +93,5 @@ def build_frozen_stages(model: DictConfig, *, first_stage: bool = True, text_enc
     if first_stage:
         stages.add_stage(FIRST_STAGE_NAME, build_first_stage(model.first_stage))
     if text_encoder:
-        stages.add_stage(TEXT_ENCODER_NAME, build_text_encoder(model.text_encoder, dit_config(model.dit)))
+        stages.add_stage(TEXT_ENCODER_NAME, build_text_encoder(model.text_encoder, DiTConfig.from_config(model.dit)))
     return stages

@@ -58,6 +58,14 @@ class DiTConfig:
     mixin_modules: List[str] = field(default_factory=list)
     """Extra Python modules to import so that their ``@register_mixin`` classes can be named in ``type``."""
 
+    @classmethod
+    def from_config(cls, cfg: Union[DictConfig, DiTConfig]) -> DiTConfig:
+        """The ``model.dit`` section as a :class:`DiTConfig`, from a loaded config, the section itself, or an instance."""
+        if isinstance(cfg, DiTConfig):
+            return cfg
+        node = cfg.model.dit if "model" in cfg else cfg
+        return OmegaConf.to_object(node)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -120,11 +128,3 @@ class TextEncoderConfig:
     ``t5-v1_1-xxl`` folder."""
     tokenizer_path: Optional[str] = None
     """Tokenizer folder if it is not ``path``."""
-
-
-def dit_config(cfg: Union[DictConfig, DiTConfig]) -> DiTConfig:
-    """The ``model.dit`` section of a loaded config as a :class:`DiTConfig` instance."""
-    if isinstance(cfg, DiTConfig):
-        return cfg
-    node = cfg.model.dit if "model" in cfg else cfg
-    return OmegaConf.to_object(node)

@@ -31,8 +31,8 @@ class ForwardContext:
     Attributes:
         temb (`torch.Tensor`): conditioning embedding ``[B, time_embed_dim]`` (timestep, plus ofs when the
             model has an ofs embedding).
-        text_length (`int`): number of condition tokens in front of the video tokens: the text, plus any
-            token a mixin's ``embed`` prepends (set from the embedded sequence).
+        num_condition_tokens (`int`): tokens in front of the video tokens: the text (``model.dit.text_length``),
+            plus any token a mixin's ``embed`` prepends (set from the embedded sequence).
         grid (`TokenGrid`): video token grid of this input (positions are computed for it, so any
             resolution and length works).
         hooks (`HookTable`): the model's resolved hooks, used by the layer modules to dispatch.
@@ -40,7 +40,7 @@ class ForwardContext:
     """
 
     temb: torch.Tensor
-    text_length: int
+    num_condition_tokens: int
     grid: TokenGrid
     hooks: "HookTable"
     ofs: Optional[torch.Tensor] = None

@@ -59,28 +59,28 @@ def _mlp_embedding(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
 
-def _sizes(dims: DiTConfig) -> dict:
-    return {f.name: getattr(dims, f.name) for f in dataclasses.fields(dims) if f.name not in ("mixins", "mixin_modules")}
+def _sizes(dit_config: DiTConfig) -> dict:
+    return {f.name: getattr(dit_config, f.name) for f in dataclasses.fields(dit_config) if f.name not in ("mixins", "mixin_modules")}
 
 
 class DiffusionTransformer(nn.Module):
     """SAT-compatible video DiT.
 
     Args:
-        dims (`DiTConfig`): shared sizes; mixins added later must be built with the same sizes.
+        dit_config (`DiTConfig`): shared sizes; mixins added later must be built with the same sizes.
 
     Use :func:`sat_video.build_dit` to build one with the mixins a config lists, or call
     :meth:`add_mixin` yourself.
     """
 
-    def __init__(self, dims: DiTConfig):
+    def __init__(self, dit_config: DiTConfig):
         super().__init__()
-        self.dims = dims
+        self.dit_config = dit_config
         # 1. timestep (and ofs) embedding
-        self.time_embed = _mlp_embedding(dims.hidden_size, dims.time_embed_dim)
-        self.ofs_embed = _mlp_embedding(dims.ofs_embed_dim, dims.ofs_embed_dim) if dims.ofs_embed_dim else None
+        self.time_embed = _mlp_embedding(dit_config.hidden_size, dit_config.time_embed_dim)
+        self.ofs_embed = _mlp_embedding(dit_config.ofs_embed_dim, dit_config.ofs_embed_dim) if dit_config.ofs_embed_dim else None
         # 2. transformer blocks
-        self.transformer = BaseTransformer(dims.hidden_size, dims.num_layers, dims.num_attention_heads)
+        self.transformer = BaseTransformer(dit_config.hidden_size, dit_config.num_layers, dit_config.num_attention_heads)
         self.transformer.reset_parameters()
         # 3. mixins: embeddings, positions, modulation, output head, ...
         self.mixins = nn.ModuleDict()
@@ -102,7 +102,7 @@ class DiffusionTransformer(nn.Module):
             raise ValueError(f"mixin name '{name}' must be a Python identifier (it becomes the state-dict prefix)")
         if name in self.mixins:
             raise ValueError(f"a mixin named '{name}' ({type(self.mixins[name]).__name__}) is already added; del_mixin it first")
-        ours, theirs = _sizes(self.dims), _sizes(mixin.dims)
+        ours, theirs = _sizes(self.dit_config), _sizes(mixin.dit_config)
         if ours != theirs:
             diff = {k: (v, theirs[k]) for k, v in ours.items() if theirs[k] != v}
             raise ValueError(f"mixin '{name}' was built for other sizes (model vs mixin): {diff}")
@@ -165,7 +165,7 @@ class DiffusionTransformer(nn.Module):
         self,
         x: torch.Tensor,
         timesteps: Union[torch.Tensor, int, float],
-        context: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
         ofs: Optional[Union[torch.Tensor, float]] = None,
     ) -> torch.Tensor:
         """Predict from noisy latents.
@@ -174,44 +174,44 @@ class DiffusionTransformer(nn.Module):
             x (`torch.Tensor`): latents ``[B, T, C, H, W]`` (I2V: the image-condition channels already
                 concatenated after the noisy ones).
             timesteps (`torch.Tensor` or number): DDPM step index per sample, ``[B]`` or a scalar.
-            context (`torch.Tensor`): text embeddings ``[B, L, text_hidden_size]``.
+            encoder_hidden_states (`torch.Tensor`): text embeddings ``[B, L, text_hidden_size]``.
             ofs (`torch.Tensor` or number, *optional*): required by models with an ofs embedding
                 (CogVideoX 1.5 I2V uses 2.0).
         Returns:
             ``[B, T, out_channels, H, W]``.
         """
-        dims = self.dims
+        dit_config = self.dit_config
         if x.ndim != 5:
             raise ValueError(f"x must be [B, T, C, H, W], got shape {tuple(x.shape)}")
         batch, frames, _, height, width = x.shape
-        patch_t = dims.patch_size_t or 1
-        if height % dims.patch_size or width % dims.patch_size or frames % patch_t:
+        patch_t = dit_config.patch_size_t or 1
+        if height % dit_config.patch_size or width % dit_config.patch_size or frames % patch_t:
             raise ValueError(
                 f"latent frames x height x width {frames}x{height}x{width} must be divisible by "
-                f"patch sizes {patch_t}x{dims.patch_size}x{dims.patch_size}"
+                f"patch sizes {patch_t}x{dit_config.patch_size}x{dit_config.patch_size}"
             )
-        if context.ndim != 3 or context.shape[0] != batch:
-            raise ValueError(f"context must be [B={batch}, L, {dims.text_hidden_size}], got shape {tuple(context.shape)}")
-        grid = TokenGrid(frames // patch_t, height // dims.patch_size, width // dims.patch_size)
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch:
+            raise ValueError(f"encoder_hidden_states must be [B={batch}, L, {dit_config.text_hidden_size}], got shape {tuple(encoder_hidden_states.shape)}")
+        grid = TokenGrid(frames // patch_t, height // dit_config.patch_size, width // dit_config.patch_size)
 
         # 1. conditioning embedding
         emb_dtype = self.time_embed[0].weight.dtype
-        temb = self.time_embed(timestep_embedding(_per_sample(timesteps, batch, x.device), dims.hidden_size).to(emb_dtype))
+        temb = self.time_embed(timestep_embedding(_per_sample(timesteps, batch, x.device), dit_config.hidden_size).to(emb_dtype))
         if self.ofs_embed is not None:
             if ofs is None:
                 raise ValueError("this model has an ofs embedding (CogVideoX 1.5 I2V): pass ofs, e.g. ofs=2.0")
             ofs = _per_sample(ofs, batch, x.device)
-            temb = temb + self.ofs_embed(timestep_embedding(ofs, dims.ofs_embed_dim).to(emb_dtype))
+            temb = temb + self.ofs_embed(timestep_embedding(ofs, dit_config.ofs_embed_dim).to(emb_dtype))
         hooks = self._hooks
-        ctx = ForwardContext(temb=temb, text_length=context.shape[1], grid=grid, hooks=hooks, ofs=ofs)
+        ctx = ForwardContext(temb=temb, num_condition_tokens=encoder_hidden_states.shape[1], grid=grid, hooks=hooks, ofs=ofs)
 
         # 2. tokens: [B, L + N, D], text first
-        hidden = hooks.embed(x, context, ctx)
+        hidden = hooks.embed(x, encoder_hidden_states, ctx)
         condition_tokens = hidden.shape[1] - grid.num_tokens
         if condition_tokens < 0:
             raise ValueError(f"embed returned {hidden.shape[1]} tokens, fewer than the {grid.num_tokens} video tokens of grid {grid}")
-        if condition_tokens != ctx.text_length:  # a mixin prepended condition tokens of its own
-            ctx = dataclasses.replace(ctx, text_length=condition_tokens)
+        if condition_tokens != ctx.num_condition_tokens:  # a mixin prepended condition tokens of its own
+            ctx = dataclasses.replace(ctx, num_condition_tokens=condition_tokens)
         hidden = hooks.add_position(hidden, ctx)
 
         # 3. blocks

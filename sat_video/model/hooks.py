@@ -7,7 +7,7 @@ what it must return and how several mixins implementing it compose.
 Two composition kinds exist (:class:`Composition`):
 
 * ``REPLACE``: at most one mixin replaces the stage (the default implementation, if any, lives in
-  :mod:`sat_video.transformer`). A second replacement is a conflict and is refused when the mixin is
+  :mod:`sat_video.model.transformer`). A second replacement is a conflict and is refused when the mixin is
   added, naming both mixins. A mixin may instead *wrap* the current implementation: decorate its
   method with :func:`wraps_previous`, and it receives the implementation beneath it as ``inner=``.
   Wrappers stack in the order their mixins were added, around whatever replacement exists.
@@ -15,14 +15,18 @@ Two composition kinds exist (:class:`Composition`):
   They run in ascending ``chain_priority[hook]`` of their class (default 0), ties in the order the
   mixins were added; qk-LayerNorm declares -10 so that it always precedes RoPE.
 
-All hooks receive the per-forward :class:`~sat_video.context.ForwardContext` as ``ctx`` and, inside
-layers, the ``layer_idx``. Shapes use ``B`` batch, ``L`` text tokens, ``N`` video tokens, ``D``
-hidden size, ``H`` heads and ``hd`` head dim.
+All hooks receive the per-forward :class:`~sat_video.model.context.ForwardContext` as ``ctx`` and, inside
+layers, the ``layer_idx``. Shapes use ``B`` batch, ``L`` condition tokens (the text plus any token an ``embed``
+wrapper prepends), ``N`` video tokens, ``S = L + N``, ``D`` hidden size, ``H`` heads and ``hd`` head dim.
+
+:data:`HOOKS` is the one written table of the hooks; :func:`hook_table_markdown` renders it for the README and
+``docs/mixins.md`` (a test fails when they drift).
 """
 
 from __future__ import annotations
 
 import enum
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
@@ -44,23 +48,53 @@ class Composition(enum.Enum):
 class HookSpec:
     name: str
     composition: Composition
+    returns: str  # what the hook returns, for the docs
+    changes: str  # what a provider may change, for the docs
+    default: str = "none"  # what runs when no mixin provides it
     required: bool = False  # forward refuses to run until some mixin provides it
     example: str = ""  # a shipped mixin that provides it, for error messages
     threaded_args: int = 1  # CHAIN: how many leading arguments each link returns to the next
 
 
 HOOKS: tuple[HookSpec, ...] = (
-    HookSpec("embed", Composition.REPLACE, required=True, example="ImagePatchEmbedMixin"),
-    HookSpec("add_position", Composition.CHAIN),
-    HookSpec("layer_forward", Composition.REPLACE),
-    HookSpec("attention_forward", Composition.REPLACE),
-    HookSpec("project", Composition.REPLACE),
-    HookSpec("process_qkv", Composition.CHAIN, threaded_args=3),
-    HookSpec("attention_kernel", Composition.REPLACE),
-    HookSpec("mlp_forward", Composition.REPLACE),
-    HookSpec("final_forward", Composition.REPLACE, required=True, example="FinalLayerMixin"),
+    HookSpec("embed", Composition.REPLACE, "`[B, S, D]`",
+             "latents `[B, T, C, H, W]` and text `[B, L, text_hidden_size]` to the token sequence, condition tokens first; "
+             "tokens a wrapper prepends count as condition tokens (`ctx.num_condition_tokens` grows to match)",
+             required=True, example="ImagePatchEmbedMixin"),
+    HookSpec("add_position", Composition.CHAIN, "`[B, S, D]`", "absolute positions added to the embedded sequence",
+             default="identity"),
+    HookSpec("layer_forward", Composition.REPLACE, "`[B, S, D]`",
+             "the body of block `layer_idx` (norms, modulation, residuals); call `layer.attention(...)` and "
+             "`layer.mlp(...)` so that the finer hooks still apply", default="pre-LN residual block"),
+    HookSpec("attention_forward", Composition.REPLACE, "`[B, S, D]`",
+             "the attention stage of a block; `attention.attend(x, ctx, layer_idx, kernel=...)` runs one attention, "
+             "so a mixin may run several per block", default="`attention.attend(x, ctx, layer_idx)`"),
+    HookSpec("project", Composition.REPLACE, "`linear(x)` plus any change",
+             "every linear inside a block; `name` is its path in the block (`attention.query_key_value`, "
+             "`mlp.dense_4h_to_h`, `temporal_attention.dense`, ...)", default="`linear(x)`"),
+    HookSpec("process_qkv", Composition.CHAIN, "`(q, k, v)`, each `[B, H, S, hd]`",
+             "queries, keys and values after the fused projection (qk-LayerNorm, RoPE)", default="identity",
+             threaded_args=3),
+    HookSpec("attention_kernel", Composition.REPLACE, "`[B, H, S, hd]`", "which token attends to which, and how",
+             default="SDPA, full joint attention"),
+    HookSpec("mlp_forward", Composition.REPLACE, "`[B, S, D]`", "the feed-forward of a block",
+             default="`dense_h_to_4h` -> GELU(tanh) -> `dense_4h_to_h`"),
+    HookSpec("final_forward", Composition.REPLACE, "`[B, T, C_out, H, W]`",
+             "the output head: normalised sequence to latents (video tokens only)", required=True,
+             example="FinalLayerMixin"),
 )
 HOOK_SPECS = {spec.name: spec for spec in HOOKS}
+
+
+def hook_table_markdown() -> str:
+    """:data:`HOOKS` as the markdown table the README and ``docs/mixins.md`` show, in call order."""
+    rows = ["| hook | returns | what it may change | composition | default |", "|---|---|---|---|---|"]
+    for spec in HOOKS:
+        params = [name for name, param in inspect.signature(getattr(Mixin, spec.name)).parameters.items()
+                  if name != "self" and param.kind is not param.KEYWORD_ONLY]
+        composition = spec.composition.value + (", required" if spec.required else "")
+        rows.append(f"| `{spec.name}({', '.join(params)})` | {spec.returns} | {spec.changes} | {composition} | {spec.default} |")
+    return "\n".join(rows)
 
 
 def wraps_previous(method):
@@ -74,10 +108,10 @@ class Mixin(nn.Module):
     """Base class of every mixin; its hook methods below are the whole catalogue.
 
     Subclasses set ``Config`` (a dataclass of their own YAML parameters, validated at load time) and
-    receive the model's shared sizes as ``dims`` instead of repeating them in their parameters.
+    receive the model's shared sizes as ``dit_config`` instead of repeating them in their parameters.
 
     Args:
-        dims (`DiTConfig`): the shared sizes of the model this mixin will be added to.
+        dit_config (`DiTConfig`): the shared sizes of the model this mixin will be added to.
         config (`Config`, *optional*): the mixin's own parameters; defaults to ``Config()``.
     """
 
@@ -91,9 +125,9 @@ class Mixin(nn.Module):
     # Per CHAIN hook, where this mixin's link runs relative to others (lower runs first; default 0).
     chain_priority: ClassVar[dict[str, int]] = {}
 
-    def __init__(self, dims: "DiTConfig", config: Optional[Any] = None):
+    def __init__(self, dit_config: "DiTConfig", config: Optional[Any] = None):
         super().__init__()
-        self.dims = dims
+        self.dit_config = dit_config
         self.config = config if config is not None else self.Config()
         if not isinstance(self.config, self.Config):
             raise TypeError(
@@ -110,16 +144,16 @@ class Mixin(nn.Module):
 
     # ------------------------------------------------------------------ hook catalogue
 
-    def embed(self, x: torch.Tensor, context: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+    def embed(self, x: torch.Tensor, encoder_hidden_states: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
         """REPLACE, required. Turn inputs into the token sequence.
 
         Args:
             x: latents ``[B, T, C, H, W]`` (I2V: image channels already concatenated).
-            context: text embeddings ``[B, L, text_hidden_size]``.
+            encoder_hidden_states: text embeddings ``[B, L, text_hidden_size]``.
         Returns:
             ``[B, L + N, D]``: text tokens first, then video tokens ordered t, h, w. Everything in front of
             the ``N`` video tokens counts as condition tokens: a wrapper may prepend more (a timestep token,
-            say) and every later stage sees ``ctx.text_length`` grown to match.
+            say) and every later stage sees ``ctx.num_condition_tokens`` grown to match.
         """
         raise NotImplementedError
 

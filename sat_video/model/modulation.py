@@ -29,19 +29,19 @@ def _token_sum(x: torch.Tensor) -> torch.Tensor:
 
 class _ModulatePerModality(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, text_length, text_shift, text_scale, shift, scale):
-        n = text_length
+    def forward(ctx, x, num_condition_tokens, text_shift, text_scale, shift, scale):
+        n = num_condition_tokens
         out = torch.empty_like(x, dtype=_result_dtype(x, text_shift, text_scale, shift, scale))
         torch.addcmul(text_shift, x[:, :n], 1 + text_scale, out=out[:, :n])
         torch.addcmul(shift, x[:, n:], 1 + scale, out=out[:, n:])
         ctx.save_for_backward(x, text_scale, scale)
-        ctx.text_length = n
+        ctx.num_condition_tokens = n
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, text_scale, scale = ctx.saved_tensors
-        n, needs = ctx.text_length, ctx.needs_input_grad
+        n, needs = ctx.num_condition_tokens, ctx.needs_input_grad
         text, video = grad[:, :n], grad[:, n:]
         grad_x = None
         if needs[0]:
@@ -57,19 +57,19 @@ class _ModulatePerModality(torch.autograd.Function):
 
 class _GatedResidual(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, branch, text_length, text_gate, gate):
-        n = text_length
+    def forward(ctx, hidden, branch, num_condition_tokens, text_gate, gate):
+        n = num_condition_tokens
         out = torch.empty_like(hidden, dtype=_result_dtype(hidden, branch, text_gate, gate))
         torch.addcmul(hidden[:, :n], branch[:, :n], text_gate, out=out[:, :n])
         torch.addcmul(hidden[:, n:], branch[:, n:], gate, out=out[:, n:])
         ctx.save_for_backward(branch, text_gate, gate)
-        ctx.text_length = n
+        ctx.num_condition_tokens = n
         return out
 
     @staticmethod
     def backward(ctx, grad):
         branch, text_gate, gate = ctx.saved_tensors
-        n, needs = ctx.text_length, ctx.needs_input_grad
+        n, needs = ctx.num_condition_tokens, ctx.needs_input_grad
         text, video = grad[:, :n], grad[:, n:]
         grad_branch = None
         if needs[1]:
@@ -82,27 +82,27 @@ class _GatedResidual(torch.autograd.Function):
         )
 
 
-def _per_token(text: torch.Tensor, video: torch.Tensor, text_length: int, tokens: int) -> torch.Tensor:
-    """``[B, 1, D]`` vectors -> ``[B, tokens, D]``: ``text`` on the first ``text_length`` tokens, ``video`` after."""
-    return torch.cat([text.expand(-1, text_length, -1), video.expand(-1, tokens - text_length, -1)], dim=1)
+def _per_token(text: torch.Tensor, video: torch.Tensor, num_condition_tokens: int, tokens: int) -> torch.Tensor:
+    """``[B, 1, D]`` vectors -> ``[B, tokens, D]``: ``text`` on the first ``num_condition_tokens`` tokens, ``video`` after."""
+    return torch.cat([text.expand(-1, num_condition_tokens, -1), video.expand(-1, tokens - num_condition_tokens, -1)], dim=1)
 
 
 def modulate_per_modality(
-    x: torch.Tensor, text_length: int, text: tuple[torch.Tensor, torch.Tensor], video: tuple[torch.Tensor, torch.Tensor]
+    x: torch.Tensor, num_condition_tokens: int, text: tuple[torch.Tensor, torch.Tensor], video: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
-    """:func:`modulate` the first ``text_length`` tokens of ``x`` ``[B, L + N, D]`` with ``text = (shift, scale)``
+    """:func:`modulate` the first ``num_condition_tokens`` tokens of ``x`` ``[B, L + N, D]`` with ``text = (shift, scale)``
     and the rest with ``video = (shift, scale)``, each ``[B, 1, D]``."""
     if torch.compiler.is_compiling():
-        shift, scale = (_per_token(t, v, text_length, x.shape[1]) for t, v in zip(text, video))
+        shift, scale = (_per_token(t, v, num_condition_tokens, x.shape[1]) for t, v in zip(text, video))
         return modulate(x, shift, scale)
-    return _ModulatePerModality.apply(x, text_length, *text, *video)
+    return _ModulatePerModality.apply(x, num_condition_tokens, *text, *video)
 
 
 def gated_residual(
-    hidden: torch.Tensor, branch: torch.Tensor, text_length: int, text_gate: torch.Tensor, gate: torch.Tensor
+    hidden: torch.Tensor, branch: torch.Tensor, num_condition_tokens: int, text_gate: torch.Tensor, gate: torch.Tensor
 ) -> torch.Tensor:
-    """``hidden + gate * branch`` over ``[B, L + N, D]``, with ``text_gate`` for the first ``text_length`` tokens
+    """``hidden + gate * branch`` over ``[B, L + N, D]``, with ``text_gate`` for the first ``num_condition_tokens`` tokens
     and ``gate`` for the rest (both ``[B, 1, D]``)."""
     if torch.compiler.is_compiling():
-        return torch.addcmul(hidden, branch, _per_token(text_gate, gate, text_length, hidden.shape[1]))
-    return _GatedResidual.apply(hidden, branch, text_length, text_gate, gate)
+        return torch.addcmul(hidden, branch, _per_token(text_gate, gate, num_condition_tokens, hidden.shape[1]))
+    return _GatedResidual.apply(hidden, branch, num_condition_tokens, text_gate, gate)

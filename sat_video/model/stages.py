@@ -3,15 +3,8 @@
 The DiT composes its mixins through the hook catalogue of :mod:`sat_video.model.hooks`; the diffusion model
 composes its frozen stages the same way, through the catalogue below. A frozen stage is a subclass of
 :class:`FrozenStage` registered by config type (``@register_stage("video_vae")``, chosen by
-``model.first_stage.type`` / ``model.text_encoder.type``) that overrides some of the catalogue methods:
-
-====================  =============  ========================================================================
-hook                  role           what it does
-====================  =============  ========================================================================
-``encode_moments``    first stage    video ``[B, 3, T, H, W]`` in [-1, 1] -> posterior ``(mean, std)``, unscaled
-``decode_latents``    first stage    unscaled latents ``[B, C, F, h, w]`` -> video in [-1, 1]
-``encode_text``       text encoder   captions -> embeddings ``[B, text_length, text_hidden_size]``
-====================  =============  ========================================================================
+``model.first_stage.type`` / ``model.text_encoder.type``) that overrides some of the catalogue methods of
+:class:`FrozenStage` (listed in :data:`STAGE_HOOKS`; :func:`stage_table_markdown` renders them for the docs).
 
 Every hook has exactly one provider: :meth:`FrozenStages.add_stage` refuses a stage that provides a hook another
 stage already provides, naming both, and leaves the composition as it was. What is frozen about a stage is written
@@ -38,13 +31,24 @@ class StageHookSpec:
     name: str
     role: str  # "first stage" or "text encoder": the config section whose type provides it
     section: str  # that section's key, for error messages
+    does: str  # what it computes, for the docs
 
 
 STAGE_HOOKS: tuple[StageHookSpec, ...] = (
-    StageHookSpec("encode_moments", "first stage", "model.first_stage"),
-    StageHookSpec("decode_latents", "first stage", "model.first_stage"),
-    StageHookSpec("encode_text", "text encoder", "model.text_encoder"),
+    StageHookSpec("encode_moments", "first stage", "model.first_stage",
+                  "video `[B, 3, T, H, W]` in [-1, 1] -> posterior `(mean, std)` `[B, C, F, h, w]`, before the scale factor"),
+    StageHookSpec("decode_latents", "first stage", "model.first_stage",
+                  "latents `[B, C, F, h, w]`, before the scale factor -> video `[B, 3, 1 + 4(F - 1), 8h, 8w]` in [-1, 1]"),
+    StageHookSpec("encode_text", "text encoder", "model.text_encoder",
+                  "captions -> embeddings `[B, text_length, text_hidden_size]`"),
 )
+
+
+def stage_table_markdown() -> str:
+    """:data:`STAGE_HOOKS` as the markdown table the README and ``docs/mixins.md`` show."""
+    rows = ["| stage hook | provided by | what it computes |", "|---|---|---|"]
+    rows += [f"| `{spec.name}` | {spec.role} (`{spec.section}.type`) | {spec.does} |" for spec in STAGE_HOOKS]
+    return "\n".join(rows)
 
 
 def latents_from_moments(mean: torch.Tensor, std: torch.Tensor | None, scale_factor: float,

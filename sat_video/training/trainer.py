@@ -35,7 +35,7 @@ from sat_video.diffusion.sampling import VideoGenerator, module_dtype, write_sam
 from sat_video.diffusion.schedule import NoiseSchedule, sample_timesteps, timestep_interval
 from sat_video.formats.sat_checkpoint import MODEL_STATES, load_checkpoint
 from sat_video.model.build import build_dit, build_frozen_stages
-from sat_video.model.config import dit_config
+from sat_video.model.config import DiTConfig
 from sat_video.training.config import DeepSpeedConfig, TrainConfig
 from sat_video.training.distributed import DistributedEnv, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
 from sat_video.training.optim import FiniteAdamW, lr_lambda, parameter_groups, select_trainable
@@ -129,7 +129,7 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         train = cfg.train
-        dims = dit_config(cfg)
+        dit_config = DiTConfig.from_config(cfg)
         resume_from = self.run_folder.resolve_resume(train.resume)
         if env.is_main:
             if resume_from is None:
@@ -172,9 +172,9 @@ class Trainer:
         frozen_dtype = frozen_stage_dtype(cfg.deepspeed.precision)
         sampling = bool(train.validation.interval)
         self.stages = build_frozen_stages(
-            cfg.model, first_stage=not self.cached or sampling or dims.in_channels > dims.out_channels,
+            cfg.model, first_stage=not self.cached or sampling or dit_config.in_channels > dit_config.out_channels,
             text_encoder=not self.cached or sampling).to(env.device, frozen_dtype)
-        self.inputs = TrainingInputBuilder(dims, cfg.model.diffusion, self.stages, scale_factor=cfg.model.first_stage.scale_factor)
+        self.inputs = TrainingInputBuilder(dit_config, cfg.model.diffusion, self.stages, scale_factor=cfg.model.first_stage.scale_factor)
 
         diffusion = cfg.model.diffusion
         schedule = NoiseSchedule(diffusion.snr_shift_scale, diffusion.num_train_timesteps)
@@ -375,12 +375,12 @@ class Trainer:
         Every rank samples (ZeRO-3 needs all of them for a forward); the main rank writes. Sampling draws from
         its own seeded generators, so validation never changes what training draws.
         """
-        cfg, dims = self.cfg, self.engine.module.dit.dims
+        cfg, dit_config = self.cfg, self.engine.module.dit.dit_config
         height, width = self.clip_spec.height, self.clip_spec.width
         image = load_image(cfg.train.validation.image, height, width) if cfg.train.validation.image else None
         generator = VideoGenerator(self.engine.module.dit, self.stages, snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
                                    num_train_timesteps=cfg.model.diffusion.num_train_timesteps, ofs=cfg.model.diffusion.ofs)
-        videos = generator.generate(list(cfg.train.validation.prompts), cfg.sample, num_frames=dims.num_frames, height=height,
+        videos = generator.generate(list(cfg.train.validation.prompts), cfg.sample, num_frames=dit_config.num_frames, height=height,
                                     width=width, image=image, steps=cfg.train.validation.steps)
         if not self.env.is_main:
             return None

@@ -17,7 +17,7 @@ from sat_video.data.sampler import ClipBatchSampler
 from sat_video.data.sources import discover
 from sat_video.diffusion.conditioning import TrainingInputBuilder
 from sat_video.model.build import build_frozen_stages
-from sat_video.model.config import dit_config
+from sat_video.model.config import DiTConfig
 from tests.conftest import ROOT, tiny_config
 
 BASE = [str(ROOT / "configs" / name) for name in ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml")]
@@ -94,8 +94,8 @@ def test_two_processes_split_the_files_and_bad_files_are_listed(train_assets, tm
 
 
 def _frozen(cfg, t5):
-    dims = dit_config(cfg)
-    return TrainingInputBuilder(dims, cfg.model.diffusion, build_frozen_stages(cfg.model),
+    dit_config = DiTConfig.from_config(cfg)
+    return TrainingInputBuilder(dit_config, cfg.model.diffusion, build_frozen_stages(cfg.model),
                                 scale_factor=cfg.model.first_stage.scale_factor)
 
 

@@ -14,7 +14,7 @@ from sat_video.diffusion.loss import DiffusionLoss
 from sat_video.diffusion.schedule import NoiseSchedule
 from sat_video.fixtures.tiny_t5 import make_tiny_t5
 from sat_video.fixtures.tiny_vae import TINY_VAE_ARCHITECTURE
-from sat_video.model.config import FirstStageConfig, TextEncoderConfig, dit_config
+from sat_video.model.config import DiTConfig, FirstStageConfig, TextEncoderConfig
 from sat_video.model.stages import FrozenStages
 from tests.conftest import tiny_config
 
@@ -27,12 +27,12 @@ def t5_folder(tmp_path_factory):
 
 
 def frozen_stages(cfg, t5_folder, sample_posterior=True, **diffusion):
-    dims = dit_config(cfg)
+    dit_config = DiTConfig.from_config(cfg)
     vae = VideoVAEMixin.from_config(
         FirstStageConfig(architecture=TINY_VAE_ARCHITECTURE, scale_factor=0.7, sample_posterior=sample_posterior))
-    text = T5TextEncoder.from_config(TextEncoderConfig(path=str(t5_folder)), dims.text_length, dims.text_hidden_size)
+    text = T5TextEncoder.from_config(TextEncoderConfig(path=str(t5_folder)), dit_config.text_length, dit_config.text_hidden_size)
     stages = FrozenStages().add_stage("first_stage_model", vae).add_stage("conditioner", text)
-    return TrainingInputBuilder(dims, DiffusionConfig(**diffusion), stages)
+    return TrainingInputBuilder(dit_config, DiffusionConfig(**diffusion), stages)
 
 
 def smooth_video(batch=2, frames=13, size=64, seed=0):
@@ -132,9 +132,9 @@ def test_cogvideox15_i2v_pads_odd_latent_frames_and_feeds_ofs(t5_folder):
 
 def test_frozen_stages_reject_odd_channel_counts(t5_folder):
     cfg = tiny_config("cogvideox_2b")
-    dims = dataclasses.replace(dit_config(cfg), in_channels=20)
+    dit_config = dataclasses.replace(DiTConfig.from_config(cfg), in_channels=20)
     with pytest.raises(ValueError, match="in_channels"):
-        TrainingInputBuilder(dims, DiffusionConfig(), FrozenStages())
+        TrainingInputBuilder(dit_config, DiffusionConfig(), FrozenStages())
 
 
 def test_unknown_first_stage_type_is_a_config_error():

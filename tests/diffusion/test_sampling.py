@@ -11,7 +11,7 @@ import sat_video
 from sat_video.diffusion.config import SampleConfig
 from sat_video.diffusion.sampling import denoise, dynamic_guidance_scale
 from sat_video.formats.diffusers_format import diffusers_rotary_embedding, write_diffusers_folder
-from sat_video.model.config import dit_config
+from sat_video.model.config import DiTConfig
 from tests.conftest import ROOT, randomize_, tiny_config
 
 
@@ -43,7 +43,7 @@ def test_sampling_matches_diffusers(variant, scheduler_name, tmp_path):
     torch.manual_seed(0)
     model = randomize_(sat_video.build_dit(cfg), std=0.05).eval()
     shift = cfg.model.diffusion.snr_shift_scale
-    write_diffusers_folder(model.state_dict(), dit_config(cfg), tmp_path / "hf", snr_shift_scale=shift)
+    write_diffusers_folder(model.state_dict(), DiTConfig.from_config(cfg), tmp_path / "hf", snr_shift_scale=shift)
     transformer = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "hf" / "transformer").eval()
     scheduler_cls = CogVideoXDPMScheduler if scheduler_name == "dpm" else CogVideoXDDIMScheduler
     scheduler = scheduler_cls.from_pretrained(tmp_path / "hf" / "scheduler")
@@ -54,7 +54,7 @@ def test_sampling_matches_diffusers(variant, scheduler_name, tmp_path):
     settings = SampleConfig(scheduler=scheduler_name, steps=8, guidance_scale=6.0, dynamic_cfg=True)
     ours = denoise(model, noise, text, settings, snr_shift_scale=shift, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        theirs = diffusers_sample(transformer, scheduler, noise, text, 8, 6.0, diffusers_rotary_embedding(dit_config(cfg), 4, 8, 8),
+        theirs = diffusers_sample(transformer, scheduler, noise, text, 8, 6.0, diffusers_rotary_embedding(DiTConfig.from_config(cfg), 4, 8, 8),
                                   generator=torch.Generator().manual_seed(7))
     diff = (ours - theirs).abs().max().item()
     print(f"{variant} {scheduler_name}: max |sat_video - diffusers| final latents = {diff:.2e} (max {ours.abs().max():.2f})")

@@ -6,7 +6,7 @@ from diffusers import CogVideoXTransformer3DModel
 
 import sat_video
 from sat_video.formats.diffusers_format import diffusers_rotary_embedding, to_diffusers_config
-from sat_video.model.config import dit_config
+from sat_video.model.config import DiTConfig
 from tests.conftest import ROOT, VARIANTS, randomize_, tiny_config, tiny_inputs
 from tools.convert_to_diffusers import main as convert_to_diffusers
 
@@ -42,7 +42,7 @@ def test_forward_matches_diffusers(exported, variant, label, frames, height, wid
     x, t, context, ofs = tiny_inputs(cfg, frames=frames, height=height, width=width)
     with torch.no_grad():
         ours = model(x, t, context, ofs=ofs)
-        rope = diffusers_rotary_embedding(dit_config(cfg), x.shape[1], *x.shape[3:])
+        rope = diffusers_rotary_embedding(DiTConfig.from_config(cfg), x.shape[1], *x.shape[3:])
         theirs = hf(x, context, t, ofs=ofs, image_rotary_emb=rope, return_dict=False)[0]
     diff = (ours - theirs).abs().max().item()
     print(f"{variant} {label} {tuple(x.shape)}: max |sat_video - diffusers| = {diff:.2e} (output max {ours.abs().max():.2f})")
@@ -55,7 +55,7 @@ def test_full_size_parameter_counts_match_diffusers(variant):
     cfg = sat_video.load_config(ROOT / "configs" / f"{variant}.yaml")
     with torch.device("meta"):
         ours = sat_video.build_dit(cfg)
-        theirs = CogVideoXTransformer3DModel(**to_diffusers_config(dit_config(cfg)))
+        theirs = CogVideoXTransformer3DModel(**to_diffusers_config(DiTConfig.from_config(cfg)))
     ours_params = sum(p.numel() for p in ours.parameters())
     theirs_params = sum(p.numel() for p in theirs.parameters())
     # diffusers keeps the 5B-I2V learned table as a persistent buffer; in SAT (and here) it is a parameter

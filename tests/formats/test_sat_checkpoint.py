@@ -141,7 +141,7 @@ def test_save_never_overwrites_and_leaves_no_temporary_files(tmp_path):
 def _sat_lora_state(source, rank, generator):
     """A SAT LoRA checkpoint: query_key_value (3 partitions) and dense (1) wrapped in every layer."""
     state = dict(source.state_dict())
-    for i in range(source.dims.num_layers):
+    for i in range(source.dit_config.num_layers):
         for name, parts in (("query_key_value", 3), ("dense", 1)):
             base = f"transformer.layers.{i}.attention.{name}"
             weight = state.pop(f"{base}.weight")
@@ -160,8 +160,8 @@ def test_sat_lora_checkpoints_are_merged(tmp_path):
     torch.save({"module": {SAT_PREFIX + k: v for k, v in state.items()}}, tmp_path / "lora.pt")
     sat_video.load_checkpoint(target, tmp_path / "lora.pt")
     # reference: the LoRA forward of SAT, y = W x + b + (1/r) * concat_p(B_p A_p x)
-    x = torch.randn(5, source.dims.hidden_size)
-    for i in range(source.dims.num_layers):
+    x = torch.randn(5, source.dit_config.hidden_size)
+    for i in range(source.dit_config.num_layers):
         for name, parts in (("query_key_value", 3), ("dense", 1)):
             base = f"transformer.layers.{i}.attention.{name}"
             expected = x @ state[f"{base}.original.weight"].T + state[f"{base}.original.bias"]

@@ -30,19 +30,19 @@ def test_config_swaps_adaln_for_plain_blocks_a_timestep_token_and_qk_layernorm()
 class SeenLength(Mixin):
     """Records the condition-token count the output head sees."""
 
-    def __init__(self, dims):
-        super().__init__(dims)
+    def __init__(self, dit_config):
+        super().__init__(dit_config)
         self.lengths = []
 
     @wraps_previous
     def final_forward(self, hidden, ctx, *, inner):
-        self.lengths.append((ctx.text_length, hidden.shape[1]))
+        self.lengths.append((ctx.num_condition_tokens, hidden.shape[1]))
         return inner(hidden, ctx)
 
 
 def test_the_token_is_prepended_and_counted_as_a_condition_token():
     cfg, model = _model()
-    seen = SeenLength(model.dims)
+    seen = SeenLength(model.dit_config)
     model.add_mixin("seen", seen)
     x, t, context, _ = tiny_inputs(cfg)
     with torch.no_grad():
@@ -82,13 +82,13 @@ def test_qk_layernorm_matches_the_adaln_mixins_qk_layernorm():
     cfg = tiny_config("cogvideox_5b")
     model = sat_video.build_dit(cfg)
     adaln = model.mixins.adaln_layer
-    standalone = build_mixin(model.dims, {"type": "qk_layernorm"})
+    standalone = build_mixin(model.dit_config, {"type": "qk_layernorm"})
     randomize_(adaln, seed=3)
     names = [k for k in adaln.state_dict() if "layernorm_list" in k]
     assert sorted(names) == sorted(standalone.state_dict())  # same names: weights move between the two
     standalone.load_state_dict({k: adaln.state_dict()[k] for k in names})
     q, k, v = torch.randn(3, 2, 2, 72, 32).unbind(0)
-    for layer_idx in range(model.dims.num_layers):
+    for layer_idx in range(model.dit_config.num_layers):
         expected = adaln.process_qkv(q, k, v, None, layer_idx)
         for a, b in zip(standalone.process_qkv(q, k, v, None, layer_idx), expected):
             assert torch.equal(a, b)
@@ -100,5 +100,5 @@ def test_qk_layernorm_runs_before_rope_whatever_the_order(order):
     model = sat_video.build_dit(cfg)
     entries = {"qk_norm": {"type": "qk_layernorm"}, "pos_embed": {"type": "rotary_3d"}}
     for name in order:
-        model.add_mixin(name, build_mixin(model.dims, entries[name]))
+        model.add_mixin(name, build_mixin(model.dit_config, entries[name]))
     assert model.hook_origins["process_qkv"] == ["qk_norm", "pos_embed"]

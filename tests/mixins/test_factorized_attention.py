@@ -49,7 +49,7 @@ def test_kernels_equal_full_attention_with_the_documented_mask(kind, text_length
 
 
 def _layer_output(model, layer_idx, hidden):
-    ctx = ForwardContext(temb=torch.randn(1, 32, generator=torch.Generator().manual_seed(1)), text_length=TEXT, grid=GRID,
+    ctx = ForwardContext(temb=torch.randn(1, 32, generator=torch.Generator().manual_seed(1)), num_condition_tokens=TEXT, grid=GRID,
                          hooks=model._hooks)
     with torch.no_grad():
         return model.transformer.layers[layer_idx](hidden, ctx, layer_idx)
@@ -96,7 +96,7 @@ def _temporal_parameters(model):
     mixin = model.mixins.st
     if mixin.config.arrangement in ("serial_in_block", "parallel_in_block"):
         return {name for name, _ in model.named_parameters() if name.startswith("mixins.st.temporal_attention.")}
-    layers = [i for i in range(model.dims.num_layers) if mixin.is_temporal_block(i)]
+    layers = [i for i in range(model.dit_config.num_layers) if mixin.is_temporal_block(i)]
     prefixes = [f"transformer.layers.{i}." for i in layers] + [
         f"mixins.adaln_layer.{part}.{i}." for i in layers for part in ("adaLN_modulations", "query_layernorm_list", "key_layernorm_list")]
     return {name for name, _ in model.named_parameters() if name.startswith(tuple(prefixes))}
@@ -135,7 +135,7 @@ def test_temporal_parts_are_the_identity_for_images_only(arrangement):
             for param in mixin.temporal_attention.parameters():
                 param.zero_()
         else:
-            for i in range(model.dims.num_layers):
+            for i in range(model.dit_config.num_layers):
                 if mixin.is_temporal_block(i):
                     neutral.mixins.adaln_layer.adaLN_modulations[i][1].weight.zero_()  # zero gates: the block is
                     neutral.mixins.adaln_layer.adaLN_modulations[i][1].bias.zero_()  # the identity
@@ -170,8 +170,8 @@ def test_temporal_attention_linears_go_through_the_project_hook():
     from sat_video.model.hooks import Mixin, wraps_previous
 
     class Names(Mixin):
-        def __init__(self, dims):
-            super().__init__(dims)
+        def __init__(self, dit_config):
+            super().__init__(dit_config)
             self.seen = set()
 
         @wraps_previous
@@ -180,7 +180,7 @@ def test_temporal_attention_linears_go_through_the_project_hook():
             return inner(linear, x, ctx, layer_idx, name)
 
     cfg, model = _model("serial_in_block")
-    names = Names(model.dims)
+    names = Names(model.dit_config)
     model.add_mixin("names", names)
     with torch.no_grad():
         model(*tiny_inputs(cfg)[:3])

@@ -15,7 +15,7 @@ from sat_video import CheckpointError, ConfigError, Mixin
 from sat_video.formats.diffusers_format import LORA_WEIGHTS, diffusers_rotary_embedding
 from sat_video.formats.sat_checkpoint import SAT_PREFIX, read_state_dict
 from sat_video.formats.sat_lora import merge_lora
-from sat_video.model.config import dit_config
+from sat_video.model.config import DiTConfig
 from sat_video.training.optim import select_trainable
 from tests.conftest import ROOT, VARIANTS, randomize_, tiny_config, tiny_inputs
 from tests.formats.test_sat_checkpoint import _sat_lora_state
@@ -72,14 +72,14 @@ def test_layout_mirrors_sat_and_leaves_base_keys_alone():
     plain_keys = set(sat_video.build_dit(tiny_config("cogvideox_5b")).state_dict())
     lora_keys = {k for k in state if k.startswith("mixins.lora.")}
     assert set(state) - lora_keys == plain_keys
-    width = model.dims.hidden_size
-    for i in range(model.dims.num_layers):
+    width = model.dit_config.hidden_size
+    for i in range(model.dit_config.num_layers):
         for p in range(3):
             assert state[f"mixins.lora.layers.{i}.attention.query_key_value.matrix_A.{p}"].shape == (4, width)
             assert state[f"mixins.lora.layers.{i}.attention.query_key_value.matrix_B.{p}"].shape == (width, 4)
         assert state[f"mixins.lora.layers.{i}.attention.dense.matrix_A.0"].shape == (4, width)
         assert state[f"mixins.lora.layers.{i}.attention.dense.matrix_B.0"].shape == (width, 4)
-    assert len(lora_keys) == model.dims.num_layers * (6 + 2)
+    assert len(lora_keys) == model.dit_config.num_layers * (6 + 2)
     assert model.hook_origins["project"] == ["default", "lora"]
 
 
@@ -133,11 +133,11 @@ def test_wraps_a_replaced_projection():
 
     model = _trained_lora_model("cogvideox_5b")
     lora = model.del_mixin("lora")
-    model.add_mixin("doubled", Doubled(model.dims))
+    model.add_mixin("doubled", Doubled(model.dit_config))
     model.add_mixin("lora", lora)
     assert model.hook_origins["project"] == ["doubled", "lora"]
     layer = model.transformer.layers[1]
-    x = torch.randn(2, 5, model.dims.hidden_size)
+    x = torch.randn(2, 5, model.dit_config.hidden_size)
     with torch.no_grad():
         out = model._hooks.project(layer.attention.dense, x, None, 1, "attention.dense")
         expected = 2.0 * layer.attention.dense(x) + lora.layers[1]["attention"]["dense"](x, lora.scale)
@@ -197,7 +197,7 @@ def exported_lora(tmp_path_factory):
 
 def _diffusers_forward(hf, variant, inputs):
     x, t, context, _ = inputs
-    rope = diffusers_rotary_embedding(dit_config(tiny_config(variant)), x.shape[1], *x.shape[3:])
+    rope = diffusers_rotary_embedding(DiTConfig.from_config(tiny_config(variant)), x.shape[1], *x.shape[3:])
     with torch.no_grad():
         return hf(x, context, t, image_rotary_emb=rope, return_dict=False)[0]
 
@@ -233,7 +233,7 @@ def test_adapter_file_holds_diffusers_keys_with_the_scale_in_lora_b(exported_lor
     adapter = load_file(str(folder / "adapter" / LORA_WEIGHTS))
     modules = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2"]
     assert set(adapter) == {f"transformer.transformer_blocks.{i}.{m}.lora_{ab}.weight"
-                            for i in range(model.dims.num_layers) for m in modules for ab in "AB"}
+                            for i in range(model.dit_config.num_layers) for m in modules for ab in "AB"}
     state = model.state_dict()
     lora_b = state["mixins.lora.layers.1.attention.query_key_value.matrix_B.1"]
     assert torch.allclose(adapter["transformer.transformer_blocks.1.attn1.to_k.lora_B.weight"], lora_b * model.mixins.lora.scale)

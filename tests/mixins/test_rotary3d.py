@@ -6,25 +6,25 @@ import sat_video
 from mixins import Rotary3DMixin
 from mixins.rotary3d import rotate_half
 from sat_video import TokenGrid
-from sat_video.model.config import dit_config
+from sat_video.model.config import DiTConfig
 from tests.conftest import tiny_config
 
 
 def test_cos_sin_match_diffusers_integer_positions():
-    dims = dit_config(tiny_config("cogvideox_5b"))
-    mixin = Rotary3DMixin(dims)
+    dit_config = DiTConfig.from_config(tiny_config("cogvideox_5b"))
+    mixin = Rotary3DMixin(dit_config)
     for grid in [TokenGrid(4, 4, 4), TokenGrid(3, 6, 2)]:
         cos, sin = mixin.cos_sin(grid, torch.device("cpu"), torch.float32)
-        hf_cos, hf_sin = get_3d_rotary_pos_embed(dims.head_dim, None, (grid.height, grid.width), grid.frames,
+        hf_cos, hf_sin = get_3d_rotary_pos_embed(dit_config.head_dim, None, (grid.height, grid.width), grid.frames,
                                                  grid_type="slice", max_size=(grid.height, grid.width))
         assert torch.allclose(cos, hf_cos, atol=1e-6) and torch.allclose(sin, hf_sin, atol=1e-6)
 
 
 def test_rotation_of_video_tokens_only_matches_diffusers():
-    dims = dit_config(tiny_config("cogvideox_5b"))
-    mixin, grid, n = Rotary3DMixin(dims), TokenGrid(2, 3, 4), 5
-    q, k, v = (torch.randn(2, dims.num_attention_heads, n + grid.num_tokens, dims.head_dim) for _ in range(3))
-    ctx = sat_video.ForwardContext(temb=torch.zeros(2, 32), text_length=n, grid=grid, hooks=None)
+    dit_config = DiTConfig.from_config(tiny_config("cogvideox_5b"))
+    mixin, grid, n = Rotary3DMixin(dit_config), TokenGrid(2, 3, 4), 5
+    q, k, v = (torch.randn(2, dit_config.num_attention_heads, n + grid.num_tokens, dit_config.head_dim) for _ in range(3))
+    ctx = sat_video.ForwardContext(temb=torch.zeros(2, 32), num_condition_tokens=n, grid=grid, hooks=None)
     q2, k2, v2 = mixin.process_qkv(q, k, v, ctx, 0)
     freqs = mixin.cos_sin(grid, q.device, q.dtype)
     assert torch.equal(q2[:, :, :n], q[:, :, :n]) and v2 is v

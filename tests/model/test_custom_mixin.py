@@ -19,15 +19,15 @@ class LearnedPos3D(Mixin):
     class Config:
         init_std: float = 0.02
 
-    def __init__(self, dims, config=None):
-        super().__init__(dims, config)
-        t, h, w = dims.latent_frames, dims.latent_height // dims.patch_size, dims.latent_width // dims.patch_size
-        self.table = nn.Parameter(torch.randn(t, h, w, dims.hidden_size) * self.config.init_std)
+    def __init__(self, dit_config, config=None):
+        super().__init__(dit_config, config)
+        t, h, w = dit_config.latent_frames, dit_config.latent_height // dit_config.patch_size, dit_config.latent_width // dit_config.patch_size
+        self.table = nn.Parameter(torch.randn(t, h, w, dit_config.hidden_size) * self.config.init_std)
 
     def add_position(self, hidden, ctx):
         g = ctx.grid
         table = self.table[: g.frames, : g.height, : g.width].reshape(1, g.num_tokens, -1)
-        return torch.cat([hidden[:, : ctx.text_length], hidden[:, ctx.text_length :] + table], dim=1)
+        return torch.cat([hidden[:, : ctx.num_condition_tokens], hidden[:, ctx.num_condition_tokens :] + table], dim=1)
 
 
 def _cfg():

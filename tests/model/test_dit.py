@@ -31,7 +31,7 @@ def test_scalar_timesteps_broadcast_and_input_errors_are_explained():
         assert torch.equal(model(x, 500, context, ofs=2.0), model(x, torch.tensor([500, 500]), context, ofs=ofs))
     with pytest.raises(ValueError, match="pass ofs"):
         model(x, t, context)
-    with pytest.raises(ValueError, match=r"context must be \[B=2, L, 32\]"):
+    with pytest.raises(ValueError, match=r"encoder_hidden_states must be \[B=2, L, 32\]"):
         model(x, t, context[:1], ofs=ofs)
     with pytest.raises(ValueError, match=r"must be divisible by patch sizes 2x2x2"):
         model(x[:, :3], t, context, ofs=ofs)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import sat_video
 from mixins import AdaLNMixin, Rotary3DMixin
 from sat_video import HookConflictError, MissingHookError, Mixin, wraps_previous
-from sat_video.model.config import dit_config
+from sat_video.model.config import DiTConfig
 from sat_video.model.hooks import HOOKS
 from tests.conftest import randomize_, tiny_config, tiny_inputs
 
@@ -15,8 +15,8 @@ from tests.conftest import randomize_, tiny_config, tiny_inputs
 class ScaledAttention(Mixin):
     """Wraps whatever attention kernel lies beneath and records that it ran."""
 
-    def __init__(self, dims, config=None):
-        super().__init__(dims, config)
+    def __init__(self, dit_config, config=None):
+        super().__init__(dit_config, config)
         self.calls = 0
 
     @wraps_previous
@@ -57,11 +57,11 @@ def test_a_wrapping_mixin_chains_around_the_current_implementation():
     x, t, c, _ = tiny_inputs(tiny_config("cogvideox_5b"))
     with torch.no_grad():
         before = model(x, t, c)
-        wrapper = ScaledAttention(model.dims)
+        wrapper = ScaledAttention(model.dit_config)
         model.add_mixin("scaled", wrapper)
         after = model(x, t, c)
     assert model.hook_origins["attention_kernel"] == ["default", "scaled"]
-    assert wrapper.calls == model.dims.num_layers
+    assert wrapper.calls == model.dit_config.num_layers
     assert not torch.allclose(before, after)
     model.del_mixin("scaled")
     with torch.no_grad():
@@ -70,36 +70,36 @@ def test_a_wrapping_mixin_chains_around_the_current_implementation():
 
 def test_a_conflicting_mixin_is_refused_naming_both_and_nothing_changes():
     model = _model()
-    model.add_mixin("first", PlainAttention(model.dims))
+    model.add_mixin("first", PlainAttention(model.dit_config))
     hooks, origins = model._hooks, model.hook_origins
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(HookConflictError, match="'first' and 'second' both replace hook 'attention_kernel'"):
-        model.add_mixin("second", PlainAttention(model.dims))
+        model.add_mixin("second", PlainAttention(model.dit_config))
     assert model._hooks is hooks and model.hook_origins == origins
     assert list(model.mixins) == ["patch_embed", "adaln_layer", "pos_embed", "final_layer", "first"]
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     # the model still works and still accepts valid mixins afterwards
-    model.add_mixin("scaled", ScaledAttention(model.dims))
+    model.add_mixin("scaled", ScaledAttention(model.dit_config))
     assert model.hook_origins["attention_kernel"] == ["first", "scaled"]
 
 
 def test_conflict_with_a_shipped_mixin_names_it():
     model = _model()
     with pytest.raises(HookConflictError, match="'adaln_layer' and 'mine' both replace hook 'layer_forward'"):
-        model.add_mixin("mine", OtherLayer(model.dims))
+        model.add_mixin("mine", OtherLayer(model.dit_config))
 
 
 def test_other_add_errors_leave_the_model_unchanged():
     model = _model()
     keys = list(model.state_dict())
     with pytest.raises(ValueError, match="already added"):
-        model.add_mixin("pos_embed", PlainAttention(model.dims))
-    other = dit_config(tiny_config("cogvideox_5b", "model.dit.num_layers=3"))
+        model.add_mixin("pos_embed", PlainAttention(model.dit_config))
+    other = DiTConfig.from_config(tiny_config("cogvideox_5b", "model.dit.num_layers=3"))
     with pytest.raises(ValueError, match="num_layers"):
         model.add_mixin("wrong_sizes", AdaLNMixin(other))
     with pytest.raises(ValueError, match="identifier"):
-        model.add_mixin("not-a-name", PlainAttention(model.dims))
+        model.add_mixin("not-a-name", PlainAttention(model.dit_config))
     assert list(model.state_dict()) == keys
 
 
@@ -141,12 +141,12 @@ def test_hooks_run_in_data_flow_order():
             calls.append(("process_qkv", layer_idx))
             return q, k, v
 
-    model.add_mixin("recorder", Recorder(model.dims))
+    model.add_mixin("recorder", Recorder(model.dit_config))
     x, t, c, _ = tiny_inputs(tiny_config("cogvideox_5b"))
     with torch.no_grad():
         model(x, t, c)
     expected = [("add_position", None)]
-    for layer in range(model.dims.num_layers):
+    for layer in range(model.dit_config.num_layers):
         expected += [("process_qkv", layer), ("attention_kernel", layer), ("mlp_forward", layer)]
     assert calls == expected
 
@@ -170,9 +170,9 @@ def test_construction_has_no_global_side_effects():
 
 
 def test_rotary_learned_table_only_registers_add_position_when_enabled():
-    dims = dit_config(tiny_config("cogvideox_5b"))
-    assert "add_position" not in Rotary3DMixin(dims).implemented_hooks()
-    assert "add_position" in Rotary3DMixin(dims, Rotary3DMixin.Config(learned_table=True)).implemented_hooks()
+    dit_config = DiTConfig.from_config(tiny_config("cogvideox_5b"))
+    assert "add_position" not in Rotary3DMixin(dit_config).implemented_hooks()
+    assert "add_position" in Rotary3DMixin(dit_config, Rotary3DMixin.Config(learned_table=True)).implemented_hooks()
 
 
 def test_deep_copies_dispatch_to_their_own_mixins():
@@ -192,8 +192,8 @@ def test_deep_copies_dispatch_to_their_own_mixins():
 class CountingProjection(Mixin):
     """Wraps the projection hook and records the name of every linear that passes through it."""
 
-    def __init__(self, dims, config=None):
-        super().__init__(dims, config)
+    def __init__(self, dit_config, config=None):
+        super().__init__(dit_config, config)
         self.names = []
 
     @wraps_previous
@@ -207,11 +207,11 @@ def test_every_block_linear_goes_through_the_project_hook():
     x, t, c, _ = tiny_inputs(tiny_config("cogvideox_5b"))
     with torch.no_grad():
         before = model(x, t, c)
-        counter = CountingProjection(model.dims)
+        counter = CountingProjection(model.dit_config)
         model.add_mixin("count", counter)
         assert torch.equal(model(x, t, c), before)
     names = ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
-    assert counter.names == [(i, n) for i in range(model.dims.num_layers) for n in names]
+    assert counter.names == [(i, n) for i in range(model.dit_config.num_layers) for n in names]
 
 
 class TimeToken(Mixin):
@@ -227,9 +227,9 @@ def test_tokens_prepended_by_embed_count_as_condition_tokens():
     model = _model()
     x, t, c, _ = tiny_inputs(tiny_config("cogvideox_5b"))
     seen = []
-    model.add_mixin("time_token", TimeToken(model.dims))
+    model.add_mixin("time_token", TimeToken(model.dit_config))
     original = model._hooks.final_forward
-    model._hooks.final_forward = lambda hidden, ctx: seen.append(ctx.text_length) or original(hidden, ctx)
+    model._hooks.final_forward = lambda hidden, ctx: seen.append(ctx.num_condition_tokens) or original(hidden, ctx)
     with torch.no_grad():
         out = model(x, t, c)
     assert seen == [c.shape[1] + 1]
