@@ -25,17 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from sat_video.common.errors import ConfigError
-from sat_video.formats.sat_lora import LORA_TARGETS, SAT_TARGETS
 from sat_video.model.context import ForwardContext
 from sat_video.model.hooks import Mixin, wraps_previous
 from sat_video.model.registry import register_mixin
 
-# (in, out) of each target as multiples of the hidden size (the MLP is 4x wide, see sat_video/transformer.py).
-_WIDTHS = {
-    "attention.query_key_value": (1, 3),
-    "attention.dense": (1, 1),
-    "mlp.dense_h_to_4h": (1, 4),
-    "mlp.dense_4h_to_h": (4, 1),
+# (in, out) of each target as multiples of the hidden size (the MLP is 4x wide, see sat_video/model/transformer.py),
+# and its output partitions (SAT adapts q, k and v of the fused projection with one matrix pair each).
+_SHAPES = {
+    "attention.query_key_value": (1, 3, 3),
+    "attention.dense": (1, 1, 1),
+    "mlp.dense_h_to_4h": (1, 4, 1),
+    "mlp.dense_4h_to_h": (4, 1, 1),
 }
 
 
@@ -60,6 +60,11 @@ class LoRAAdapter(nn.Module):
         chunks = hidden.chunk(len(self.matrix_B), dim=-1)
         return torch.cat([F.linear(chunk, lora_b) for chunk, lora_b in zip(chunks, self.matrix_B)], dim=-1)
 
+
+LORA_TARGETS = tuple(_SHAPES)
+"""Block linears an adapter may wrap (names of the ``project`` hook)."""
+SAT_TARGETS = LORA_TARGETS[:2]
+"""What SAT's CogVideoX LoRA wraps."""
 
 @register_mixin("lora")
 class LoRAMixin(Mixin):
@@ -108,8 +113,8 @@ class LoRAMixin(Mixin):
             groups: dict[str, nn.ModuleDict] = {}
             for target in self.config.targets:
                 group, linear = target.split(".")
-                fan_in, fan_out = _WIDTHS[target]
-                adapter = LoRAAdapter(fan_in * width, fan_out * width, len(LORA_TARGETS[target]), self.config.rank)
+                fan_in, fan_out, partitions = _SHAPES[target]
+                adapter = LoRAAdapter(fan_in * width, fan_out * width, partitions, self.config.rank)
                 groups.setdefault(group, nn.ModuleDict())[linear] = adapter
             return nn.ModuleDict(groups)
 

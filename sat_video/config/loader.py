@@ -14,13 +14,14 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence, Union
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sat_video.common.constraints import field_problems
 from sat_video.common.errors import ConfigError, UnknownMixinError, did_you_mean
 from sat_video.config.schema import Config
-from sat_video.model.build import import_plugins, mixin_class, stage_class
+from sat_video.model.build import build_dit, import_plugins, mixin_class, stage_class
 from sat_video.model.config import DiTConfig
 
 
@@ -197,6 +198,8 @@ def load_config(paths: Union[str, Path, dict, Sequence[Union[str, Path, dict]]],
     _check_section(cfg, Config, "", layers)
     DiTConfig.from_config(cfg).validate()
     _check_across_sections(cfg)
+    with torch.device("meta"):  # mixins check the sizes they need (RoPE's head dim, ...) as they are built
+        build_dit(cfg)
     return cfg
 
 

@@ -20,16 +20,12 @@ import re
 
 import torch
 
+from mixins.lora import LORA_TARGETS
 from sat_video.common.errors import CheckpointError
 
 # Block linears an adapter may wrap -> their diffusers modules, one per output partition.
-LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "attention.query_key_value": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
-    "attention.dense": ("attn1.to_out.0",),
-    "mlp.dense_h_to_4h": ("ff.net.0.proj",),
-    "mlp.dense_4h_to_h": ("ff.net.2",),
-}
-SAT_TARGETS = ("attention.query_key_value", "attention.dense")  # what SAT's CogVideoX LoRA wraps
+DIFFUSERS_MODULES: dict[str, tuple[str, ...]] = dict(zip(LORA_TARGETS, (
+    ("attn1.to_q", "attn1.to_k", "attn1.to_v"), ("attn1.to_out.0",), ("ff.net.0.proj",), ("ff.net.2",))))
 
 _SAT_KEY = re.compile(r"^(?P<base>.+)\.(?:original\.(?P<kind>weight|bias)|matrix_(?P<ab>[AB])\.(?P<part>\d+))$")
 _LAYER_LINEAR = re.compile(r"^transformer\.layers\.(?P<layer>\d+)\.(?P<target>.+)$")
@@ -159,7 +155,7 @@ def lora_to_diffusers(state_dict: dict[str, torch.Tensor], mixin_name: str, scal
         if target not in LORA_TARGETS:
             raise CheckpointError(f"'{adapter}matrix_A.0': no diffusers module for LoRA target '{target}'")
         matrices_a, matrices_b = _parts(state_dict, adapter)
-        modules = LORA_TARGETS[target]
+        modules = DIFFUSERS_MODULES[target]
         if len(matrices_a) != len(modules):
             raise CheckpointError(f"'{adapter}': {len(matrices_a)} partitions, expected {len(modules)} for '{target}'")
         for module, lora_a, lora_b in zip(modules, matrices_a, matrices_b):
