@@ -1,12 +1,17 @@
 """Configs: merging, overrides, and clear errors for unknown keys, types and sizes."""
 
+import dataclasses
+import re
 import subprocess
 import sys
+import typing
 
 import pytest
+from omegaconf import OmegaConf
 
 import sat_video
 from sat_video import ConfigError
+from sat_video.config.schema import Config
 from tests.conftest import ROOT, VARIANTS, tiny_config
 
 
@@ -112,3 +117,68 @@ def test_missing_file():
 def test_mixins_that_are_not_a_mapping_are_refused_by_name():
     with pytest.raises(ConfigError, match=r"command-line override: model.dit.mixins: expected a mapping .* found int 3"):
         tiny_config("cogvideox_5b", "model.dit.mixins=3")
+
+
+# ---------------------------------------------------------------- values checked at load
+def _constrained_keys(schema, prefix=""):
+    """``(dotted key, type, constraint)`` of every constrained field under ``schema``."""
+    hints = typing.get_type_hints(schema)
+    for spec in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[spec.name]):
+            yield from _constrained_keys(hints[spec.name], f"{prefix}{spec.name}.")
+        elif spec.metadata:
+            kind = next(t for t in (*typing.get_args(hints[spec.name]), hints[spec.name]) if t in (int, float, str))
+            yield f"{prefix}{spec.name}", kind, dict(spec.metadata)
+
+
+def _refused_value(kind, constraint):
+    if "one_of" in constraint:
+        first = constraint["one_of"][0]
+        return first + "x" if kind is str else max(constraint["one_of"]) + 1
+    if "between" in constraint:
+        return kind(constraint["between"][1] + 1)
+    low, exclusive = constraint["at_least"]
+    return kind(low) if exclusive else kind(low - 1)
+
+
+CONSTRAINED = list(_constrained_keys(Config))
+
+
+def test_the_constrained_keys_include_the_enum_like_and_size_keys():
+    keys = {key for key, _, _ in CONSTRAINED}
+    assert {"deepspeed.precision", "deepspeed.zero_stage", "train.lr_schedule.decay_style", "sample.scheduler",
+            "model.dit.hidden_size", "train.train_iters", "train.save_interval", "data.num_workers"} <= keys
+    assert len(keys) >= 50
+
+
+@pytest.mark.parametrize("key,kind,constraint", CONSTRAINED, ids=[key for key, _, _ in CONSTRAINED])
+def test_every_constrained_key_is_refused_at_load_naming_file_key_and_allowed_values(key, kind, constraint, tmp_path):
+    value = _refused_value(kind, constraint)
+    layer = tmp_path / "bad.yaml"
+    node = value
+    for part in reversed(key.split(".")):
+        node = {part: node}
+    layer.write_text(OmegaConf.to_yaml(OmegaConf.create(node)))
+    with pytest.raises(ConfigError) as caught:
+        sat_video.load_config([ROOT / "configs" / "cogvideox_5b.yaml", ROOT / "configs" / "tiny.yaml", layer])
+    message = str(caught.value)
+    assert message.startswith(f"{layer}: {key}: expected ") and repr(value) in message, message
+    if "one_of" in constraint:
+        assert ", ".join(map(repr, constraint["one_of"])) in message
+        if kind is str:
+            assert f"did you mean '{constraint['one_of'][0]}'?" in message
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("model.first_stage.type", "vae", "model.first_stage.type: expected one of ['patch_pca', 'video_vae'], found 'vae'; "
+                                      "did you mean 'video_vae'?"),
+    ("model.text_encoder.type", "t4", "model.text_encoder.type: expected one of ['t5'], found 't4'; did you mean 't5'?"),
+    ("model.dit.mixins.pos_embed.type", "rotary3d", "unknown mixin type 'rotary3d'; did you mean 'rotary_3d'?"),
+    ("model.dit.num_frames", "12", "num_frames must be 1 + 4k (1, 5, 9, ..., 49), found 12"),
+    ("model.dit.hidden_size", "72", "head dim 24 is not a multiple of 16"),  # a mixin's own check, at load
+    ("train.validation.interval", "5", "train.validation.interval is set but train.validation.prompts is empty"),
+    ("train.optimizer.lr", "0.0", "train.optimizer.lr: expected a value > 0, found 0.0"),
+])
+def test_types_and_rules_across_keys_are_checked_at_load(key, value, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        tiny_config("cogvideox_5b", f"{key}={value}", *(["model.dit.num_attention_heads=3"] if key.endswith("hidden_size") else []))

@@ -234,3 +234,27 @@ def test_tokens_prepended_by_embed_count_as_condition_tokens():
         out = model(x, t, c)
     assert seen == [c.shape[1] + 1]
     assert out.shape[:2] == x.shape[:2]
+
+
+def test_every_shipped_hook_override_has_the_catalogues_typed_signature():
+    import inspect
+
+    from sat_video.model.build import import_plugins
+    from sat_video.model.registry import _MIXINS
+
+    import_plugins()
+    checked = 0
+    for type_name, cls in _MIXINS.items():
+        for spec in HOOKS:
+            method = getattr(cls, spec.name)
+            if method is getattr(Mixin, spec.name):
+                continue
+            declared = inspect.signature(getattr(Mixin, spec.name))
+            override = inspect.signature(method)
+            params = [p for p in override.parameters.values() if p.name != "inner"]
+            assert [p.name for p in params] == list(declared.parameters), f"{type_name}.{spec.name}{override}"
+            assert all(p.annotation is not p.empty for p in params[1:]), f"{type_name}.{spec.name} is not typed"
+            assert override.return_annotation is not override.empty, f"{type_name}.{spec.name} has no return type"
+            assert ("inner" in override.parameters) == getattr(method, "wraps_previous", False)
+            checked += 1
+    assert checked >= 13
