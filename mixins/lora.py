@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +80,7 @@ class LoRAMixin(Mixin):
         """Rank ``r`` of every adapter (SAT's CogVideoX LoRA: 128 for 2B, 256 for 5B)."""
         alpha: float = 1.0
         """The update is scaled by ``alpha / rank`` (SAT's alpha is 1, so its scale is ``1 / rank``)."""
-        targets: List[str] = field(default_factory=lambda: list(SAT_TARGETS))
+        targets: list[str] = field(default_factory=lambda: list(SAT_TARGETS))
         """Block linears to adapt: ``attention.query_key_value`` and ``attention.dense`` (SAT's choice, so SAT LoRA
         checkpoints load), optionally ``mlp.dense_h_to_4h`` and ``mlp.dense_4h_to_h``."""
         dropout: float = 0.0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,7 +35,7 @@ def between(low: float, high: float) -> dict:
     return {"between": (low, high)}
 
 
-def value_problem(value: Any, metadata: Mapping) -> Optional[str]:
+def value_problem(value: Any, metadata: Mapping) -> str | None:
     """What is wrong with ``value`` under a field's constraint, or ``None`` (``None`` values are the type's business)."""
     if value is None:
         return None

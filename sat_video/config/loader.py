@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -152,7 +153,7 @@ def read_yaml(path: str | Path, *, what: str = "config file", error: type[Config
         raise error(f"{path}: cannot parse YAML: {err}") from None
 
 
-def load_config(paths: Union[str, Path, dict, Sequence[Union[str, Path, dict]]], overrides: Sequence[str] = ()) -> DictConfig:
+def load_config(paths: str | Path | dict | Sequence[str | Path | dict], overrides: Sequence[str] = ()) -> DictConfig:
     """Load YAML files merged left to right, then apply ``key=value`` overrides.
 
     Args:

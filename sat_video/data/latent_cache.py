@@ -25,7 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -71,7 +71,7 @@ def cache_settings(model: DictConfig, data: DataConfig) -> dict[str, Any]:
     return settings
 
 
-def _resolved(path: Optional[str]) -> Optional[str]:
+def _resolved(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path else None
 
 
@@ -87,9 +87,9 @@ def _plain(value):
 @dataclass
 class CachedSample:
     latent_mean: torch.Tensor
-    latent_std: Optional[torch.Tensor]
+    latent_std: torch.Tensor | None
     text: torch.Tensor
-    first_frame: Optional[torch.Tensor]
+    first_frame: torch.Tensor | None
     caption: str
     path: str
     position: tuple[int, int]
@@ -108,9 +108,9 @@ class CachedBatch:
     """
 
     latent_mean: torch.Tensor
-    latent_std: Optional[torch.Tensor]
+    latent_std: torch.Tensor | None
     text: torch.Tensor
-    first_frame: Optional[torch.Tensor]
+    first_frame: torch.Tensor | None
     captions: list[str]
     paths: list[str]
     position: tuple[int, int]

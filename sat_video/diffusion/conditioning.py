@@ -9,7 +9,7 @@ The loss on these inputs is :mod:`sat_video.diffusion.loss`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,7 +35,7 @@ class TrainingInputs:
     """Clean latents, already multiplied by the VAE scale factor."""
     text: torch.Tensor
     """T5 embeddings ``[B, L, D]``; all zeros for samples that dropped their caption."""
-    image_latents: Optional[torch.Tensor] = None
+    image_latents: torch.Tensor | None = None
     """I2V: the encoded noisy first frame, then zero latents; all zeros for dropped samples."""
 
 
@@ -71,14 +71,14 @@ class TrainingInputBuilder:
         return self._condition(latents, text, video[:, :, :1], generator)
 
     @torch.no_grad()
-    def prepare_cached(self, batch: "CachedBatch", generator: torch.Generator) -> TrainingInputs:
+    def prepare_cached(self, batch: CachedBatch, generator: torch.Generator) -> TrainingInputs:
         """The same from a latent-cache batch (already on the training device): for the same generator state, the
         same inputs as :meth:`prepare` on the clips the cache was made from (the posterior is sampled here, as
         encoding would)."""
         latents = latents_from_moments(batch.latent_mean, batch.latent_std, self.scale_factor, generator)
         return self._condition(latents, batch.text, batch.first_frame, generator)
 
-    def _condition(self, latents: torch.Tensor, text: torch.Tensor, first_frame: Optional[torch.Tensor],
+    def _condition(self, latents: torch.Tensor, text: torch.Tensor, first_frame: torch.Tensor | None,
                    generator: torch.Generator) -> TrainingInputs:
         """Latents ``[B, C, F, h, w]`` and text -> padded latents, caption dropout, the I2V condition."""
         batch = latents.shape[0]

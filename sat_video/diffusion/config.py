@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 from sat_video.common.constraints import at_least, between, one_of
 
@@ -25,7 +24,7 @@ class DiffusionConfig:
     explicit uniform sampling); ``false``: every rank draws from the whole range."""
     text_dropout: float = field(default=0.1, metadata=between(0, 1))
     """Share of samples trained with the all-zero text embedding (classifier-free guidance)."""
-    image_noise_log_sigma: List[float] = field(default_factory=lambda: [-3.0, 0.5])
+    image_noise_log_sigma: list[float] = field(default_factory=lambda: [-3.0, 0.5])
     """I2V: the first frame gets pixel noise ``sigma = exp(N(mean, std))`` before it is encoded."""
     image_dropout: float = field(default=0.05, metadata=between(0, 1))
     """I2V: share of samples whose whole image condition is zero."""
@@ -46,5 +45,5 @@ class SampleConfig:
     """Scale guidance with the step as CogVideoX does (``1 + g (1 - cos(pi ((N - t) / N)^5)) / 2``)."""
     seed: int = field(default=42, metadata=at_least(0))
     """The noise of prompt ``i`` is drawn from a generator seeded with ``seed + i``."""
-    fps: Optional[float] = field(default=None, metadata=at_least(0, exclusive=True))
+    fps: float | None = field(default=None, metadata=at_least(0, exclusive=True))
     """Frame rate of written videos; ``null``: ``data.fps``."""

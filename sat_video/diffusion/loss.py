@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -20,7 +18,7 @@ class DiffusionLoss(nn.Module):
     only ever means DeepSpeed's.)
     """
 
-    def __init__(self, dit: nn.Module, schedule: NoiseSchedule, ofs: Optional[float] = None):
+    def __init__(self, dit: nn.Module, schedule: NoiseSchedule, ofs: float | None = None):
         super().__init__()
         self.model = nn.ModuleDict({"diffusion_model": dit})
         self.schedule = schedule

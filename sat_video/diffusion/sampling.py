@@ -8,8 +8,8 @@ sampled by diffusers from the same noise and embeddings gives the same latents (
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
@@ -43,10 +43,10 @@ def denoise(
     *,
     snr_shift_scale: float,
     num_train_timesteps: int = 1000,
-    steps: Optional[int] = None,
-    image_latents: Optional[torch.Tensor] = None,
-    ofs: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
+    steps: int | None = None,
+    image_latents: torch.Tensor | None = None,
+    ofs: float | None = None,
+    generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Run the sampler from ``noise`` ``[B, T, C, H, W]`` with text embeddings ``[B, L, D]``; returns latents.
@@ -134,7 +134,7 @@ class VideoGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], settings: SampleConfig, *, num_frames: int, height: int, width: int,
-                 image: Optional[torch.Tensor] = None, steps: Optional[int] = None, progress: bool = False) -> list[GeneratedVideo]:
+                 image: torch.Tensor | None = None, steps: int | None = None, progress: bool = False) -> list[GeneratedVideo]:
         """One video per prompt; the noise of prompt ``i`` comes from a generator seeded ``settings.seed + i``.
 
         ``image``: ``[3, H, W]`` in [-1, 1], required by I2V models (``in_channels > out_channels``).

@@ -6,7 +6,7 @@ The schedule equals diffusers' ``CogVideoXDDIMScheduler(rescale_betas_zero_snr=T
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -63,7 +63,7 @@ def timestep_interval(rank: int, world_size: int, num_train_timesteps: int = 100
     return low, low + width
 
 
-def sample_timesteps(batch: int, interval: tuple[int, int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_timesteps(batch: int, interval: tuple[int, int], generator: torch.Generator | None = None) -> torch.Tensor:
     low, high = interval
     return torch.randint(low, high, (batch,), generator=generator)
 

@@ -23,9 +23,10 @@ import json
 import math
 import re
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -64,7 +65,7 @@ class Grid:
     defaults: tuple[tuple[str, Any], ...]
     variants: tuple[Variant, ...]
 
-    def select(self, names: Optional[Sequence[str]]) -> list[Variant]:
+    def select(self, names: Sequence[str] | None) -> list[Variant]:
         """The variants named in ``names`` (all when empty), in grid order."""
         if not names:
             return list(self.variants)
@@ -196,21 +197,21 @@ def flops_per_step(cfg: DictConfig) -> int:
 class RunSummary:
     """What ``results.md`` shows of one variant's run."""
 
-    returncode: Optional[int] = None
+    returncode: int | None = None
     """``None``: not run (yet)."""
     error: str = ""
     log: str = ""
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
-    step_time_s: Optional[float] = None
-    peak_memory_gb: Optional[float] = None
+    step_time_s: float | None = None
+    peak_memory_gb: float | None = None
 
     @property
-    def final_loss(self) -> Optional[float]:
+    def final_loss(self) -> float | None:
         return self.losses[-1] if self.losses else None
 
     @property
-    def best_loss(self) -> Optional[float]:
+    def best_loss(self) -> float | None:
         finite = [loss for loss in self.losses if math.isfinite(loss)]
         return min(finite) if finite else None
 
@@ -264,7 +265,7 @@ def error_line(log_text: str) -> str:
 # ---------------------------------------------------------------------- reports
 
 
-def _number(value: Optional[float], unit: str = "", digits: int = 4) -> str:
+def _number(value: float | None, unit: str = "", digits: int = 4) -> str:
     if value is None:
         return "-"
     return f"{value:.{digits}g}{unit}"

@@ -173,7 +173,7 @@ def machine(device: torch.device) -> dict[str, str]:
     import diffusers
 
     info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": f"{cpu_model()}, {os.cpu_count()} logical cores",
         "torch threads": str(torch.get_num_threads()),
         "torch / diffusers / python": f"{torch.__version__} / {diffusers.__version__} / {platform.python_version()}",

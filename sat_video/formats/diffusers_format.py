@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -259,7 +259,7 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name a pipeline's load_
 
 def write_diffusers_folder(
     state: dict[str, torch.Tensor], dit_config: DiTConfig, out_dir, *, snr_shift_scale: float, num_train_timesteps: int = 1000,
-    lora_adapter: Optional[dict[str, torch.Tensor]] = None,
+    lora_adapter: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write ``out_dir/transformer`` (config.json + safetensors) and ``out_dir/scheduler``, plus
     ``out_dir/pytorch_lora_weights.safetensors`` when given a ``lora_adapter`` (diffusers LoRA keys, see

@@ -16,7 +16,6 @@ import copy
 import logging
 import re
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -32,7 +31,7 @@ IGNORED_PREFIXES = ("conditioner.", "first_stage_model.")
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
-def resolve_checkpoint_file(path: Union[str, Path]) -> Path:
+def resolve_checkpoint_file(path: str | Path) -> Path:
     """The weights file for a SAT run folder (via ``latest``), an iteration folder, or a file."""
     path = Path(path)
     if path.is_file():
@@ -51,7 +50,7 @@ def resolve_checkpoint_file(path: Union[str, Path]) -> Path:
     raise CheckpointError(f"{path} is a folder with neither a 'latest' file nor {MODEL_STATES}")
 
 
-def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load the raw state dict (``module`` of a SAT file, a plain ``.pt`` state dict, or ``.safetensors``)."""
     file = resolve_checkpoint_file(path)
     if file.suffix == ".safetensors":
@@ -89,7 +88,7 @@ def lora_mixins(model: nn.Module) -> dict:
 _ADAPTER_KEY = re.compile(r"^mixins\.(\w+)\.layers\.\d+\..+\.matrix_A\.\d+$")
 
 
-def _place_lora(model: nn.Module, state: dict[str, torch.Tensor], source: str, lora_alpha: Optional[float]) -> dict[str, torch.Tensor]:
+def _place_lora(model: nn.Module, state: dict[str, torch.Tensor], source: str, lora_alpha: float | None) -> dict[str, torch.Tensor]:
     """SAT LoRA weights go onto the model's LoRA mixin, or are merged when it has none; a LoRA mixin that the
     checkpoint lacks entirely (a base checkpoint) keeps its initialisation."""
     lora = lora_mixins(model)
@@ -169,7 +168,7 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     return {k: state[k] for k in expected}
 
 
-def load_checkpoint(model: nn.Module, path: Union[str, Path], *, lora_alpha: Optional[float] = None) -> nn.Module:
+def load_checkpoint(model: nn.Module, path: str | Path, *, lora_alpha: float | None = None) -> nn.Module:
     """Load DiT weights into ``model`` from a SAT run folder, an iteration folder, a ``.pt`` or a
     ``.safetensors`` file.
 
@@ -188,7 +187,7 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], *, lora_alpha: Opt
 
 
 def load_dit_state(
-    model: nn.Module, state: dict[str, torch.Tensor], *, source: str = "checkpoint", lora_alpha: Optional[float] = None
+    model: nn.Module, state: dict[str, torch.Tensor], *, source: str = "checkpoint", lora_alpha: float | None = None
 ) -> nn.Module:
     """:func:`load_checkpoint` for a prefix-free state dict already in memory (``source`` names it in errors)."""
     state = check_state_dict(model, _place_lora(model, dict(state), source, lora_alpha), source)
@@ -197,7 +196,7 @@ def load_dit_state(
     return model
 
 
-def save_checkpoint(model: nn.Module, save_dir: Union[str, Path], iteration: int, *, overwrite: bool = False) -> Path:
+def save_checkpoint(model: nn.Module, save_dir: str | Path, iteration: int, *, overwrite: bool = False) -> Path:
     """Write ``model`` in SAT's layout as iteration ``iteration`` of ``save_dir`` and point ``latest`` at it.
 
     Refuses to replace an existing iteration unless ``overwrite``. Returns the weights file.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Union
 
 from omegaconf import DictConfig
 
@@ -61,7 +60,7 @@ def build_mixin(dit: DiTConfig, entry) -> Mixin:
     return cls(dit, cls.Config(**params))
 
 
-def build_dit(cfg: Union[DictConfig, DiTConfig]) -> DiffusionTransformer:
+def build_dit(cfg: DictConfig | DiTConfig) -> DiffusionTransformer:
     """Build the DiT described by ``cfg`` (a config from :func:`load_config`, or a :class:`DiTConfig`).
 
     Weights are initialised as for training from scratch. Build under ``torch.device("meta")`` to get

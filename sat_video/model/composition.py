@@ -7,7 +7,7 @@ to add a mixin keeps its previous table untouched.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from sat_video.common.errors import HookConflictError, MissingHookError
 from sat_video.model.hooks import HOOKS, Composition, HookSpec, Mixin
@@ -51,7 +51,7 @@ class HookTable:
         self.origins = dict(origins)
 
     @classmethod
-    def build(cls, mixins: Mapping[str, Mixin], defaults: Mapping[str, Callable]) -> "HookTable":
+    def build(cls, mixins: Mapping[str, Mixin], defaults: Mapping[str, Callable]) -> HookTable:
         """Compose ``mixins`` (in insertion order) over ``defaults``; raise :class:`HookConflictError`
         when two mixins replace the same hook."""
         resolved, origins = {}, {}

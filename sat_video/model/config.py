@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,7 +30,7 @@ class DiTConfig:
     """Latent channels predicted."""
     patch_size: int = field(default=2, metadata=at_least(1))
     """Spatial patch size ``p``."""
-    patch_size_t: Optional[int] = field(default=None, metadata=at_least(1))
+    patch_size_t: int | None = field(default=None, metadata=at_least(1))
     """Temporal patch size. ``null``: per-frame Conv2d patches (CogVideoX 1.0 layout); an integer:
     a Linear over ``patch_size_t x p x p`` tubes (CogVideoX 1.5 layout)."""
     latent_height: int = field(default=60, metadata=at_least(1))
@@ -48,18 +48,18 @@ class DiTConfig:
     """Width of the text encoder's output (T5-XXL: 4096)."""
     time_embed_dim: int = field(default=512, metadata=at_least(1))
     """Width of the timestep embedding that drives the modulations."""
-    ofs_embed_dim: Optional[int] = field(default=None, metadata=at_least(1))
+    ofs_embed_dim: int | None = field(default=None, metadata=at_least(1))
     """Width of the ofs embedding (CogVideoX 1.5 I2V); ``null`` for none. It is added to the timestep
     embedding, so it must equal ``time_embed_dim``."""
-    mixins: Dict[str, Any] = field(default_factory=dict)
+    mixins: dict[str, Any] = field(default_factory=dict)
     """Mixins in the order they are added, ``<name>: {type: <registered type>, <param>: ...}``. The
     name is the state-dict prefix (``mixins.<name>.*``); ``<name>: null`` removes an inherited one, and a
     later file giving it another ``type`` replaces it (parameters are not carried over)."""
-    mixin_modules: List[str] = field(default_factory=list)
+    mixin_modules: list[str] = field(default_factory=list)
     """Extra Python modules to import so that their ``@register_mixin`` classes can be named in ``type``."""
 
     @classmethod
-    def from_config(cls, cfg: Union[DictConfig, DiTConfig]) -> DiTConfig:
+    def from_config(cls, cfg: DictConfig | DiTConfig) -> DiTConfig:
         """The ``model.dit`` section as a :class:`DiTConfig`, from a loaded config, the section itself, or an instance."""
         if isinstance(cfg, DiTConfig):
             return cfg
@@ -100,10 +100,10 @@ class FirstStageConfig:
     """``video_vae``: CogVideoX's 3D causal VAE (``mixins/video_vae.py``). ``patch_pca``: a linear stand-in
     with the same compression, fitted to a dataset in seconds (``mixins/pca_first_stage.py``; the built-in
     demo uses it because no VAE can be trained on a CPU in minutes)."""
-    path: Optional[str] = None
+    path: str | None = None
     """A diffusers ``AutoencoderKLCogVideoX`` folder (``config.json`` + weights) or SAT's ``3d-vae.pt``.
     ``null``: random weights from ``architecture`` and ``init_seed`` (tests and tiny runs only)."""
-    architecture: Dict[str, Any] = field(default_factory=dict)
+    architecture: dict[str, Any] = field(default_factory=dict)
     """``AutoencoderKLCogVideoX`` arguments that differ from CogVideoX's VAE (used for SAT ``.pt`` files
     and random init; a diffusers folder brings its own ``config.json``)."""
     scale_factor: float = field(default=1.15258426, metadata=at_least(0, exclusive=True))
@@ -122,9 +122,9 @@ class TextEncoderConfig:
     type: str = "t5"
     """Registered text-encoder stage: ``t5`` (``mixins/t5_encoder.py``), or one a module under
     ``model.dit.mixin_modules`` registers with ``@register_stage``."""
-    path: Optional[str] = None
+    path: str | None = None
     """Local folder with a ``T5EncoderModel`` (``config.json`` + weights) and its sentencepiece tokenizer
     (``spiece.model``), e.g. the ``text_encoder`` and ``tokenizer`` of CogVideoX-2b merged, or SAT's
     ``t5-v1_1-xxl`` folder."""
-    tokenizer_path: Optional[str] = None
+    tokenizer_path: str | None = None
     """Tokenizer folder if it is not ``path``."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -42,5 +42,5 @@ class ForwardContext:
     temb: torch.Tensor
     num_condition_tokens: int
     grid: TokenGrid
-    hooks: "HookTable"
-    ofs: Optional[torch.Tensor] = None
+    hooks: HookTable
+    ofs: torch.Tensor | None = None

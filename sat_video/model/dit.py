@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional, Union
 
 import torch
 import torch.utils.checkpoint
@@ -164,9 +163,9 @@ class DiffusionTransformer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        timesteps: Union[torch.Tensor, int, float],
+        timesteps: torch.Tensor | int | float,
         encoder_hidden_states: torch.Tensor,
-        ofs: Optional[Union[torch.Tensor, float]] = None,
+        ofs: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         """Predict from noisy latents.
 
@@ -230,7 +229,7 @@ class DiffusionTransformer(nn.Module):
         return hooks.final_forward(hidden, ctx)
 
 
-def _per_sample(values: Union[torch.Tensor, int, float], batch: int, device: torch.device) -> torch.Tensor:
+def _per_sample(values: torch.Tensor | int | float, batch: int, device: torch.device) -> torch.Tensor:
     values = torch.as_tensor(values, device=device)
     if values.ndim == 0:
         values = values.expand(batch)

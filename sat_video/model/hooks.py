@@ -28,7 +28,7 @@ from __future__ import annotations
 import enum
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -125,7 +125,7 @@ class Mixin(nn.Module):
     # Per CHAIN hook, where this mixin's link runs relative to others (lower runs first; default 0).
     chain_priority: ClassVar[dict[str, int]] = {}
 
-    def __init__(self, dit_config: "DiTConfig", config: Optional[Any] = None):
+    def __init__(self, dit_config: DiTConfig, config: Any | None = None):
         super().__init__()
         self.dit_config = dit_config
         self.config = config if config is not None else self.Config()
@@ -144,7 +144,7 @@ class Mixin(nn.Module):
 
     # ------------------------------------------------------------------ hook catalogue
 
-    def embed(self, x: torch.Tensor, encoder_hidden_states: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+    def embed(self, x: torch.Tensor, encoder_hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """REPLACE, required. Turn inputs into the token sequence.
 
         Args:
@@ -157,12 +157,12 @@ class Mixin(nn.Module):
         """
         raise NotImplementedError
 
-    def add_position(self, hidden: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+    def add_position(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """CHAIN. Add absolute positions to the embedded sequence ``[B, L + N, D]``; same shape out."""
         raise NotImplementedError
 
     def layer_forward(
-        self, layer: "TransformerLayer", hidden: torch.Tensor, ctx: "ForwardContext", layer_idx: int
+        self, layer: TransformerLayer, hidden: torch.Tensor, ctx: ForwardContext, layer_idx: int
     ) -> torch.Tensor:
         """REPLACE (default: pre-LN residual block). The whole body of block ``layer_idx``.
 
@@ -172,7 +172,7 @@ class Mixin(nn.Module):
         raise NotImplementedError
 
     def attention_forward(
-        self, attention: "SelfAttention", x: torch.Tensor, ctx: "ForwardContext", layer_idx: int
+        self, attention: SelfAttention, x: torch.Tensor, ctx: ForwardContext, layer_idx: int
     ) -> torch.Tensor:
         """REPLACE (default: ``attention.attend(x, ctx, layer_idx)``). The whole attention stage of block
         ``layer_idx``, ``[B, L + N, D]`` in and out (normalised input, before the residual add).
@@ -184,7 +184,7 @@ class Mixin(nn.Module):
         raise NotImplementedError
 
     def project(
-        self, linear: nn.Linear, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int, name: str
+        self, linear: nn.Linear, x: torch.Tensor, ctx: ForwardContext, layer_idx: int, name: str
     ) -> torch.Tensor:
         """REPLACE (default: ``linear(x)``). Every linear inside a block goes through this hook; ``name`` is
         its path inside the block (``attention.query_key_value``, ``attention.dense``,
@@ -193,24 +193,24 @@ class Mixin(nn.Module):
         raise NotImplementedError
 
     def process_qkv(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "ForwardContext", layer_idx: int
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, layer_idx: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """CHAIN. Transform queries, keys and values ``[B, H, L + N, hd]`` after the fused projection
         (qk-LayerNorm, RoPE, ...); return the three tensors, same shapes."""
         raise NotImplementedError
 
     def attention_kernel(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "ForwardContext", layer_idx: int
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, layer_idx: int
     ) -> torch.Tensor:
         """REPLACE (default: ``scaled_dot_product_attention``, full joint attention). Inputs
         ``[B, H, L + N, hd]``; return ``[B, H, L + N, hd]``."""
         raise NotImplementedError
 
-    def mlp_forward(self, mlp: "MLP", x: torch.Tensor, ctx: "ForwardContext", layer_idx: int) -> torch.Tensor:
+    def mlp_forward(self, mlp: MLP, x: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
         """REPLACE (default: ``dense_h_to_4h`` -> GELU(tanh) -> ``dense_4h_to_h``). ``[B, L + N, D]`` in and out."""
         raise NotImplementedError
 
-    def final_forward(self, hidden: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+    def final_forward(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """REPLACE, required. Map the normalised sequence ``[B, L + N, D]`` to the output
         ``[B, T, C_out, H, W]`` (video tokens only)."""
         raise NotImplementedError

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -97,7 +97,7 @@ class FrozenStage(nn.Module):
 
     # ------------------------------------------------------------------ catalogue
 
-    def encode_moments(self, video: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def encode_moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """First stage. The posterior of ``video`` ``[B, 3, T, H, W]`` in ``[-1, 1]`` (``T = 1 + 4k``, ``H``, ``W``
         multiples of 8): ``(mean, std)`` ``[B, C, 1 + (T - 1) // 4, H / 8, W / 8]`` before the scale factor, or
         ``(latents, None)`` for a deterministic stage. :func:`latents_from_moments` turns them into latents."""
@@ -155,7 +155,7 @@ class FrozenStages(nn.Module):
         self._providers.update(dict.fromkeys(provided, name))
         return self
 
-    def provider(self, hook: str) -> Optional[FrozenStage]:
+    def provider(self, hook: str) -> FrozenStage | None:
         """The stage that provides ``hook``, or ``None``."""
         name = self._providers.get(hook)
         return None if name is None else self.stages[name]
@@ -169,11 +169,11 @@ class FrozenStages(nn.Module):
         return stage
 
     @property
-    def first_stage(self) -> Optional[FrozenStage]:
+    def first_stage(self) -> FrozenStage | None:
         return self.provider("encode_moments")
 
     @property
-    def text_encoder(self) -> Optional[FrozenStage]:
+    def text_encoder(self) -> FrozenStage | None:
         return self.provider("encode_text")
 
     def describe_stages(self) -> str:
@@ -189,7 +189,7 @@ class FrozenStages(nn.Module):
     def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self._require("encode_moments").encode(video, generator)
 
-    def encode_moments(self, video: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def encode_moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._require("encode_moments").encode_moments(video)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -44,10 +44,10 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(hidden_size, 3 * hidden_size)
         self.dense = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
         return ctx.hooks.attention_forward(self, x, ctx, layer_idx)
 
-    def attend(self, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int, kernel=None) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, ctx: ForwardContext, layer_idx: int, kernel=None) -> torch.Tensor:
         """Projection, ``process_qkv``, ``kernel`` (default: the ``attention_kernel`` hook), output projection."""
         batch, seq, width = x.shape
         qkv = ctx.hooks.project(self.query_key_value, x, ctx, layer_idx, f"{self.role}.query_key_value")
@@ -65,10 +65,10 @@ class MLP(nn.Module):
         self.dense_h_to_4h = nn.Linear(hidden_size, inner_size)
         self.dense_4h_to_h = nn.Linear(inner_size, hidden_size)
 
-    def forward(self, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
         return ctx.hooks.mlp_forward(self, x, ctx, layer_idx)
 
-    def feed_forward(self, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int) -> torch.Tensor:
+    def feed_forward(self, x: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
         """``dense_h_to_4h`` -> GELU(tanh) -> ``dense_4h_to_h``, both through the ``project`` hook."""
         x = F.gelu(ctx.hooks.project(self.dense_h_to_4h, x, ctx, layer_idx, "mlp.dense_h_to_4h"), approximate="tanh")
         return ctx.hooks.project(self.dense_4h_to_h, x, ctx, layer_idx, "mlp.dense_4h_to_h")
@@ -82,7 +82,7 @@ class TransformerLayer(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(hidden_size, eps=LAYERNORM_EPS)
         self.mlp = MLP(hidden_size, 4 * hidden_size)
 
-    def forward(self, hidden: torch.Tensor, ctx: "ForwardContext", layer_idx: int) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
         return ctx.hooks.layer_forward(self, hidden, ctx, layer_idx)
 
 
@@ -112,24 +112,24 @@ class BaseTransformer(nn.Module):
 # ---------------------------------------------------------------------- defaults of REPLACE hooks
 
 
-def pre_ln_layer_forward(layer: TransformerLayer, hidden: torch.Tensor, ctx: "ForwardContext", layer_idx: int) -> torch.Tensor:
+def pre_ln_layer_forward(layer: TransformerLayer, hidden: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
     hidden = hidden + layer.attention(layer.input_layernorm(hidden), ctx, layer_idx)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden), ctx, layer_idx)
 
 
-def single_attention(attention: SelfAttention, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int) -> torch.Tensor:
+def single_attention(attention: SelfAttention, x: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
     return attention.attend(x, ctx, layer_idx)
 
 
-def plain_projection(linear: nn.Linear, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int, name: str) -> torch.Tensor:
+def plain_projection(linear: nn.Linear, x: torch.Tensor, ctx: ForwardContext, layer_idx: int, name: str) -> torch.Tensor:
     return linear(x)
 
 
-def sdpa_attention(q, k, v, ctx: "ForwardContext", layer_idx: int) -> torch.Tensor:
+def sdpa_attention(q, k, v, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def plain_mlp_forward(mlp: MLP, x: torch.Tensor, ctx: "ForwardContext", layer_idx: int) -> torch.Tensor:
+def plain_mlp_forward(mlp: MLP, x: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
     return mlp.feed_forward(x, ctx, layer_idx)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from sat_video.common.constraints import at_least, one_of
 
@@ -13,7 +13,7 @@ class OptimizerConfig:
     """``train.optimizer``: AdamW (the reference SFT settings by default)."""
 
     lr: float = field(default=1e-5, metadata=at_least(0, exclusive=True))
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = field(default=1e-8, metadata=at_least(0, exclusive=True))
     weight_decay: float = field(default=1e-4, metadata=at_least(0))
 
@@ -25,7 +25,7 @@ class ScheduleConfig:
     warmup_iters: int = field(default=0, metadata=at_least(0))
     decay_style: str = field(default="constant", metadata=one_of("constant", "linear", "cosine"))
     """``constant``, ``linear`` or ``cosine``."""
-    decay_iters: Optional[int] = field(default=None, metadata=at_least(1))
+    decay_iters: int | None = field(default=None, metadata=at_least(1))
     """Iterations from the end of warm-up to ``min_lr``; ``null``: until ``train.train_iters``."""
     min_lr: float = field(default=0.0, metadata=at_least(0))
 
@@ -36,10 +36,10 @@ class ValidationConfig:
 
     interval: int = field(default=0, metadata=at_least(0))
     """Steps between validations; 0 turns them off."""
-    prompts: List[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
     steps: int = field(default=25, metadata=at_least(1))
     """Sampling steps (fewer than ``sample.steps`` to keep validation cheap)."""
-    image: Optional[str] = None
+    image: str | None = None
     """First frame for image-to-video models (required by them when validation is on)."""
 
 
@@ -49,12 +49,12 @@ class TrainConfig:
 
     save: str = "runs/default"
     """Run folder: checkpoints (SAT layout), ``metrics.jsonl``, TensorBoard logs, ``config.yaml``."""
-    resume: Optional[str] = None
+    resume: str | None = None
     """``latest`` (the newest complete checkpoint in ``save``) or a checkpoint folder to continue from."""
     overwrite: bool = False
     """Allow starting a fresh run in a ``save`` folder that already holds a run (its checkpoints are
     deleted). Without it such a start is refused."""
-    init_checkpoint: Optional[str] = None
+    init_checkpoint: str | None = None
     """Weights to start from (an official SAT checkpoint, a run of ours, a ``.safetensors``); model weights
     only, nothing else is restored."""
     train_iters: int = field(default=1000, metadata=at_least(1))
@@ -66,7 +66,7 @@ class TrainConfig:
     """Global gradient-norm clip; 0 disables."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    trainable: List[str] = field(default_factory=lambda: ["*"])
+    trainable: list[str] = field(default_factory=lambda: ["*"])
     """Glob patterns over DiT parameter names; only matching parameters train (``mixins.adaln_layer.*``)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in backward instead of storing its activations."""
@@ -83,7 +83,7 @@ class TrainConfig:
     """Steps between log lines (console, TensorBoard, ``metrics.jsonl``)."""
     save_interval: int = field(default=1000, metadata=at_least(1))
     """Steps between checkpoints; the last step is always saved."""
-    keep_last: Optional[int] = field(default=None, metadata=at_least(1))
+    keep_last: int | None = field(default=None, metadata=at_least(1))
     """Keep only this many newest checkpoints; ``null`` keeps all."""
     max_nonfinite_steps: int = field(default=5, metadata=at_least(1))
     """Skipped steps (non-finite loss or gradients) in a row that stop the run."""
@@ -102,5 +102,5 @@ class DeepSpeedConfig:
     """``bf16`` (5B models), ``fp16`` (2B was trained in fp16) or ``fp32``."""
     offload_optimizer: bool = False
     """Keep optimizer states in CPU memory (ZeRO-2/3)."""
-    extra: Dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
     """Merged last into the generated DeepSpeed config (e.g. ``{fp16: {initial_scale_power: 16}}``)."""

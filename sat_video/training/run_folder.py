@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 from sat_video.common.errors import CheckpointError, OutputExistsError
 from sat_video.common.files import atomic_write
@@ -50,7 +49,7 @@ class RunFolder:
             return []
         return sorted(int(p.name) for p in self.path.iterdir() if p.name.isdigit() and (p / MODEL_STATES).is_file())
 
-    def latest(self) -> Optional[int]:
+    def latest(self) -> int | None:
         file = self.path / "latest"
         if not file.is_file():
             return None
@@ -88,7 +87,7 @@ class RunFolder:
     def staging(self, iteration: int) -> Path:
         return self.path / f"{TMP_PREFIX}{iteration}"
 
-    def commit(self, iteration: int, keep_last: Optional[int]) -> Path:
+    def commit(self, iteration: int, keep_last: int | None) -> Path:
         """Publish the staged checkpoint ``iteration`` (main rank, after every rank has written its part)."""
         staged, final = self.staging(iteration), self.path / str(iteration)
         for file in staged.rglob("*"):
@@ -105,7 +104,7 @@ class RunFolder:
                 shutil.rmtree(self.path / str(old))
         return final
 
-    def resolve_resume(self, resume: Optional[str]) -> Optional[Path]:
+    def resolve_resume(self, resume: str | None) -> Path | None:
         """The checkpoint folder ``train.resume`` names: ``latest`` of this run, a run folder, or an iteration folder."""
         if resume is None:
             return None

@@ -17,7 +17,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -114,7 +113,7 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
 class Trainer:
     """Builds everything a config describes and runs the loop. ``Trainer(cfg).run()``."""
 
-    def __init__(self, cfg: DictConfig, env: Optional[DistributedEnv] = None):
+    def __init__(self, cfg: DictConfig, env: DistributedEnv | None = None):
         self.cfg = cfg
         self.env = env or init_distributed()
         self.run_folder = RunFolder(cfg.train.save)
@@ -369,7 +368,7 @@ class Trainer:
         logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         window.update(loss=0.0, steps=0, time=0.0)
 
-    def validate(self) -> Optional[Path]:
+    def validate(self) -> Path | None:
         """Sample ``train.validation.prompts`` with the current weights into ``<save>/samples/<iteration>``.
 
         Every rank samples (ZeRO-3 needs all of them for a forward); the main rank writes. Sampling draws from
