@@ -29,5 +29,5 @@ setup(
         "tensorboard",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "peft"], "dev": ["pytest", "pytest-timeout", "peft", "ruff"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "peft"], "dev": ["pytest", "pytest-timeout", "peft", "ruff==0.17.6"]},
 )

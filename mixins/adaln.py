@@ -39,11 +39,16 @@ class AdaLNMixin(Mixin):
     def __init__(self, dit_config, config=None):
         super().__init__(dit_config, config)
         self.adaLN_modulations = nn.ModuleList(
-            nn.Sequential(nn.SiLU(), nn.Linear(dit_config.time_embed_dim, 12 * dit_config.hidden_size)) for _ in range(dit_config.num_layers)
+            nn.Sequential(nn.SiLU(), nn.Linear(dit_config.time_embed_dim, 12 * dit_config.hidden_size))
+            for _ in range(dit_config.num_layers)
         )
         if self.config.qk_layernorm:
-            self.query_layernorm_list = nn.ModuleList(nn.LayerNorm(dit_config.head_dim, eps=1e-6) for _ in range(dit_config.num_layers))
-            self.key_layernorm_list = nn.ModuleList(nn.LayerNorm(dit_config.head_dim, eps=1e-6) for _ in range(dit_config.num_layers))
+            self.query_layernorm_list = nn.ModuleList(
+                nn.LayerNorm(dit_config.head_dim, eps=1e-6) for _ in range(dit_config.num_layers)
+            )
+            self.key_layernorm_list = nn.ModuleList(
+                nn.LayerNorm(dit_config.head_dim, eps=1e-6) for _ in range(dit_config.num_layers)
+            )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -66,10 +71,14 @@ class AdaLNMixin(Mixin):
         hidden = gated_residual(hidden, layer.attention(x, ctx, layer_idx), n, text_gate_msa, gate_msa)
 
         # MLP likewise
-        x = modulate_per_modality(layer.post_attention_layernorm(hidden), n, (text_shift_mlp, text_scale_mlp), (shift_mlp, scale_mlp))
+        x = modulate_per_modality(
+            layer.post_attention_layernorm(hidden), n, (text_shift_mlp, text_scale_mlp), (shift_mlp, scale_mlp)
+        )
         return gated_residual(hidden, layer.mlp(x, ctx, layer_idx), n, text_gate_mlp, gate_mlp)
 
-    def process_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def process_qkv(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, layer_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Normalised in the fused projection's [B, S, H, hd] memory order and handed on as [B, H, S, hd] views of it:
         # attention then returns that order too, so the output projection reads it without a transposing copy.
         q = self.query_layernorm_list[layer_idx](q.transpose(1, 2)).transpose(1, 2)

@@ -47,7 +47,9 @@ class ConditionTokensMixin(Mixin):
         self.time_proj.reset_parameters()
 
     @wraps_previous
-    def embed(self, x: torch.Tensor, encoder_hidden_states: torch.Tensor, ctx: ForwardContext, *, inner: Callable[..., torch.Tensor]) -> torch.Tensor:
+    def embed(
+        self, x: torch.Tensor, encoder_hidden_states: torch.Tensor, ctx: ForwardContext, *, inner: Callable[..., torch.Tensor]
+    ) -> torch.Tensor:
         hidden = inner(x, encoder_hidden_states, ctx)  # [B, L + N, D]
         time_token = self.time_proj(ctx.temb)[:, None]  # [B, 1, D]
         return torch.cat([time_token.to(hidden.dtype), hidden], dim=1)  # [B, 1 + L + N, D]

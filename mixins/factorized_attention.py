@@ -50,7 +50,9 @@ ARRANGEMENTS = ("interleaved", "sequential", "serial_in_block", "parallel_in_blo
 BLOCK_ARRANGEMENTS = ("interleaved", "sequential")  # whole blocks are spatial or temporal
 
 
-def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_condition_tokens: int, grid: TokenGrid) -> torch.Tensor:
+def spatial_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_condition_tokens: int, grid: TokenGrid
+) -> torch.Tensor:
     """Video queries see the condition tokens and their own frame; condition queries see everything.
 
     Args:
@@ -75,7 +77,9 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_con
     return torch.cat([condition, video], dim=2)
 
 
-def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_condition_tokens: int, grid: TokenGrid) -> torch.Tensor:
+def temporal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_condition_tokens: int, grid: TokenGrid
+) -> torch.Tensor:
     """Video queries see their own ``(h, w)`` in every frame; condition queries see only condition tokens.
 
     Args:
@@ -115,18 +119,23 @@ class FactorizedAttentionMixin(Mixin):
 
         def __post_init__(self):
             if self.arrangement not in ARRANGEMENTS:
-                raise ConfigError(f"factorized_attention mixin: arrangement must be one of {', '.join(ARRANGEMENTS)}, "
-                                  f"found '{self.arrangement}'")
+                raise ConfigError(
+                    f"factorized_attention mixin: arrangement must be one of {', '.join(ARRANGEMENTS)}, "
+                    f"found '{self.arrangement}'"
+                )
 
     def __init__(self, dit_config, config=None):
         super().__init__(dit_config, config)
         arrangement = self.config.arrangement
         if arrangement in BLOCK_ARRANGEMENTS and dit_config.num_layers < 2:
-            raise ConfigError(f"factorized_attention mixin: arrangement '{arrangement}' needs at least one spatial and one "
-                              f"temporal block, but model.dit.num_layers is {dit_config.num_layers}")
+            raise ConfigError(
+                f"factorized_attention mixin: arrangement '{arrangement}' needs at least one spatial and one "
+                f"temporal block, but model.dit.num_layers is {dit_config.num_layers}"
+            )
         if arrangement not in BLOCK_ARRANGEMENTS:
             self.temporal_attention = nn.ModuleList(
-                SelfAttention(dit_config.hidden_size, dit_config.num_attention_heads, role="temporal_attention") for _ in range(dit_config.num_layers)
+                SelfAttention(dit_config.hidden_size, dit_config.num_attention_heads, role="temporal_attention")
+                for _ in range(dit_config.num_layers)
             )
         self.reset_parameters()
 
@@ -155,12 +164,22 @@ class FactorizedAttentionMixin(Mixin):
 
     # (1) and (2): whole blocks are spatial or temporal
 
-    def attention_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
+    def attention_kernel(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, layer_idx: int
+    ) -> torch.Tensor:
         kernel = temporal_attention if self.is_temporal_block(layer_idx) else spatial_attention
         return kernel(q, k, v, ctx.num_condition_tokens, ctx.grid)
 
     @wraps_previous
-    def layer_forward(self, layer: TransformerLayer, hidden: torch.Tensor, ctx: ForwardContext, layer_idx: int, *, inner: Callable[..., torch.Tensor]) -> torch.Tensor:
+    def layer_forward(
+        self,
+        layer: TransformerLayer,
+        hidden: torch.Tensor,
+        ctx: ForwardContext,
+        layer_idx: int,
+        *,
+        inner: Callable[..., torch.Tensor],
+    ) -> torch.Tensor:
         out = inner(layer, hidden, ctx, layer_idx)
         if ctx.grid.frames > 1 or not self.is_temporal_block(layer_idx):
             return out

@@ -125,7 +125,16 @@ class LoRAMixin(Mixin):
                 module.reset_parameters()
 
     @wraps_previous
-    def project(self, linear: nn.Linear, x: torch.Tensor, ctx: ForwardContext, layer_idx: int, name: str, *, inner: Callable[..., torch.Tensor]) -> torch.Tensor:
+    def project(
+        self,
+        linear: nn.Linear,
+        x: torch.Tensor,
+        ctx: ForwardContext,
+        layer_idx: int,
+        name: str,
+        *,
+        inner: Callable[..., torch.Tensor],
+    ) -> torch.Tensor:
         out = inner(linear, x, ctx, layer_idx, name)
         if name not in self.targets:
             return out

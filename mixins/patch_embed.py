@@ -46,15 +46,20 @@ class ImagePatchEmbedMixin(Mixin):
         if x.shape[2] != dit_config.in_channels:
             raise ValueError(f"x has {x.shape[2]} channels, the model expects in_channels={dit_config.in_channels}")
         if encoder_hidden_states.shape[-1] != dit_config.text_hidden_size:
-            raise ValueError(f"encoder_hidden_states width {encoder_hidden_states.shape[-1]} != text_hidden_size {dit_config.text_hidden_size}")
+            raise ValueError(
+                f"encoder_hidden_states width {encoder_hidden_states.shape[-1]} != text_hidden_size {dit_config.text_hidden_size}"
+            )
         batch, frames = x.shape[:2]
         if dit_config.patch_size_t is None:
             video = self.proj(x.flatten(0, 1))  # [B*T, D, h, w]
             video = rearrange(video, "(b t) d h w -> b (t h w) d", b=batch, t=frames)
         else:
             video = rearrange(
-                x, "b (t o) c (h p) (w q) -> b (t h w) (c o p q)",
-                o=dit_config.patch_size_t, p=dit_config.patch_size, q=dit_config.patch_size,
+                x,
+                "b (t o) c (h p) (w q) -> b (t h w) (c o p q)",
+                o=dit_config.patch_size_t,
+                p=dit_config.patch_size,
+                q=dit_config.patch_size,
             )
             video = self.proj(video)
         text = self.text_proj(encoder_hidden_states)

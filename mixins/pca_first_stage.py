@@ -199,9 +199,12 @@ class PatchPCAFirstStage(FrozenStage):
         """
         first_dim = RGB * PATCH_SIZE**2
         if not 1 <= latent_channels <= first_dim:
-            raise ValueError(f"PatchPCAFirstStage.fit: latent_channels must be between 1 and {first_dim}, found {latent_channels}")
+            raise ValueError(f"PatchPCAFirstStage.fit: latent_channels must be between 1 and {first_dim}, "
+                             f"found {latent_channels}")
         if max_patches < latent_channels:
-            raise ValueError(f"PatchPCAFirstStage.fit: max_patches must be at least latent_channels ({latent_channels}), found {max_patches}")
+            raise ValueError(
+                f"PatchPCAFirstStage.fit: max_patches must be at least latent_channels ({latent_channels}), found {max_patches}"
+            )
         generator = torch.Generator().manual_seed(seed)
         first_patches = _UniformSubset(max_patches, generator)
         tubes = _UniformSubset(max_patches, generator)
@@ -256,8 +259,11 @@ class PatchPCAFirstStage(FrozenStage):
         expected_shapes = {}
         for prefix, dim in dit_config.items():
             expected_shapes |= {f"{prefix}.mean": (dim,), f"{prefix}.basis": (channels, dim), f"{prefix}.std": (channels,)}
-        mismatched = [f"{key} {tuple(tensors[key].shape)} (expected {shape})" for key, shape in sorted(expected_shapes.items())
-                      if tuple(tensors[key].shape) != shape]
+        mismatched = [
+            f"{key} {tuple(tensors[key].shape)} (expected {shape})"
+            for key, shape in sorted(expected_shapes.items())
+            if tuple(tensors[key].shape) != shape
+        ]
         if mismatched:
             raise CheckpointError(f"{path}: shape mismatches (C: latent channels, from first_frame.std): {', '.join(mismatched)}")
         bases = {prefix: PatchBasis(*(tensors[f"{prefix}.{name}"] for name in ("mean", "basis", "std"))) for prefix in dit_config}

@@ -35,12 +35,16 @@ class QKLayerNormMixin(Mixin):
     def __init__(self, dit_config, config=None):
         super().__init__(dit_config, config)
         eps = self.config.eps
-        self.query_layernorm_list = nn.ModuleList(nn.LayerNorm(dit_config.head_dim, eps=eps) for _ in range(dit_config.num_layers))
+        self.query_layernorm_list = nn.ModuleList(
+            nn.LayerNorm(dit_config.head_dim, eps=eps) for _ in range(dit_config.num_layers)
+        )
         self.key_layernorm_list = nn.ModuleList(nn.LayerNorm(dit_config.head_dim, eps=eps) for _ in range(dit_config.num_layers))
 
     def reset_parameters(self) -> None:
         for norm in (*self.query_layernorm_list, *self.key_layernorm_list):
             norm.reset_parameters()
 
-    def process_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def process_qkv(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, layer_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.query_layernorm_list[layer_idx](q), self.key_layernorm_list[layer_idx](k), v

@@ -78,12 +78,21 @@ class Rotary3DMixin(Mixin):
     def __init__(self, dit_config, config=None):
         super().__init__(dit_config, config)
         if dit_config.head_dim % 16:
-            raise ConfigError(f"3D RoPE splits the head dim 4/8 : 3/8 : 3/8 into even parts; head dim {dit_config.head_dim} is not a multiple of 16")
+            raise ConfigError(
+                f"3D RoPE splits the head dim 4/8 : 3/8 : 3/8 into even parts; head dim {dit_config.head_dim} "
+                "is not a multiple of 16"
+            )
         self._rotations: dict = {}
         if self.config.learned_table:
             patch_t = dit_config.patch_size_t or 1
-            self.train_grid = TokenGrid(dit_config.latent_frames // patch_t, dit_config.latent_height // dit_config.patch_size, dit_config.latent_width // dit_config.patch_size)
-            self.pos_embedding = nn.Parameter(torch.zeros(1, dit_config.text_length + self.train_grid.num_tokens, dit_config.hidden_size))
+            self.train_grid = TokenGrid(
+                dit_config.latent_frames // patch_t,
+                dit_config.latent_height // dit_config.patch_size,
+                dit_config.latent_width // dit_config.patch_size,
+            )
+            self.pos_embedding = nn.Parameter(
+                torch.zeros(1, dit_config.text_length + self.train_grid.num_tokens, dit_config.hidden_size)
+            )
 
     def reset_parameters(self) -> None:
         if self.config.learned_table:
@@ -110,13 +119,19 @@ class Rotary3DMixin(Mixin):
             self._rotations[key] = torch.cat([text, video])
         return self._rotations[key]
 
-    def process_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def process_qkv(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, layer_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rotation = self.rotation(ctx.grid, ctx.num_condition_tokens, q.device)  # broadcast over batch and heads
         return apply_rotation(q, rotation), apply_rotation(k, rotation), v
 
     def add_position(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         grid, train = ctx.grid, self.train_grid
-        if (grid.height, grid.width) != (train.height, train.width) or grid.frames > train.frames or ctx.num_condition_tokens != self.dit_config.text_length:
+        if (
+            (grid.height, grid.width) != (train.height, train.width)
+            or grid.frames > train.frames
+            or ctx.num_condition_tokens != self.dit_config.text_length
+        ):
             raise ValueError(
                 f"the learned position table covers {self.dit_config.text_length} text tokens and a "
                 f"{train.frames}x{train.height}x{train.width} grid; this input has {ctx.num_condition_tokens} text "

@@ -65,7 +65,9 @@ class SinCosInterpolatedPosMixin(Mixin):
     def table(self, grid: TokenGrid, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The ``[T*H*W, D]`` table of ``grid``."""
         c = self.config
-        table = sincos_3d_table(self.dit_config.hidden_size, grid, c.time_interpolation, c.height_interpolation, c.width_interpolation)
+        table = sincos_3d_table(
+            self.dit_config.hidden_size, grid, c.time_interpolation, c.height_interpolation, c.width_interpolation
+        )
         return table.to(device=device, dtype=dtype)
 
     def add_position(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

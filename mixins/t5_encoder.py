@@ -74,7 +74,10 @@ class T5TextEncoder(FrozenStage):
             raise ConfigError(f"{tokenizer_key}: no {TOKENIZER_FILE} (T5's sentencepiece tokenizer) in {tokenizer_dir}")
         tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_file))
         if tokenizer.pad_id() < 0 or tokenizer.eos_id() < 0:
-            raise ConfigError(f"{tokenizer_file}: a T5 tokenizer needs pad and eos ids, found pad {tokenizer.pad_id()}, eos {tokenizer.eos_id()}")
+            raise ConfigError(
+                f"{tokenizer_file}: a T5 tokenizer needs pad and eos ids, "
+                f"found pad {tokenizer.pad_id()}, eos {tokenizer.eos_id()}"
+            )
         config = T5Config.from_pretrained(model_dir, local_files_only=True)  # checked before loading the (large) weights
         if config.d_model != text_hidden_size:
             raise ConfigError(
@@ -92,8 +95,13 @@ class T5TextEncoder(FrozenStage):
             if len(ids) >= self.text_length and not self._reported_truncation:
                 # As diffusers does: say what the model will not see (once, training repeats captions).
                 kept = self.tokenizer.decode(ids[: self.text_length - 1])
-                logger.warning("caption truncated to %d tokens (model.dit.text_length - 1, then </s>): %r keeps %r; "
-                               "further truncations are not reported", self.text_length - 1, caption, kept)
+                logger.warning(
+                    "caption truncated to %d tokens (model.dit.text_length - 1, then </s>): %r keeps %r; "
+                    "further truncations are not reported",
+                    self.text_length - 1,
+                    caption,
+                    kept,
+                )
                 self._reported_truncation = True
             ids = ids[: self.text_length - 1] + [self.eos_id]
             rows.append(ids + [self.pad_id] * (self.text_length - len(ids)))
@@ -106,5 +114,3 @@ class T5TextEncoder(FrozenStage):
         # No attention mask: padding tokens are attended to, as in SAT's FrozenT5Embedder and diffusers'
         # CogVideoX pipeline; the DiT was trained on embeddings computed this way.
         return self.transformer(input_ids=input_ids).last_hidden_state
-
-

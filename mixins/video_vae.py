@@ -2,7 +2,8 @@
 
 It plugs into the frozen-stage catalogue (:mod:`sat_video.model.stages`) as ``model.first_stage.type: video_vae``
 and provides ``encode_moments`` (clips to the posterior, before the DiT) and ``decode_latents`` (sampled latents to
-clips, after it); :meth:`~sat_video.model.stages.FrozenStage.encode` / ``decode`` add the scale factor. The network is diffusers' ``AutoencoderKLCogVideoX``, the same as SAT's
+clips, after it); :meth:`~sat_video.model.stages.FrozenStage.encode` / ``decode`` add the scale factor. The network
+is diffusers' ``AutoencoderKLCogVideoX``, the same as SAT's
 ``vae_modules`` (8x8 spatial, 4x temporal compression, 16 latent channels, causal in time); weights
 come from a diffusers folder or SAT's ``3d-vae.pt`` (keys renamed as diffusers'
 ``scripts/convert_cogvideox_to_diffusers.py`` does).
@@ -66,12 +67,12 @@ DIFFUSERS_TO_SAT_RENAMES = (
 def _renumber_decoder_up(state_dict: dict[str, torch.Tensor], old_prefix: str, new_prefix: str) -> dict[str, torch.Tensor]:
     """``decoder.<old_prefix>.<i>.*`` -> ``decoder.<new_prefix>.<n - 1 - i>.*`` (n: number of up blocks)."""
     head = f"decoder.{old_prefix}."
-    indices = [int(key[len(head):].split(".", 1)[0]) for key in state_dict if key.startswith(head)]
+    indices = [int(key[len(head) :].split(".", 1)[0]) for key in state_dict if key.startswith(head)]
     num_blocks = max(indices, default=-1) + 1
     renamed = {}
     for key, value in state_dict.items():
         if key.startswith(head):
-            index, rest = key[len(head):].split(".", 1)
+            index, rest = key[len(head) :].split(".", 1)
             key = f"decoder.{new_prefix}.{num_blocks - 1 - int(index)}.{rest}"
         renamed[key] = value
     return renamed
@@ -132,7 +133,9 @@ def _read_sat_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            raise CheckpointError(f"{path}: not a plain tensor checkpoint (torch.load with weights_only=True refused it): {err}") from None
+            raise CheckpointError(
+                f"{path}: not a plain tensor checkpoint (torch.load with weights_only=True refused it): {err}"
+            ) from None
         # SAT's 3d-vae.pt nests it under "state_dict"; a DeepSpeed engine checkpoint under "module".
         for nesting in ("state_dict", "module"):
             if isinstance(state_dict, dict) and isinstance(state_dict.get(nesting), dict):
@@ -140,7 +143,7 @@ def _read_sat_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(state_dict).__name__}")
     # A whole engine checkpoint also holds the DiT and T5: keep only the VAE.
-    first_stage = {key[len(SAT_ENGINE_PREFIX):]: value for key, value in state_dict.items() if key.startswith(SAT_ENGINE_PREFIX)}
+    first_stage = {key[len(SAT_ENGINE_PREFIX) :]: value for key, value in state_dict.items() if key.startswith(SAT_ENGINE_PREFIX)}
     return first_stage or state_dict
 
 
@@ -226,7 +229,8 @@ class VideoVAEMixin(FrozenStage):
             vae = _load_sat_checkpoint(path, architecture)
         elif path.is_file():
             raise ConfigError(
-                f"model.first_stage.path: {path} is neither a diffusers folder nor a SAT checkpoint ({', '.join(SAT_CHECKPOINT_SUFFIXES)})"
+                f"model.first_stage.path: {path} is neither a diffusers folder nor a SAT checkpoint "
+                f"({', '.join(SAT_CHECKPOINT_SUFFIXES)})"
             )
         else:
             raise ConfigError(f"model.first_stage.path: not found: {path}")
@@ -240,7 +244,9 @@ class VideoVAEMixin(FrozenStage):
         config = self.vae.config
         spatial = 2 ** (len(config.block_out_channels) - 1)
         if video.ndim != 5 or video.shape[1] != config.in_channels:
-            raise ValueError(f"VideoVAEMixin.encode: expected video [B, {config.in_channels}, T, H, W], found {list(video.shape)}")
+            raise ValueError(
+                f"VideoVAEMixin.encode: expected video [B, {config.in_channels}, T, H, W], found {list(video.shape)}"
+            )
         frames, height, width = video.shape[2:]
         if (frames - 1) % config.temporal_compression_ratio or height % spatial or width % spatial:
             raise ValueError(

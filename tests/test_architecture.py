@@ -105,5 +105,8 @@ def test_the_readme_layout_names_every_module_mixin_and_tool():
 @pytest.mark.parametrize("document", ["README.md", "docs/mixins.md"])
 def test_the_hook_and_stage_tables_in_the_docs_are_the_catalogues(document):
     text = ROOT.joinpath(document).read_text()
-    for table, source in ((hook_table_markdown(), "sat_video/model/hooks.py"), (stage_table_markdown(), "sat_video/model/stages.py")):
+    for table, source in (
+        (hook_table_markdown(), "sat_video/model/hooks.py"),
+        (stage_table_markdown(), "sat_video/model/stages.py"),
+    ):
         assert table in text, f"{document}: the table generated from {source} has drifted; paste this in:\n{table}"

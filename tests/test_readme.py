@@ -20,7 +20,10 @@ def test_readme_has_two_set_up_commands_and_ci_runs_the_test_one():
     main_job, tests = commands
     assert "torch==2.13.0" in main_job and "tools/quickstart.py" in main_job
     assert "torch==2.13.0" in tests and "pytest" in tests
-    assert tests in ROOT.joinpath(".ci", "run").read_text().splitlines()
+    ci = ROOT.joinpath(".ci", "run").read_text().splitlines()
+    assert tests in ci
+    lint = next(index for index, line in enumerate(ci) if "ruff check ." in line)  # the lint step comes first
+    assert lint < ci.index(tests)
 
 
 @pytest.mark.slow

@@ -31,8 +31,22 @@ def _saved(tmp_path, variant="cogvideox_5b", seed=0):
 
 def test_cli_export_writes_a_loadable_transformer_and_the_matching_scheduler(tmp_path):
     _, ckpt = _saved(tmp_path, "cogvideox_2b")
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_to_diffusers.py"), "--base", *_base("cogvideox_2b"),
-                             "--ckpt", str(ckpt), "--out", str(tmp_path / "hf"), "--dtype", "bf16"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "convert_to_diffusers.py"),
+            "--base",
+            *_base("cogvideox_2b"),
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "hf"),
+            "--dtype",
+            "bf16",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     hf = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "hf" / "transformer", torch_dtype=torch.bfloat16)
     assert hf.dtype == torch.bfloat16 and not hf.config.use_rotary_positional_embeddings
@@ -46,8 +60,9 @@ def test_cli_export_writes_a_loadable_transformer_and_the_matching_scheduler(tmp
 
 def test_export_refuses_when_config_and_checkpoint_disagree(tmp_path, capsys):
     _, ckpt = _saved(tmp_path)
-    code = convert_to_diffusers(["--base", *_base("cogvideox_5b"), "--ckpt", str(ckpt), "--out", str(tmp_path / "hf"),
-                                 "model.dit.num_layers=3"])
+    code = convert_to_diffusers(
+        ["--base", *_base("cogvideox_5b"), "--ckpt", str(ckpt), "--out", str(tmp_path / "hf"), "model.dit.num_layers=3"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "missing keys" in err and "transformer.layers.2.attention.query_key_value.weight" in err
     assert not (tmp_path / "hf").exists()
@@ -66,7 +81,12 @@ def test_export_merges_sat_lora(tmp_path):
     model, _ = _saved(tmp_path)
     state = _sat_lora_state(model, 4, torch.Generator().manual_seed(3))
     torch.save({"module": {SAT_PREFIX + k: v for k, v in state.items()}}, tmp_path / "lora.pt")
-    assert convert_to_diffusers(["--base", *_base("cogvideox_5b"), "--ckpt", str(tmp_path / "lora.pt"), "--out", str(tmp_path / "hf")]) == 0
+    assert (
+        convert_to_diffusers(
+            ["--base", *_base("cogvideox_5b"), "--ckpt", str(tmp_path / "lora.pt"), "--out", str(tmp_path / "hf")]
+        )
+        == 0
+    )
     merged = sat_video.build_dit(tiny_config("cogvideox_5b"))
     sat_video.load_checkpoint(merged, tmp_path / "lora.pt")
     hf = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "hf" / "transformer")
@@ -79,7 +99,10 @@ def test_export_merges_sat_lora(tmp_path):
 def test_diffusers_round_trip_restores_the_weights(tmp_path, variant):
     model, ckpt = _saved(tmp_path, variant)
     assert convert_to_diffusers(["--base", *_base(variant), "--ckpt", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
-    assert convert_from_diffusers(["--diffusers", str(tmp_path / "hf"), "--out", str(tmp_path / "back"), "--base", *_base(variant)]) == 0
+    assert (
+        convert_from_diffusers(["--diffusers", str(tmp_path / "hf"), "--out", str(tmp_path / "back"), "--base", *_base(variant)])
+        == 0
+    )
     back = sat_video.build_dit(sat_video.load_config(tmp_path / "back" / "config.yaml"))
     sat_video.load_checkpoint(back, tmp_path / "back")
     for key, value in model.state_dict().items():
@@ -89,7 +112,9 @@ def test_diffusers_round_trip_restores_the_weights(tmp_path, variant):
 def test_import_refuses_a_base_config_of_another_model(tmp_path, capsys):
     _, ckpt = _saved(tmp_path)
     assert convert_to_diffusers(["--base", *_base("cogvideox_5b"), "--ckpt", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
-    code = convert_from_diffusers(["--diffusers", str(tmp_path / "hf"), "--out", str(tmp_path / "back"), "--base", *_base("cogvideox_2b")])
+    code = convert_from_diffusers(
+        ["--diffusers", str(tmp_path / "hf"), "--out", str(tmp_path / "back"), "--base", *_base("cogvideox_2b")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "describe different models" in err and "mixins" in err
     assert not (tmp_path / "back").exists()
@@ -125,8 +150,20 @@ def test_widened_t2v_checkpoint_reproduces_t2v_with_zero_image_channels(tmp_path
 
 def test_widening_to_the_5b_i2v_layout_lists_the_fresh_learned_table(tmp_path, capsys):
     _, ckpt = _saved(tmp_path, "cogvideox_5b")
-    assert widen_to_i2v(["--base", *_base("cogvideox_5b"), "--ckpt", str(ckpt), "--out", str(tmp_path / "i2v"),
-                         "model.dit.mixins.pos_embed.learned_table=true"]) == 0
+    assert (
+        widen_to_i2v(
+            [
+                "--base",
+                *_base("cogvideox_5b"),
+                "--ckpt",
+                str(ckpt),
+                "--out",
+                str(tmp_path / "i2v"),
+                "model.dit.mixins.pos_embed.learned_table=true",
+            ]
+        )
+        == 0
+    )
     assert "initialised fresh (not in the T2V checkpoint): mixins.pos_embed.pos_embedding" in capsys.readouterr().out
     widened = sat_video.build_dit(sat_video.load_config(tmp_path / "i2v" / "config.yaml"))
     sat_video.load_checkpoint(widened, tmp_path / "i2v")
@@ -135,6 +172,7 @@ def test_widening_to_the_5b_i2v_layout_lists_the_fresh_learned_table(tmp_path, c
 
 def test_overrides_may_follow_the_base_files_directly(tmp_path, capsys):
     _, ckpt = _saved(tmp_path)
-    code = convert_to_diffusers(["--ckpt", str(ckpt), "--out", str(tmp_path / "hf"), "--base", *_base("cogvideox_5b"),
-                                 "model.dit.num_layers=3"])
+    code = convert_to_diffusers(
+        ["--ckpt", str(ckpt), "--out", str(tmp_path / "hf"), "--base", *_base("cogvideox_5b"), "model.dit.num_layers=3"]
+    )
     assert code == 2 and "transformer.layers.2." in capsys.readouterr().err  # the override was applied, not read as a file

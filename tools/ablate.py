@@ -85,7 +85,7 @@ def run(argv=None) -> int:
         if folder.exists():
             shutil.rmtree(folder)
         config, log = folder / "config.yaml", folder / "train.log"
-        atomic_write(config, lambda tmp: OmegaConf.save(configs[name], tmp))
+        atomic_write(config, lambda tmp, cfg=configs[name]: OmegaConf.save(cfg, tmp))
         print(f"[{index}/{len(selected)}] {name}: training (log: {log})", flush=True)
         with open(log, "w") as handle:
             returncode = subprocess.run(train_command(config, args.nproc), stdout=handle, stderr=subprocess.STDOUT).returncode

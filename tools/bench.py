@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sat_video.experiments.benchmark import (
+from sat_video.experiments.benchmark import (  # noqa: E402 (after the sys.path line above)
     DiTPair,
     count_flops,
     gemm_peak,
@@ -131,13 +131,21 @@ def dit_section(preset: Preset, device: torch.device, peaks: dict, compile_block
             times = interleaved_times(steps, device=device, warmup=preset.warmup, reps=preset.reps)
             # per round, sat_video / diffusers: the spread shows how much the machine moved during the measurement
             paired = [a / b for a, b in zip(times["sat_video"], times["diffusers"])]
-            row = {"size": size, "dtype": label, "tokens": pair.tokens, "params": pair.params, "paired": (min(paired), max(paired))}
+            row = {"size": size, "dtype": label, "tokens": pair.tokens, "params": pair.params,
+                   "paired": (min(paired), max(paired))}
             for name in ("sat_video", "diffusers"):
                 flops = count_flops(steps[name])
-                row[name] = {"time": median(times[name]), "peak": step_peak_bytes(steps[name], device),
-                             "flops": flops, "fraction": flops / median(times[name]) / peaks[label]}
+                row[name] = {
+                    "time": median(times[name]),
+                    "peak": step_peak_bytes(steps[name], device),
+                    "flops": flops,
+                    "fraction": flops / median(times[name]) / peaks[label],
+                }
             if compile_blocks:  # same FLOPs as eager; inductor's kernels allocate outside the dispatcher, so no CPU memory
-                row[COMPILED] = {"time": median(times[COMPILED]), "fraction": row["sat_video"]["flops"] / median(times[COMPILED]) / peaks[label]}
+                row[COMPILED] = {
+                    "time": median(times[COMPILED]),
+                    "fraction": row["sat_video"]["flops"] / median(times[COMPILED]) / peaks[label],
+                }
             rows.append(row)
             print(_dit_line(row), flush=True)
             if size.name == preset.checkpointing:
@@ -158,6 +166,7 @@ def checkpointing_row(size: DiTSize, label: str, pair: DiTPair, dtype: torch.dty
         def run():
             model.activation_checkpointing, model.checkpoint_keeps_attention = CHECKPOINTING_MODES[mode]
             return fn()
+
         return run
 
     variants = {mode: in_mode(mode, step) for mode in CHECKPOINTING_MODES}
@@ -165,20 +174,28 @@ def checkpointing_row(size: DiTSize, label: str, pair: DiTPair, dtype: torch.dty
     grads = gradient_bytes(model)
     row = {"size": size.name, "dtype": label}
     for mode, fn in variants.items():
-        row[mode] = {"time": median(times[mode]), "activations": step_peak_bytes(fn, device) - grads,
-                     "saved": saved_bytes(in_mode(mode, forward), device)}
+        row[mode] = {
+            "time": median(times[mode]),
+            "activations": step_peak_bytes(fn, device) - grads,
+            "saved": saved_bytes(in_mode(mode, forward), device),
+        }
     model.activation_checkpointing, model.checkpoint_keeps_attention = CHECKPOINTING_MODES["off"]
-    print(f"checkpointing {size.name} {label}: " + ", ".join(
-        f"{mode} {row[mode]['time']:.3f}s {row[mode]['activations'] / MIB:.0f} MiB" for mode in CHECKPOINTING_MODES), flush=True)
+    print(
+        f"checkpointing {size.name} {label}: "
+        + ", ".join(f"{mode} {row[mode]['time']:.3f}s {row[mode]['activations'] / MIB:.0f} MiB" for mode in CHECKPOINTING_MODES),
+        flush=True,
+    )
     return row
 
 
 def _dit_line(row: dict) -> str:
     ours, theirs = row["sat_video"], row["diffusers"]
     compiled = f", compiled {row[COMPILED]['time']:.3f}s" if COMPILED in row else ""
-    return (f"{row['size'].name} {row['dtype']}: sat_video {ours['time']:.3f}s / diffusers {theirs['time']:.3f}s "
-            f"= {ours['time'] / theirs['time']:.2f}x time, {ours['peak'] / theirs['peak']:.2f}x memory, "
-            f"{ours['fraction']:.0%} of GEMM peak{compiled}")
+    return (
+        f"{row['size'].name} {row['dtype']}: sat_video {ours['time']:.3f}s / diffusers {theirs['time']:.3f}s "
+        f"= {ours['time'] / theirs['time']:.2f}x time, {ours['peak'] / theirs['peak']:.2f}x memory, "
+        f"{ours['fraction']:.0%} of GEMM peak{compiled}"
+    )
 
 
 def profile_section(preset: Preset, device: torch.device) -> list[dict]:
@@ -197,15 +214,27 @@ def profile_section(preset: Preset, device: torch.device) -> list[dict]:
                 fn()
             groups = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
             for event in prof.key_averages():
-                key = ("attention" if "scaled_dot_product" in event.key else
-                       "matmul" if event.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::convolution_backward",
-                                                  "aten::mkldnn_convolution") else "other")
+                key = (
+                    "attention"
+                    if "scaled_dot_product" in event.key
+                    else "matmul"
+                    if event.key
+                    in ("aten::mm", "aten::addmm", "aten::bmm", "aten::convolution_backward", "aten::mkldnn_convolution")
+                    else "other"
+                )
                 groups[key] += getattr(event, field)
             total = sum(groups.values())
             top = sorted(prof.key_averages(), key=lambda e: getattr(e, field), reverse=True)[:5]
-            rows.append({"size": size.name, "dtype": label, "impl": name, "total_ms": total / 1e3,
-                         **{k: v / total for k, v in groups.items()},
-                         "top": ", ".join(f"{e.key.removeprefix('aten::')} {getattr(e, field) / total:.0%}" for e in top)})
+            rows.append(
+                {
+                    "size": size.name,
+                    "dtype": label,
+                    "impl": name,
+                    "total_ms": total / 1e3,
+                    **{k: v / total for k, v in groups.items()},
+                    "top": ", ".join(f"{e.key.removeprefix('aten::')} {getattr(e, field) / total:.0%}" for e in top),
+                }
+            )
     return rows
 
 
@@ -225,8 +254,9 @@ def make_train_assets(preset: Preset, workdir: Path) -> TrainAssets:
     from sat_video.fixtures.synthetic import make_moving_shapes
     from sat_video.fixtures.tiny_t5 import make_tiny_t5
 
-    items = make_moving_shapes(workdir / "train_clips", num_videos=preset.train_videos, num_frames=16, height=64,
-                               width=64, fps=8, seed=0)
+    items = make_moving_shapes(
+        workdir / "train_clips", num_videos=preset.train_videos, num_frames=16, height=64, width=64, fps=8, seed=0
+    )
     make_tiny_t5([caption for _, caption in items], workdir / "t5", d_model=32)  # tiny.yaml's text_hidden_size
     return TrainAssets(workdir / "train_clips", workdir / "t5")
 
@@ -235,16 +265,26 @@ def train_steps(assets: TrainAssets, preset: Preset, workdir: Path, label: str, 
     """Median step time of ``tools/train_video.py`` (data, frozen stages, DiT, DeepSpeed update), read from the
     run's metrics.jsonl; the first quarter of the steps is warm-up."""
     save = workdir / f"run-{len(list(workdir.glob('run-*')))}"
-    command = [sys.executable, str(ROOT / "tools" / "train_video.py"), "--base", *map(str, assets.base),
-               f"data.sources=[{assets.clips}]", f"model.text_encoder.path={assets.t5}", f"train.save={save}",
-               f"train.train_iters={preset.train_iters}", f"train.save_interval={preset.train_iters}",
-               "train.log_interval=1", "train.tensorboard=false", *overrides]
+    command = [
+        sys.executable,
+        str(ROOT / "tools" / "train_video.py"),
+        "--base",
+        *map(str, assets.base),
+        f"data.sources=[{assets.clips}]",
+        f"model.text_encoder.path={assets.t5}",
+        f"train.save={save}",
+        f"train.train_iters={preset.train_iters}",
+        f"train.save_interval={preset.train_iters}",
+        "train.log_interval=1",
+        "train.tensorboard=false",
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{shlex.join(command)} failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
-    times = [r["step_time_s"] for r in records[max(1, len(records) // 4):]]
+    times = [r["step_time_s"] for r in records[max(1, len(records) // 4) :]]
     batch = OmegaConf.load(save / "config.yaml").train.micro_batch_size
     return {"input": label, "batch": batch, "steps": len(times), "time": median(times), "samples_per_s": batch / median(times)}
 
@@ -252,10 +292,19 @@ def train_steps(assets: TrainAssets, preset: Preset, workdir: Path, label: str, 
 def precompute_latents(assets: TrainAssets, workdir: Path) -> Path:
     """Encode the training clips once with ``tools/precompute_latents.py`` (same config as the raw-video run)."""
     out = workdir / "latents"
-    command = [sys.executable, str(ROOT / "tools" / "precompute_latents.py"), "--base", *map(str, assets.base),
-               f"data.sources=[{assets.clips}]", f"model.text_encoder.path={assets.t5}", "--out", str(out)]
-    proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
-                          capture_output=True, text=True)
+    command = [
+        sys.executable,
+        str(ROOT / "tools" / "precompute_latents.py"),
+        "--base",
+        *map(str, assets.base),
+        f"data.sources=[{assets.clips}]",
+        f"model.text_encoder.path={assets.t5}",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}, capture_output=True, text=True
+    )
     if proc.returncode:
         raise RuntimeError(f"{shlex.join(command)} failed:\n{proc.stderr[-3000:]}")
     return out
@@ -271,8 +320,9 @@ def data_section(preset: Preset, workdir: Path) -> list[dict]:
     from sat_video.fixtures.synthetic import make_moving_shapes
 
     frames, height, width = preset.clip
-    make_moving_shapes(workdir / "clips", num_videos=preset.clip_videos, num_frames=frames, height=height, width=width,
-                       fps=8, seed=0)
+    make_moving_shapes(
+        workdir / "clips", num_videos=preset.clip_videos, num_frames=frames, height=height, width=width, fps=8, seed=0
+    )
     refs = discover([workdir / "clips"])
     dataset = VideoDataset(refs, ClipSpec(num_frames=frames, height=height, width=width, fps=8))
     rows = []
@@ -313,23 +363,37 @@ def targets(dits: list[dict], checkpointing: list[dict], training: list[dict]) -
     for row in dits:
         ours, theirs = row["sat_video"], row["diffusers"]
         ratio = ours["time"] / theirs["time"]
-        rows.append([f"DiT step time <= 0.85x diffusers ({row['size'].name}, {row['dtype']})", f"{ratio:.2f}x", _met(ratio <= 0.85)])
+        rows.append(
+            [f"DiT step time <= 0.85x diffusers ({row['size'].name}, {row['dtype']})", f"{ratio:.2f}x", _met(ratio <= 0.85)]
+        )
         memory = ours["peak"] / theirs["peak"]
         rows.append([f"DiT peak memory <= diffusers ({row['size'].name}, {row['dtype']})", f"{memory:.2f}x", _met(memory <= 1.0)])
     for row in dits:
         if row["size"].flops_target and row["dtype"] == "fp32":
             fraction = row["sat_video"]["fraction"]
-            rows.append([f"achieved FLOP/s >= 60% of the fp32 GEMM peak ({row['size'].name})", f"{fraction:.0%}", _met(fraction >= 0.6)])
+            rows.append(
+                [f"achieved FLOP/s >= 60% of the fp32 GEMM peak ({row['size'].name})", f"{fraction:.0%}", _met(fraction >= 0.6)]
+            )
     for row in checkpointing:
         reduction = _reduction(row)
         extra = row["on"]["time"] / row["off"]["time"] - 1
-        rows.append([f"checkpointing: activation memory down >= 3x ({row['size']}, {row['dtype']})", f"{reduction:.1f}x", _met(reduction >= 3)])
-        rows.append([f"checkpointing: <= 35% extra step time ({row['size']}, {row['dtype']})", f"{extra:+.0%}", _met(extra <= 0.35)])
+        rows.append(
+            [
+                f"checkpointing: activation memory down >= 3x ({row['size']}, {row['dtype']})",
+                f"{reduction:.1f}x",
+                _met(reduction >= 3),
+            ]
+        )
+        rows.append(
+            [f"checkpointing: <= 35% extra step time ({row['size']}, {row['dtype']})", f"{extra:+.0%}", _met(extra <= 0.35)]
+        )
     raw = [r for r in training if r["input"] == "raw video"]
     for row in training:
         if raw and row["input"] != "raw video":
             speedup = raw[0]["time"] / row["time"]
-            rows.append([f"training step from {row['input']} >= 3x faster than from raw video", f"{speedup:.1f}x", _met(speedup >= 3)])
+            rows.append(
+                [f"training step from {row['input']} >= 3x faster than from raw video", f"{speedup:.1f}x", _met(speedup >= 3)]
+            )
     return rows
 
 
@@ -368,82 +432,224 @@ def _dominance(profile: list[dict]) -> list[str]:
         rows = {r["impl"]: r for r in profile if r["dtype"] == dtype}
         if len(rows) == 2:
             ours, theirs = rows["sat_video"], rows["diffusers"]
-            lines.append(f"* {dtype} ({ours['size']}): matmul + attention kernels take {ours['matmul'] + ours['attention']:.0%} of "
-                         f"sat_video's step and {theirs['matmul'] + theirs['attention']:.0%} of diffusers' (attention alone "
-                         f"{ours['attention']:.0%} / {theirs['attention']:.0%}); everything else, where the two implementations "
-                         f"differ, {ours['other']:.0%} / {theirs['other']:.0%}. With none of that left, sat_video's step would "
-                         f"still take about {theirs['matmul'] + theirs['attention']:.2f}x diffusers'.")
-    return ["Both implementations run the same PyTorch GEMM and attention kernels on the same shapes (sat_video projects "
-            "q, k and v with one GEMM where diffusers runs three), so their step times can differ only by the element-wise "
-            "work, copies and framework overhead around those kernels:", "", *lines]
+            lines.append(
+                f"* {dtype} ({ours['size']}): matmul + attention kernels take {ours['matmul'] + ours['attention']:.0%} of "
+                f"sat_video's step and {theirs['matmul'] + theirs['attention']:.0%} of diffusers' (attention alone "
+                f"{ours['attention']:.0%} / {theirs['attention']:.0%}); everything else, where the two implementations "
+                f"differ, {ours['other']:.0%} / {theirs['other']:.0%}. With none of that left, sat_video's step would "
+                f"still take about {theirs['matmul'] + theirs['attention']:.2f}x diffusers'."
+            )
+    return [
+        "Both implementations run the same PyTorch GEMM and attention kernels on the same shapes (sat_video projects "
+        "q, k and v with one GEMM where diffusers runs three), so their step times can differ only by the element-wise "
+        "work, copies and framework overhead around those kernels:",
+        "",
+        *lines,
+    ]
 
 
 def _checkpointing_note(profile: list[dict]) -> list[str]:
     shares = {r["dtype"]: r["attention"] for r in profile if r["impl"] == "sat_video"}
     if not shares:
         return []
-    return ["Checkpointing recomputes each block's forward pass during backward. By default it keeps the outputs of the "
-            "attention kernels (`DiffusionTransformer.checkpoint_keeps_attention`, one `[B, N, D]` tensor and the softmax "
-            "statistics per block), so the attention forward kernel does not run twice; attention is "
-            + " and ".join(f"{share:.0%} of the {dtype} step" for dtype, share in shares.items())
-            + " (profile above). *Recompute all* (`train.checkpoint_keeps_attention: false`) keeps only each block's input.", ""]
+    return [
+        "Checkpointing recomputes each block's forward pass during backward. By default it keeps the outputs of the "
+        "attention kernels (`DiffusionTransformer.checkpoint_keeps_attention`, one `[B, N, D]` tensor and the softmax "
+        "statistics per block), so the attention forward kernel does not run twice; attention is "
+        + " and ".join(f"{share:.0%} of the {dtype} step" for dtype, share in shares.items())
+        + " (profile above). *Recompute all* (`train.checkpoint_keeps_attention: false`) keeps only each block's input.",
+        "",
+    ]
 
 
-def report(args, info: dict, peaks: dict, dits: list[dict], checkpointing: list[dict], profile: list[dict],
-           training: list[dict], data: list[dict], preset: Preset) -> str:
-    out = ["# Benchmarks: sat_video vs diffusers", "",
-           "Written by `tools/bench.py`; do not edit by hand. Regenerate with:", "", f"    {args.command}", "",
-           "## Machine", "", _table(["", ""], list(info.items())), "",
-           "## Targets (issue #6)", "", _table(["target", "measured", "met"], targets(dits, checkpointing, training)), "",
-           "Every figure comes from the sections below; *Where the time goes* shows what dominates the DiT step, and so "
-           "what a missed step-time or checkpointing target is made of.", "",
-           "## GEMM peak", "",
-           _table(["dtype", "best n (n x n @ n x n)", "TFLOP/s"], [[k, n, f"{v / 1e12:.3f}"] for k, (v, n) in peaks.items()]), "",
-           "## DiT forward + backward, sat_video vs diffusers", "",
-           "Sizes: " + "; ".join(f"**{s.name}** = `{s.variant}` with {', '.join(o.split('.')[-1] for o in s.overrides)}, "
-                                 f"batch {s.batch}" for s in preset.dits) + ".", ""]
-    out.append(_table(
-        ["size", "dtype", "tokens", "params", "sat_video step (s)", "diffusers step (s)", "time ratio (range per round)",
-         "sat_video peak (MiB)", "diffusers peak (MiB)", "memory ratio", "sat_video FLOP/s (of peak)", "diffusers FLOP/s (of peak)"],
-        [[r["size"].name, r["dtype"], r["tokens"], f"{r['params'] / 1e6:.1f}M",
-          f"{r['sat_video']['time']:.3f}", f"{r['diffusers']['time']:.3f}", f"{r['sat_video']['time'] / r['diffusers']['time']:.2f} ({r['paired'][0]:.2f}-{r['paired'][1]:.2f})",
-          f"{r['sat_video']['peak'] / MIB:.0f}", f"{r['diffusers']['peak'] / MIB:.0f}", f"{r['sat_video']['peak'] / r['diffusers']['peak']:.2f}",
-          *(f"{r[i]['flops'] / r[i]['time'] / 1e9:.1f} G ({r[i]['fraction']:.0%})" for i in ("sat_video", "diffusers"))]
-         for r in dits]))
+def report(
+    args,
+    info: dict,
+    peaks: dict,
+    dits: list[dict],
+    checkpointing: list[dict],
+    profile: list[dict],
+    training: list[dict],
+    data: list[dict],
+    preset: Preset,
+) -> str:
+    out = [
+        "# Benchmarks: sat_video vs diffusers",
+        "",
+        "Written by `tools/bench.py`; do not edit by hand. Regenerate with:",
+        "",
+        f"    {args.command}",
+        "",
+        "## Machine",
+        "",
+        _table(["", ""], list(info.items())),
+        "",
+        "## Targets (issue #6)",
+        "",
+        _table(["target", "measured", "met"], targets(dits, checkpointing, training)),
+        "",
+        "Every figure comes from the sections below; *Where the time goes* shows what dominates the DiT step, and so "
+        "what a missed step-time or checkpointing target is made of.",
+        "",
+        "## GEMM peak",
+        "",
+        _table(["dtype", "best n (n x n @ n x n)", "TFLOP/s"], [[k, n, f"{v / 1e12:.3f}"] for k, (v, n) in peaks.items()]),
+        "",
+        "## DiT forward + backward, sat_video vs diffusers",
+        "",
+        "Sizes: "
+        + "; ".join(
+            f"**{s.name}** = `{s.variant}` with {', '.join(o.split('.')[-1] for o in s.overrides)}, batch {s.batch}"
+            for s in preset.dits
+        )
+        + ".",
+        "",
+    ]
+    out.append(
+        _table(
+            [
+                "size",
+                "dtype",
+                "tokens",
+                "params",
+                "sat_video step (s)",
+                "diffusers step (s)",
+                "time ratio (range per round)",
+                "sat_video peak (MiB)",
+                "diffusers peak (MiB)",
+                "memory ratio",
+                "sat_video FLOP/s (of peak)",
+                "diffusers FLOP/s (of peak)",
+            ],
+            [
+                [
+                    r["size"].name,
+                    r["dtype"],
+                    r["tokens"],
+                    f"{r['params'] / 1e6:.1f}M",
+                    f"{r['sat_video']['time']:.3f}",
+                    f"{r['diffusers']['time']:.3f}",
+                    f"{r['sat_video']['time'] / r['diffusers']['time']:.2f} ({r['paired'][0]:.2f}-{r['paired'][1]:.2f})",
+                    f"{r['sat_video']['peak'] / MIB:.0f}",
+                    f"{r['diffusers']['peak'] / MIB:.0f}",
+                    f"{r['sat_video']['peak'] / r['diffusers']['peak']:.2f}",
+                    *(f"{r[i]['flops'] / r[i]['time'] / 1e9:.1f} G ({r[i]['fraction']:.0%})" for i in ("sat_video", "diffusers")),
+                ]
+                for r in dits
+            ],
+        )
+    )
     compiled = [r for r in dits if COMPILED in r]
     if compiled:
-        out += ["", "### sat_video with torch.compile (each block compiled, inductor)", "",
-                _table(["size", "dtype", "eager step (s)", "compiled step (s)", "compiled / eager", "compiled / diffusers",
-                        "compiled FLOP/s (of peak)"],
-                       [[r["size"].name, r["dtype"], f"{r['sat_video']['time']:.3f}", f"{r[COMPILED]['time']:.3f}",
-                         f"{r[COMPILED]['time'] / r['sat_video']['time']:.2f}", f"{r[COMPILED]['time'] / r['diffusers']['time']:.2f}",
-                         f"{r['sat_video']['flops'] / r[COMPILED]['time'] / 1e9:.1f} G ({r[COMPILED]['fraction']:.0%})"] for r in compiled])]
-    out += ["", "## Where the time goes", "",
-            "One profiled step per implementation (torch.profiler, self time per operator); *matmul* is mm / addmm / bmm "
-            "and the patch convolution, *attention* the SDPA kernels, forward and backward.", "",
-            _table(["size", "dtype", "implementation", "step (ms, profiled)", "matmul", "attention", "other", "top operators"],
-                   [[r["size"], r["dtype"], r["impl"], f"{r['total_ms']:.0f}", f"{r['matmul']:.0%}", f"{r['attention']:.0%}",
-                     f"{r['other']:.0%}", r["top"]] for r in profile]), "", *_dominance(profile), "",
-            "## Activation checkpointing (sat_video)", "",
-            "*Activations* = peak bytes of the step minus the gradients' (the issue's definition); with checkpointing that "
-            "peak can come late in the backward pass, when most gradients exist, which hides how much the forward pass keeps; "
-            "*saved after forward* (what the forward pass leaves for backward, output included) shows that.", "",
-            *_checkpointing_note(profile),
-            _table(["size", "dtype", "checkpointing", "step (s)", "extra time", "activations (MiB)", "reduction",
-                    "saved after forward (MiB)", "reduction"],
-                   [[r["size"], r["dtype"], CHECKPOINTING_LABELS[mode], f"{r[mode]['time']:.3f}",
-                     f"{r[mode]['time'] / r['off']['time'] - 1:+.0%}", f"{r[mode]['activations'] / MIB:.0f}",
-                     f"{_reduction(r, mode):.1f}x", f"{r[mode]['saved'] / MIB:.0f}", f"{r['off']['saved'] / r[mode]['saved']:.1f}x"]
-                    for r in checkpointing for mode in CHECKPOINTING_MODES]), "",
-            "## Training step through the engine (tools/train_video.py)", "",
-            _table(["input", "micro-batch", "steps timed", "step (s)", "samples/s"],
-                   [[r["input"], r["batch"], r["steps"], f"{r['time']:.3f}", f"{r['samples_per_s']:.2f}"] for r in training]), "",
-            "## Data loading (decord + DataLoader workers)", "",
-            f"Clips of {preset.clip[0]} frames at {preset.clip[1]}x{preset.clip[2]} (8 fps) from {preset.clip_videos} "
-            "synthetic mp4 files of that size. With 0 workers the main process decodes and resizes with all torch threads; "
-            "each worker process uses one thread (the DataLoader's default).", "",
-            _table(["workers", "clips/s"], [[r["workers"], f"{r['clips_per_s']:.2f}"] for r in data]), "",
-            "## How these figures are measured", "", METHOD.format(warmup=preset.warmup, reps=preset.reps)]
+        out += [
+            "",
+            "### sat_video with torch.compile (each block compiled, inductor)",
+            "",
+            _table(
+                [
+                    "size",
+                    "dtype",
+                    "eager step (s)",
+                    "compiled step (s)",
+                    "compiled / eager",
+                    "compiled / diffusers",
+                    "compiled FLOP/s (of peak)",
+                ],
+                [
+                    [
+                        r["size"].name,
+                        r["dtype"],
+                        f"{r['sat_video']['time']:.3f}",
+                        f"{r[COMPILED]['time']:.3f}",
+                        f"{r[COMPILED]['time'] / r['sat_video']['time']:.2f}",
+                        f"{r[COMPILED]['time'] / r['diffusers']['time']:.2f}",
+                        f"{r['sat_video']['flops'] / r[COMPILED]['time'] / 1e9:.1f} G ({r[COMPILED]['fraction']:.0%})",
+                    ]
+                    for r in compiled
+                ],
+            ),
+        ]
+    out += [
+        "",
+        "## Where the time goes",
+        "",
+        "One profiled step per implementation (torch.profiler, self time per operator); *matmul* is mm / addmm / bmm "
+        "and the patch convolution, *attention* the SDPA kernels, forward and backward.",
+        "",
+        _table(
+            ["size", "dtype", "implementation", "step (ms, profiled)", "matmul", "attention", "other", "top operators"],
+            [
+                [
+                    r["size"],
+                    r["dtype"],
+                    r["impl"],
+                    f"{r['total_ms']:.0f}",
+                    f"{r['matmul']:.0%}",
+                    f"{r['attention']:.0%}",
+                    f"{r['other']:.0%}",
+                    r["top"],
+                ]
+                for r in profile
+            ],
+        ),
+        "",
+        *_dominance(profile),
+        "",
+        "## Activation checkpointing (sat_video)",
+        "",
+        "*Activations* = peak bytes of the step minus the gradients' (the issue's definition); with checkpointing that "
+        "peak can come late in the backward pass, when most gradients exist, which hides how much the forward pass keeps; "
+        "*saved after forward* (what the forward pass leaves for backward, output included) shows that.",
+        "",
+        *_checkpointing_note(profile),
+        _table(
+            [
+                "size",
+                "dtype",
+                "checkpointing",
+                "step (s)",
+                "extra time",
+                "activations (MiB)",
+                "reduction",
+                "saved after forward (MiB)",
+                "reduction",
+            ],
+            [
+                [
+                    r["size"],
+                    r["dtype"],
+                    CHECKPOINTING_LABELS[mode],
+                    f"{r[mode]['time']:.3f}",
+                    f"{r[mode]['time'] / r['off']['time'] - 1:+.0%}",
+                    f"{r[mode]['activations'] / MIB:.0f}",
+                    f"{_reduction(r, mode):.1f}x",
+                    f"{r[mode]['saved'] / MIB:.0f}",
+                    f"{r['off']['saved'] / r[mode]['saved']:.1f}x",
+                ]
+                for r in checkpointing
+                for mode in CHECKPOINTING_MODES
+            ],
+        ),
+        "",
+        "## Training step through the engine (tools/train_video.py)",
+        "",
+        _table(
+            ["input", "micro-batch", "steps timed", "step (s)", "samples/s"],
+            [[r["input"], r["batch"], r["steps"], f"{r['time']:.3f}", f"{r['samples_per_s']:.2f}"] for r in training],
+        ),
+        "",
+        "## Data loading (decord + DataLoader workers)",
+        "",
+        f"Clips of {preset.clip[0]} frames at {preset.clip[1]}x{preset.clip[2]} (8 fps) from {preset.clip_videos} "
+        "synthetic mp4 files of that size. With 0 workers the main process decodes and resizes with all torch threads; "
+        "each worker process uses one thread (the DataLoader's default).",
+        "",
+        _table(["workers", "clips/s"], [[r["workers"], f"{r['clips_per_s']:.2f}"] for r in data]),
+        "",
+        "## How these figures are measured",
+        "",
+        METHOD.format(warmup=preset.warmup, reps=preset.reps),
+    ]
     return "\n".join(out)
 
 
@@ -470,13 +676,16 @@ def main(argv=None) -> int:
         workdir = Path(tmp)
         assets = make_train_assets(preset, workdir)
         training = [train_steps(assets, preset, workdir, "raw video")]
-        training.append(train_steps(assets, preset, workdir, "latent cache",
-                                    (f"data.latent_cache={precompute_latents(assets, workdir)}",)))
+        training.append(
+            train_steps(assets, preset, workdir, "latent cache", (f"data.latent_cache={precompute_latents(assets, workdir)}",))
+        )
         for row in training:
             print(f"training step from {row['input']}: {row['time']:.3f}s, {row['samples_per_s']:.2f} samples/s", flush=True)
         data = data_section(preset, workdir)
     if hasattr(os, "getloadavg"):
-        info["load average at end (1/5/15 min; this run's own threads included)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+        info["load average at end (1/5/15 min; this run's own threads included)"] = " / ".join(
+            f"{x:.2f}" for x in os.getloadavg()
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report(args, info, peaks, dits, checkpointing, profile, training, data, preset) + "\n")
     print(f"wrote {args.out}")

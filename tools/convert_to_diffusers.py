@@ -71,7 +71,9 @@ def run(argv=None) -> int:
     state, dit_config = model.state_dict(), DiTConfig.from_config(cfg)
     lora = lora_mixins(model)
     if len(lora) > 1:
-        raise ConversionError(f"diffusers holds one LoRA adapter per export; this model has {len(lora)} LoRA mixins: {', '.join(lora)}")
+        raise ConversionError(
+            f"diffusers holds one LoRA adapter per export; this model has {len(lora)} LoRA mixins: {', '.join(lora)}"
+        )
     for name, mixin in lora.items():
         dit_config = dataclasses.replace(dit_config, mixins={n: e for n, e in dit_config.mixins.items() if n != name})
         if args.lora_adapter:
@@ -84,7 +86,9 @@ def run(argv=None) -> int:
         if adapter is not None:
             adapter = {k: v.to(DTYPES[args.dtype]) for k, v in adapter.items()}
     write_diffusers_folder(
-        state, dit_config, args.out,
+        state,
+        dit_config,
+        args.out,
         snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
         num_train_timesteps=cfg.model.diffusion.num_train_timesteps,
         lora_adapter=adapter,
@@ -95,8 +99,10 @@ def run(argv=None) -> int:
         if adapter is None:
             print(f"  LoRA mixin '{name}' (rank {mixin.config.rank}, alpha {mixin.config.alpha}) merged into the transformer")
         else:
-            print(f"  and {args.out}/{LORA_WEIGHTS}: LoRA mixin '{name}' (rank {mixin.config.rank}, "
-                  f"{sum(v.numel() for v in adapter.values()):,} parameters, alpha / rank folded into lora_B)")
+            print(
+                f"  and {args.out}/{LORA_WEIGHTS}: LoRA mixin '{name}' (rank {mixin.config.rank}, "
+                f"{sum(v.numel() for v in adapter.values()):,} parameters, alpha / rank folded into lora_B)"
+            )
     return 0
 
 

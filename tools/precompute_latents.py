@@ -84,7 +84,9 @@ def run(argv=None) -> int:
     add_config_arguments(parser)
     parser.add_argument("--out", required=True, help="cache folder to create")
     parser.add_argument("--samples-per-shard", type=int, default=256, help="samples per safetensors file")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new cache is complete)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out (only once the new cache is complete)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     if args.samples_per_shard < 1:

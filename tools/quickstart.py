@@ -107,7 +107,13 @@ def main(argv=None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank: the ranks share the cores
     cache = [str(ROOT / "tools" / "precompute_latents.py"), "--base", *map(str, BASE), *overrides, "--out", str(run / "latents")]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    training = [str(ROOT / "tools" / "train_video.py"), "--base", *map(str, BASE), *overrides, f"data.latent_cache={run / 'latents'}"]
+    training = [
+        str(ROOT / "tools" / "train_video.py"),
+        "--base",
+        *map(str, BASE),
+        *overrides,
+        f"data.latent_cache={run / 'latents'}",
+    ]
     for name, command in (("precomputing latents", [sys.executable, *cache]), ("training", [*launcher, *training])):
         if subprocess.run(command, cwd=ROOT, env=env).returncode:
             print(f"quickstart: {name} failed (see above)", file=sys.stderr)
@@ -122,8 +128,9 @@ def main(argv=None) -> int:
     sat_video.load_checkpoint(dit, run / "train")
     stages = build_frozen_stages(cfg.model)
     generator = VideoGenerator(dit.eval(), stages, snr_shift_scale=cfg.model.diffusion.snr_shift_scale)
-    videos = generator.generate(captions[: args.num_samples], cfg.sample, num_frames=dit_config.num_frames, height=spec.height,
-                                width=spec.width)
+    videos = generator.generate(
+        captions[: args.num_samples], cfg.sample, num_frames=dit_config.num_frames, height=spec.height, width=spec.width
+    )
     written = write_samples(run / "samples", videos, cfg.data.fps)
     matches = caption_check(videos)
 
@@ -142,8 +149,13 @@ def main(argv=None) -> int:
     timesteps = torch.tensor([100, 700])
     with torch.no_grad():
         ours = dit(latents, timesteps, text)
-        theirs = hf(latents, text, timesteps, image_rotary_emb=diffusers_rotary_embedding(dit_config, latents.shape[1], *latents.shape[3:]),
-                    return_dict=False)[0]
+        theirs = hf(
+            latents,
+            text,
+            timesteps,
+            image_rotary_emb=diffusers_rotary_embedding(dit_config, latents.shape[1], *latents.shape[3:]),
+            return_dict=False,
+        )[0]
     diff = (ours - theirs).abs().max().item()
 
     minutes = (time.perf_counter() - started) / 60

@@ -2,7 +2,8 @@
 """Sample videos from a checkpoint.
 
     python tools/sample_video.py --base configs/cogvideox_5b.yaml --ckpt runs/my_sft --prompt "a red car" --out samples
-    python tools/sample_video.py --base configs/cogvideox_5b_i2v.yaml --ckpt ... --prompts prompts.txt --image first.png --out samples
+    python tools/sample_video.py --base configs/cogvideox_5b_i2v.yaml --ckpt ... --prompts prompts.txt \
+        --image first.png --out samples
 
 Writes ``<out>/<i>_<prompt>.mp4`` (one per prompt) and ``<out>/contact_sheet.png``. The sampler, guidance and
 seed come from the config's ``sample`` section; the flags below override them. The VAE and T5 are the config's
@@ -53,8 +54,11 @@ def run(argv=None) -> int:
     parser.add_argument("--seed", type=int, help="default: sample.seed")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     args = parser.parse_args(argv)
-    overrides = [f"sample.{key}={getattr(args, key)}" for key in ("scheduler", "steps", "guidance_scale", "seed")
-                 if getattr(args, key) is not None]  # checked like any config value
+    overrides = [
+        f"sample.{key}={getattr(args, key)}"
+        for key in ("scheduler", "steps", "guidance_scale", "seed")
+        if getattr(args, key) is not None
+    ]  # checked like any config value
     args.overrides = [*args.overrides, *overrides]
     cfg = config_from_arguments(args)
     texts = args.prompt or read_prompts(args.prompts)
@@ -68,10 +72,16 @@ def run(argv=None) -> int:
     stages = build_frozen_stages(cfg.model).to(device, dtype)
     spec = ClipSpec.from_config(cfg.data, cfg.model.dit)  # videos of the training clips' size and length
     image = load_image(args.image, spec.height, spec.width) if args.image else None
-    generator = VideoGenerator(model, stages, snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
-                               num_train_timesteps=cfg.model.diffusion.num_train_timesteps, ofs=cfg.model.diffusion.ofs)
-    videos = generator.generate(texts, cfg.sample, num_frames=dit.num_frames, height=spec.height, width=spec.width,
-                                image=image, progress=True)
+    generator = VideoGenerator(
+        model,
+        stages,
+        snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
+        num_train_timesteps=cfg.model.diffusion.num_train_timesteps,
+        ofs=cfg.model.diffusion.ofs,
+    )
+    videos = generator.generate(
+        texts, cfg.sample, num_frames=dit.num_frames, height=spec.height, width=spec.width, image=image, progress=True
+    )
     written = write_samples(args.out, videos, cfg.sample.fps or cfg.data.fps)
     print("\n".join(["sample_video: wrote", *(f"  {path}" for path in written)]))
     return 0

@@ -60,7 +60,12 @@ def _drop_retyped_mixins(cfg: DictConfig, data: dict, source: str) -> None:
                           f"found {type(incoming).__name__} {incoming!r}")
     current = cfg.model.dit.mixins
     for name, entry in incoming.items():
-        if isinstance(entry, dict) and "type" in entry and current.get(name) is not None and current[name].get("type") != entry["type"]:
+        if (
+            isinstance(entry, dict)
+            and "type" in entry
+            and current.get(name) is not None
+            and current[name].get("type") != entry["type"]
+        ):
             current[name] = None
 
 
@@ -98,7 +103,10 @@ def _validate_mixins(dit: DictConfig, layers: Sequence[tuple[str, dict]]) -> Non
             del dit.mixins[name]
             continue
         if not isinstance(entry, DictConfig) or "type" not in entry:
-            raise ConfigError(f"{where}: expected a mapping with a 'type' key, found {OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else entry!r}")
+            raise ConfigError(
+                f"{where}: expected a mapping with a 'type' key, "
+                f"found {OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else entry!r}"
+            )
         if not str(name).isidentifier():
             raise ConfigError(f"{where}: mixin names must be Python identifiers")
         params = {k: v for k, v in OmegaConf.to_container(entry, resolve=True).items() if k != "type"}
@@ -138,8 +146,10 @@ def _check_across_sections(cfg: DictConfig) -> None:
     if validation.interval and dit.in_channels > dit.out_channels and not validation.image:
         raise ConfigError("train.validation.image: an image-to-video model needs a first frame to validate with")
     if cfg.train.lr_schedule.min_lr > cfg.train.optimizer.lr:
-        raise ConfigError(f"train.lr_schedule.min_lr ({cfg.train.lr_schedule.min_lr}) must not exceed "
-                          f"train.optimizer.lr ({cfg.train.optimizer.lr})")
+        raise ConfigError(
+            f"train.lr_schedule.min_lr ({cfg.train.lr_schedule.min_lr}) must not exceed "
+            f"train.optimizer.lr ({cfg.train.optimizer.lr})"
+        )
 
 
 def read_yaml(path: str | Path, *, what: str = "config file", error: type[ConfigError] = ConfigError):
@@ -202,5 +212,3 @@ def load_config(paths: str | Path | dict | Sequence[str | Path | dict], override
     with torch.device("meta"):  # mixins check the sizes they need (RoPE's head dim, ...) as they are built
         build_dit(cfg)
     return cfg
-
-

@@ -311,7 +311,8 @@ def collate(samples: list[Sample]) -> Batch:
     """Stack the samples of one batch (``DataLoader(collate_fn=collate)``)."""
     shapes = {tuple(sample.video.shape) for sample in samples}
     if len(shapes) > 1:
-        raise DataError(f"cannot batch clips of shapes {sorted(shapes)}: a batch must not mix images and videos (use ClipBatchSampler)")
+        raise DataError(f"cannot batch clips of shapes {sorted(shapes)}: a batch must not mix images and videos "
+                        "(use ClipBatchSampler)")
     return Batch(
         video=torch.stack([sample.video for sample in samples]),
         captions=[sample.caption for sample in samples],
@@ -319,5 +320,3 @@ def collate(samples: list[Sample]) -> Batch:
         position=samples[0].position,
         skipped=[failure for sample in samples for failure in sample.skipped],
     )
-
-

@@ -9,7 +9,8 @@ Layout of a cache folder (written by ``tools/precompute_latents.py``, read when 
 Latents are stored *before* ``model.first_stage.scale_factor`` and as posterior moments when the VAE samples
 its posterior, so every training step still draws a fresh latent (with the step's generator, exactly as
 encoding the clip would) and the scale factor may change without re-encoding. Image-to-video keeps the VAE
-for the one-frame condition, whose pixel noise is drawn per step (as :class:`~sat_video.diffusion.conditioning.TrainingInputBuilder` draws it).
+for the one-frame condition, whose pixel noise is drawn per step (as
+:class:`~sat_video.diffusion.conditioning.TrainingInputBuilder` draws it).
 
 A cache is written into a staging folder and renamed when complete, so an interrupted run leaves no cache
 that looks usable.
@@ -117,8 +118,13 @@ class CachedBatch:
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def _map_tensors(self, fn) -> CachedBatch:
-        return dataclasses.replace(self, **{name: None if getattr(self, name) is None else fn(getattr(self, name))
-                                            for name in ("latent_mean", "latent_std", "text", "first_frame")})
+        return dataclasses.replace(
+            self,
+            **{
+                name: None if getattr(self, name) is None else fn(getattr(self, name))
+                for name in ("latent_mean", "latent_std", "text", "first_frame")
+            },
+        )
 
     def pin_memory(self) -> CachedBatch:
         """Called by ``DataLoader(pin_memory=True)``."""
@@ -144,15 +150,19 @@ class LatentCache(torch.utils.data.Dataset):
         if not manifest_file.is_file():
             partial = sorted(self.folder.parent.glob(f".{self.folder.name}.partial-*")) if self.folder.parent.is_dir() else []
             hint = f" (an unfinished cache is in {partial[0]}; run tools/precompute_latents.py again)" if partial else ""
-            raise CacheError(f"data.latent_cache: {manifest_file} not found; is {self.folder} a folder written by "
-                             f"tools/precompute_latents.py?{hint}")
+            raise CacheError(
+                f"data.latent_cache: {manifest_file} not found; is {self.folder} a folder written by "
+                f"tools/precompute_latents.py?{hint}"
+            )
         try:
             manifest = json.loads(manifest_file.read_text())
             version, self.settings, self.samples = manifest["format_version"], manifest["settings"], manifest["samples"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CacheError(f"{manifest_file} is not a latent-cache manifest ({type(err).__name__}: {err})") from None
         if version != FORMAT_VERSION:
-            raise CacheError(f"{manifest_file}: format_version {version}, this sat_video reads {FORMAT_VERSION}; re-run precompute")
+            raise CacheError(
+                f"{manifest_file}: format_version {version}, this sat_video reads {FORMAT_VERSION}; re-run precompute"
+            )
         self.skipped = [tuple(item) for item in manifest.get("skipped", [])]
         if not self.samples:
             raise CacheError(f"{manifest_file} lists no samples (all {len(self.skipped)} source files were unusable)")
@@ -186,8 +196,10 @@ class LatentCache(torch.utils.data.Dataset):
             else:
                 conflicts.append(f"{key}: cache {cached!r}, config {value!r}")
         if conflicts:
-            raise CacheError(f"data.latent_cache {self.folder} was made with other settings; re-run "
-                             f"tools/precompute_latents.py with this config, or change it back: " + "; ".join(conflicts))
+            raise CacheError(
+                f"data.latent_cache {self.folder} was made with other settings; re-run "
+                f"tools/precompute_latents.py with this config, or change it back: " + "; ".join(conflicts)
+            )
 
     def _tensor(self, shard: str, name: str) -> torch.Tensor:
         handle = self._open.get(shard)
@@ -201,9 +213,14 @@ class LatentCache(torch.utils.data.Dataset):
         shard, key = entry["shard"], entry["key"]
         optional = lambda name: self._tensor(shard, f"{name}.{key}") if name in entry["tensors"] else None  # noqa: E731
         return CachedSample(
-            latent_mean=self._tensor(shard, f"latent_mean.{key}"), latent_std=optional("latent_std"),
-            text=self._tensor(shard, f"text.{key}"), first_frame=optional("first_frame"),
-            caption=entry["caption"], path=entry["path"], position=(epoch, batch_index))
+            latent_mean=self._tensor(shard, f"latent_mean.{key}"),
+            latent_std=optional("latent_std"),
+            text=self._tensor(shard, f"text.{key}"),
+            first_frame=optional("first_frame"),
+            caption=entry["caption"],
+            path=entry["path"],
+            position=(epoch, batch_index),
+        )
 
     def __getstate__(self):  # safetensors handles do not pickle; workers reopen their own
         return {**self.__dict__, "_open": {}}
@@ -213,9 +230,14 @@ def collate_cached(samples: list[CachedSample]) -> CachedBatch:
     """Stack the samples of one batch (``DataLoader(collate_fn=collate_cached)``)."""
     stack = lambda name: None if getattr(samples[0], name) is None else torch.stack([getattr(s, name) for s in samples])  # noqa: E731
     return CachedBatch(
-        latent_mean=stack("latent_mean"), latent_std=stack("latent_std"), text=stack("text"),
-        first_frame=stack("first_frame"), captions=[s.caption for s in samples], paths=[s.path for s in samples],
-        position=samples[0].position)
+        latent_mean=stack("latent_mean"),
+        latent_std=stack("latent_std"),
+        text=stack("text"),
+        first_frame=stack("first_frame"),
+        captions=[s.caption for s in samples],
+        paths=[s.path for s in samples],
+        position=samples[0].position,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -257,9 +279,18 @@ class CacheWriter:
         key = self._count
         for name, tensor in tensors.items():
             self._tensors[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
-        self.entries.append({"index": index, "path": str(ref.path), "caption": caption, "is_image": ref.is_image,
-                             "shard": self._shard_name, "key": key, "tensors": sorted(tensors),
-                             "latent_shape": list(tensors["latent_mean"].shape)})
+        self.entries.append(
+            {
+                "index": index,
+                "path": str(ref.path),
+                "caption": caption,
+                "is_image": ref.is_image,
+                "shard": self._shard_name,
+                "key": key,
+                "tensors": sorted(tensors),
+                "latent_shape": list(tensors["latent_mean"].shape),
+            }
+        )
         self._count += 1
         if self._count == self.samples_per_shard:
             self.flush()
@@ -289,8 +320,13 @@ def finish(staging: Path, out: Path, world_size: int, settings: dict) -> dict:
         skipped.extend(part["skipped"])
         part_file.unlink()
     entries.sort(key=lambda entry: entry.pop("index"))
-    manifest = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": settings,
-                "samples": entries, "skipped": sorted(map(list, skipped))}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "settings": settings,
+        "samples": entries,
+        "skipped": sorted(map(list, skipped)),
+    }
     atomic_write(staging / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     if out.exists():  # only reached with --overwrite; the new cache is complete before the old one goes
         shutil.rmtree(out)

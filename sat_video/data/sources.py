@@ -39,7 +39,9 @@ def _discover_folder(root: Path) -> list[SampleRef]:
     """SAT's SFT layout, searched recursively as SAT does: ``videos/a/b.mp4`` is captioned by ``labels/a/b.txt``."""
     videos = root / "videos"
     if not videos.is_dir():
-        raise DataError(f"{root}: expected SAT's SFT layout (videos/<name>.mp4 + labels/<name>.txt), but it has no videos/ folder")
+        raise DataError(
+            f"{root}: expected SAT's SFT layout (videos/<name>.mp4 + labels/<name>.txt), but it has no videos/ folder"
+        )
     refs = []
     for path in sorted(videos.rglob("*")):
         # Hidden names are temporaries (write_mp4 writes ".<name>.*.mp4" first) or macOS "._" metadata.
@@ -115,7 +117,9 @@ def discover(sources: Sequence[str | Path]) -> list[SampleRef]:
         elif source.suffix.lower() == ".csv":
             refs += _discover_csv(source)
         else:
-            raise DataError(f"{source}: unknown kind of data source; expected a folder in SAT's SFT layout, a .jsonl or a .csv file")
+            raise DataError(
+                f"{source}: unknown kind of data source; expected a folder in SAT's SFT layout, a .jsonl or a .csv file"
+            )
     if not refs:
         raise DataError(f"no videos or images found in {', '.join(map(str, sources))}")
     return sorted(refs, key=lambda ref: ref.path.as_posix())

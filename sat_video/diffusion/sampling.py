@@ -76,12 +76,17 @@ def denoise(
             model_input = torch.cat([model_input, image_latents.float()], dim=2)
         prediction = dit(model_input.to(dtype), t.expand(model_input.shape[0]), context.to(dtype), ofs=ofs).float()
         if guided:
-            scale = dynamic_guidance_scale(settings.guidance_scale, t.item(), steps) if settings.dynamic_cfg else settings.guidance_scale
+            scale = (
+                dynamic_guidance_scale(settings.guidance_scale, t.item(), steps)
+                if settings.dynamic_cfg
+                else settings.guidance_scale
+            )
             uncond, cond = prediction.chunk(2)
             prediction = uncond + scale * (cond - uncond)
         if isinstance(scheduler, CogVideoXDPMScheduler):
-            latents, previous_x0 = scheduler.step(prediction, previous_x0, t, timesteps[i - 1] if i > 0 else None, latents,
-                                                  generator=generator, return_dict=False)
+            latents, previous_x0 = scheduler.step(
+                prediction, previous_x0, t, timesteps[i - 1] if i > 0 else None, latents, generator=generator, return_dict=False
+            )
         else:
             latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
     return latents
@@ -119,8 +124,9 @@ class VideoGenerator:
         ofs: fed to models with an ofs embedding (CogVideoX 1.5 I2V).
     """
 
-    def __init__(self, dit: nn.Module, stages: FrozenStages, *, snr_shift_scale: float, num_train_timesteps: int = 1000,
-                 ofs: float = 2.0):
+    def __init__(
+        self, dit: nn.Module, stages: FrozenStages, *, snr_shift_scale: float, num_train_timesteps: int = 1000, ofs: float = 2.0
+    ):
         self.dit, self.stages = dit, stages
         self.snr_shift_scale, self.num_train_timesteps = snr_shift_scale, num_train_timesteps
         self.ofs = ofs if dit.dit_config.ofs_embed_dim else None
@@ -133,8 +139,18 @@ class VideoGenerator:
         return frames + pad, pad, dit_config.out_channels, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], settings: SampleConfig, *, num_frames: int, height: int, width: int,
-                 image: torch.Tensor | None = None, steps: int | None = None, progress: bool = False) -> list[GeneratedVideo]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        settings: SampleConfig,
+        *,
+        num_frames: int,
+        height: int,
+        width: int,
+        image: torch.Tensor | None = None,
+        steps: int | None = None,
+        progress: bool = False,
+    ) -> list[GeneratedVideo]:
         """One video per prompt; the noise of prompt ``i`` comes from a generator seeded ``settings.seed + i``.
 
         ``image``: ``[3, H, W]`` in [-1, 1], required by I2V models (``in_channels > out_channels``).
@@ -154,9 +170,19 @@ class VideoGenerator:
             generator = torch.Generator().manual_seed(settings.seed + index)
             noise = torch.randn(1, frames, channels, h, w, generator=generator).to(device)
             text = self.stages.encode_text([prompt]).to(device)
-            latents = denoise(self.dit, noise, text, settings, snr_shift_scale=self.snr_shift_scale,
-                              num_train_timesteps=self.num_train_timesteps, steps=steps, image_latents=image_latents,
-                              ofs=self.ofs, generator=generator, progress=progress)[:, pad:]
+            latents = denoise(
+                self.dit,
+                noise,
+                text,
+                settings,
+                snr_shift_scale=self.snr_shift_scale,
+                num_train_timesteps=self.num_train_timesteps,
+                steps=steps,
+                image_latents=image_latents,
+                ofs=self.ofs,
+                generator=generator,
+                progress=progress,
+            )[:, pad:]
             video = self.stages.decode(latents.permute(0, 2, 1, 3, 4).to(module_dtype(self.stages.first_stage)))[0]
             results.append(GeneratedVideo(prompt, to_uint8_frames(video), latents[0].cpu()))
         return results

@@ -1,4 +1,5 @@
-"""The CogVideoX noise schedule, v-prediction loss and per-rank timestep intervals (CogVideoX paper, section 3; SAT's ``sgm`` diffusion code).
+"""The CogVideoX noise schedule, v-prediction loss and per-rank timestep intervals (CogVideoX paper, section 3;
+SAT's ``sgm`` diffusion code).
 
 The schedule equals diffusers' ``CogVideoXDDIMScheduler(rescale_betas_zero_snr=True, snr_shift_scale=s)``
 (``tests/test_diffusion.py`` checks ``alphas_cumprod`` for s = 1 and 3).
@@ -20,16 +21,17 @@ class NoiseSchedule:
     ``alphas_cumprod[t]`` is ``abar_t``; ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``.
     """
 
-    def __init__(self, snr_shift_scale: float, num_train_timesteps: int = 1000,
-                 beta_start: float = BETA_START, beta_end: float = BETA_END):
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    def __init__(
+        self, snr_shift_scale: float, num_train_timesteps: int = 1000, beta_start: float = BETA_START, beta_end: float = BETA_END
+    ):
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
         abar = torch.cumprod(1.0 - betas, dim=0)
         abar = abar / (snr_shift_scale + (1.0 - snr_shift_scale) * abar)
         sqrt_abar = abar.sqrt()
         first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
         sqrt_abar = (sqrt_abar - last) * first / (first - last)
         self.num_train_timesteps = num_train_timesteps
-        self.alphas_cumprod = sqrt_abar ** 2
+        self.alphas_cumprod = sqrt_abar**2
         self.sqrt_alphas_cumprod = sqrt_abar
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
 

@@ -178,7 +178,8 @@ def flops_per_step(cfg: DictConfig) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    dit_config, clip, batch = DiTConfig.from_config(cfg), ClipSpec.from_config(cfg.data, cfg.model.dit), cfg.train.micro_batch_size
+    dit_config, clip = DiTConfig.from_config(cfg), ClipSpec.from_config(cfg.data, cfg.model.dit)
+    batch = cfg.train.micro_batch_size
     frames = dit_config.latent_frames + leading_pad_frames(dit_config.latent_frames, dit_config)
     height, width = clip.height // VAE_SPATIAL_COMPRESSION, clip.width // VAE_SPATIAL_COMPRESSION
     with torch.device("meta"):
@@ -299,8 +300,9 @@ def measure(grid: Grid, variant: Variant, cfg: DictConfig) -> VariantReport:
     try:
         return VariantReport(variant, parameter_counts(cfg), flops_per_step(cfg))
     except Exception as err:  # re-raised with the grid and variant it came from
-        raise GridError(f"{grid.path}: variant '{variant.name}': the model cannot be built and run: "
-                        f"{type(err).__name__}: {err}") from err
+        raise GridError(
+            f"{grid.path}: variant '{variant.name}': the model cannot be built and run: {type(err).__name__}: {err}"
+        ) from err
 
 
 def write_results(path: Path, *, grid: Grid, reports: Sequence[VariantReport], setup: Sequence[str]) -> None:
@@ -322,10 +324,23 @@ def write_results(path: Path, *, grid: Grid, reports: Sequence[VariantReport], s
             status = "ok"
         else:
             status = f"failed (exit {run.returncode}): {run.error} (log: `{run.log}`)"
-        lines.append("| " + " | ".join(_cell(cell) for cell in (
-            report.variant.name, _si(total) + (f" ({_si(trainable)} trainable)" if trainable != total else ""),
-            _si(report.flops), _number(run.final_loss), _number(run.best_loss), _number(run.step_time_s, digits=3),
-            _number(run.peak_memory_gb, digits=3), status)) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                _cell(cell)
+                for cell in (
+                    report.variant.name,
+                    _si(total) + (f" ({_si(trainable)} trainable)" if trainable != total else ""),
+                    _si(report.flops),
+                    _number(run.final_loss),
+                    _number(run.best_loss),
+                    _number(run.step_time_s, digits=3),
+                    _number(run.peak_memory_gb, digits=3),
+                    status,
+                )
+            )
+            + " |"
+        )
     lines += [
         "",
         "- parameters: of the DiT.",
@@ -345,7 +360,9 @@ def write_results(path: Path, *, grid: Grid, reports: Sequence[VariantReport], s
         variant = report.variant
         settings = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in variant.settings) or "the defaults"
         extra = "; plus the `--images` sources" if variant.images else ""
-        lines.append(f"- **{variant.name}**: {variant.description + '. ' if variant.description else ''}Settings: {settings}{extra}.")
+        lines.append(
+            f"- **{variant.name}**: {variant.description + '. ' if variant.description else ''}Settings: {settings}{extra}."
+        )
     atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
 

@@ -52,7 +52,9 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype)
 
 
-def interleaved_times(steps: dict[str, Callable[[], None]], *, device: torch.device, warmup: int, reps: int) -> dict[str, list[float]]:
+def interleaved_times(
+    steps: dict[str, Callable[[], None]], *, device: torch.device, warmup: int, reps: int
+) -> dict[str, list[float]]:
     """Wall seconds of each step, run in turn (ABBA order, so a drift in machine load hits all alike)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
@@ -149,7 +151,7 @@ def gemm_peak(dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...], 
     best = (0.0, sizes[0])
     for n in sizes:
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-        times = interleaved_times({"mm": lambda: torch.mm(a, b)}, device=device, warmup=1, reps=reps)["mm"]
+        times = interleaved_times({"mm": lambda a=a, b=b: torch.mm(a, b)}, device=device, warmup=1, reps=reps)["mm"]
         best = max(best, (2 * n**3 / median(times), n))
     return best
 
@@ -165,7 +167,8 @@ def cpu_model() -> str:
     if "model name" not in fields:
         return platform.processor() or platform.machine()
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in fields.get("flags", "").split()]
-    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}; {' '.join(flags) or 'no AVX2'})"
+    family, model = fields.get("cpu family", "?"), fields.get("model", "?")
+    return f"{fields['model name']} (family {family}, model {model}; {' '.join(flags) or 'no AVX2'})"
 
 
 def machine(device: torch.device) -> dict[str, str]:
@@ -217,12 +220,22 @@ class DiTPair:
         self.theirs.to(device).train()
         self.device = device
 
-        self.x = torch.randn(batch, dit_config.latent_frames, dit_config.in_channels, dit_config.latent_height, dit_config.latent_width, device=device)
+        self.x = torch.randn(
+            batch,
+            dit_config.latent_frames,
+            dit_config.in_channels,
+            dit_config.latent_height,
+            dit_config.latent_width,
+            device=device,
+        )
         self.context = torch.randn(batch, dit_config.text_length, dit_config.text_hidden_size, device=device)
         self.timesteps = torch.randint(0, 1000, (batch,), device=device)
         rope = diffusers_rotary_embedding(dit_config, dit_config.latent_frames, dit_config.latent_height, dit_config.latent_width)
         self.rope = tuple(r.to(device) for r in rope) if rope is not None else None
-        self.tokens = dit_config.text_length + dit_config.latent_frames * dit_config.latent_height * dit_config.latent_width // dit_config.patch_size**2
+        self.tokens = (
+            dit_config.text_length
+            + dit_config.latent_frames * dit_config.latent_height * dit_config.latent_width // dit_config.patch_size**2
+        )
         self.params = sum(p.numel() for p in self.ours.parameters())
 
         for fn in self.steps(torch.float32).values():
@@ -235,6 +248,7 @@ class DiTPair:
                 if model is self.theirs:
                     return model(self.x, self.context, self.timesteps, image_rotary_emb=self.rope, return_dict=False)[0]
                 return model(self.x, self.timesteps, self.context)
+
         return run
 
     def step(self, model: torch.nn.Module, dtype: torch.dtype) -> Callable[[], None]:
@@ -244,6 +258,7 @@ class DiTPair:
         def run():
             model.zero_grad(set_to_none=True)
             forward().float().square().mean().backward()
+
         return run
 
     def steps(self, dtype: torch.dtype) -> dict[str, Callable[[], None]]:

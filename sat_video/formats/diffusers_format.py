@@ -77,7 +77,12 @@ def mixin_names(dit_config: DiTConfig) -> dict[str, str]:
             + ", ".join(f"{n} ({e['type']})" for n, e in dit_config.mixins.items())
             + (f". Unsupported: {', '.join(unsupported)}" if unsupported else "")
         )
-    return {"pe": by_type["image_patch_embed"], "pos": by_type[positions[0]], "ada": by_type["adaln"], "fin": by_type["final_layer"]}
+    return {
+        "pe": by_type["image_patch_embed"],
+        "pos": by_type[positions[0]],
+        "ada": by_type["adaln"],
+        "fin": by_type["final_layer"],
+    }
 
 
 def to_diffusers_config(dit_config: DiTConfig) -> dict[str, Any]:
@@ -131,8 +136,14 @@ def to_diffusers_config(dit_config: DiTConfig) -> dict[str, Any]:
 
 def from_diffusers_config(hf: dict[str, Any]) -> dict[str, Any]:
     """The ``model.dit`` section for a diffusers ``CogVideoXTransformer3DModel`` config."""
-    fixed = {"flip_sin_to_cos": True, "freq_shift": 0, "activation_fn": "gelu-approximate", "timestep_activation_fn": "silu",
-             "norm_elementwise_affine": True, "attention_bias": True}
+    fixed = {
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "activation_fn": "gelu-approximate",
+        "timestep_activation_fn": "silu",
+        "norm_elementwise_affine": True,
+        "attention_bias": True,
+    }
     odd = {k: hf[k] for k, v in fixed.items() if k in hf and hf[k] != v}
     if odd:
         raise ConversionError(f"diffusers config values sat_video's CogVideoX mixins do not implement: {odd}")
@@ -141,10 +152,13 @@ def from_diffusers_config(hf: dict[str, Any]) -> dict[str, Any]:
     rotary = hf.get("use_rotary_positional_embeddings", False)
     position = (
         {"type": "rotary_3d", "theta": 10000.0, "learned_table": bool(hf.get("use_learned_positional_embeddings", False))}
-        if rotary else
-        {"type": "sincos_interpolated", "height_interpolation": hf.get("spatial_interpolation_scale", 1.875),
-         "width_interpolation": hf.get("spatial_interpolation_scale", 1.875),
-         "time_interpolation": hf.get("temporal_interpolation_scale", 1.0)}
+        if rotary
+        else {
+            "type": "sincos_interpolated",
+            "height_interpolation": hf.get("spatial_interpolation_scale", 1.875),
+            "width_interpolation": hf.get("spatial_interpolation_scale", 1.875),
+            "time_interpolation": hf.get("temporal_interpolation_scale", 1.0),
+        }
     )
     return {
         "hidden_size": hf["num_attention_heads"] * hf.get("attention_head_dim", 64),
@@ -248,7 +262,9 @@ def diffusers_rotary_embedding(dit_config: DiTConfig, frames: int, height: int, 
     if dit_config.mixins[mixin_names(dit_config)["pos"]]["type"] != "rotary_3d":
         return None
     grid = (height // dit_config.patch_size, width // dit_config.patch_size)
-    return get_3d_rotary_pos_embed(dit_config.head_dim, None, grid, frames // (dit_config.patch_size_t or 1), grid_type="slice", max_size=grid)
+    return get_3d_rotary_pos_embed(
+        dit_config.head_dim, None, grid, frames // (dit_config.patch_size_t or 1), grid_type="slice", max_size=grid
+    )
 
 
 # ---------------------------------------------------------------------- folders on disk
@@ -258,7 +274,12 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name a pipeline's load_
 
 
 def write_diffusers_folder(
-    state: dict[str, torch.Tensor], dit_config: DiTConfig, out_dir, *, snr_shift_scale: float, num_train_timesteps: int = 1000,
+    state: dict[str, torch.Tensor],
+    dit_config: DiTConfig,
+    out_dir,
+    *,
+    snr_shift_scale: float,
+    num_train_timesteps: int = 1000,
     lora_adapter: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write ``out_dir/transformer`` (config.json + safetensors) and ``out_dir/scheduler``, plus
@@ -280,7 +301,11 @@ def write_diffusers_folder(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise OutputExistsError(f"{out_dir} already exists; choose a new --out (nothing was written)")
-    config = {"_class_name": "CogVideoXTransformer3DModel", "_diffusers_version": diffusers.__version__, **to_diffusers_config(dit_config)}
+    config = {
+        "_class_name": "CogVideoXTransformer3DModel",
+        "_diffusers_version": diffusers.__version__,
+        **to_diffusers_config(dit_config),
+    }
     hf_state = {k: v.contiguous() for k, v in to_diffusers_state_dict(state, dit_config).items()}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -290,7 +315,9 @@ def write_diffusers_folder(
         save_file(hf_state, str(staging / "transformer" / TRANSFORMER_WEIGHTS), metadata={"format": "pt"})
         CogVideoXDDIMScheduler(**scheduler_config(snr_shift_scale, num_train_timesteps)).save_pretrained(staging / "scheduler")
         if lora_adapter is not None:
-            save_file({k: v.contiguous() for k, v in lora_adapter.items()}, str(staging / LORA_WEIGHTS), metadata={"format": "pt"})
+            save_file(
+                {k: v.contiguous() for k, v in lora_adapter.items()}, str(staging / LORA_WEIGHTS), metadata={"format": "pt"}
+            )
         staging.rename(out_dir)
     finally:
         if staging.exists():

@@ -13,7 +13,9 @@ from sat_video.common.errors import CheckpointError
 from sat_video.model.config import DiTConfig
 
 
-def widen_patch_embedding(state: dict[str, torch.Tensor], dit_config: DiTConfig, in_channels: int, patch_embed: str = "patch_embed") -> dict[str, torch.Tensor]:
+def widen_patch_embedding(
+    state: dict[str, torch.Tensor], dit_config: DiTConfig, in_channels: int, patch_embed: str = "patch_embed"
+) -> dict[str, torch.Tensor]:
     """Return a copy of ``state`` whose ``mixins.<patch_embed>.proj.weight`` takes ``in_channels`` inputs.
 
     Handles both layouts: 1.0 ``Conv2d`` ``[D, C, p, p]`` and 1.5 ``Linear`` ``[D, C * pt * p * p]`` (features

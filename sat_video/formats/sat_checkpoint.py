@@ -88,7 +88,9 @@ def lora_mixins(model: nn.Module) -> dict:
 _ADAPTER_KEY = re.compile(r"^mixins\.(\w+)\.layers\.\d+\..+\.matrix_A\.\d+$")
 
 
-def _place_lora(model: nn.Module, state: dict[str, torch.Tensor], source: str, lora_alpha: float | None) -> dict[str, torch.Tensor]:
+def _place_lora(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, lora_alpha: float | None
+) -> dict[str, torch.Tensor]:
     """SAT LoRA weights go onto the model's LoRA mixin, or are merged when it has none; a LoRA mixin that the
     checkpoint lacks entirely (a base checkpoint) keeps its initialisation."""
     lora = lora_mixins(model)
@@ -112,16 +114,20 @@ def _place_lora(model: nn.Module, state: dict[str, torch.Tensor], source: str, l
     expected = model.state_dict()
     for name, mixin in lora.items():
         if lora_alpha is not None and lora_alpha != mixin.config.alpha:
-            raise CheckpointError(f"lora_alpha={lora_alpha} given, but LoRA mixin '{name}' has alpha {mixin.config.alpha} "
-                                  f"(its config, model.dit.mixins.{name}.alpha, sets the scale)")
+            raise CheckpointError(
+                f"lora_alpha={lora_alpha} given, but LoRA mixin '{name}' has alpha {mixin.config.alpha} "
+                f"(its config, model.dit.mixins.{name}.alpha, sets the scale)"
+            )
         prefix = f"mixins.{name}."
         if not any(key.startswith(prefix) for key in state):
             logger.info("%s holds no weights for LoRA mixin '%s': its adapters start from their initialisation", source, name)
             state.update(_initial_mixin_state(mixin, prefix, state))
             continue
         wrong = [
-            f"{'transformer.' + k[len(prefix):] if from_sat else k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-            for k, v in state.items() if k.startswith(prefix) and k in expected and v.shape != expected[k].shape
+            f"{'transformer.' + k[len(prefix) :] if from_sat else k}: checkpoint {tuple(v.shape)} "
+            f"vs model {tuple(expected[k].shape)}"
+            for k, v in state.items()
+            if k.startswith(prefix) and k in expected and v.shape != expected[k].shape
         ]
         if wrong:
             ranks = sorted({v.shape[0] for k, v in state.items() if k.startswith(prefix) and ".matrix_A." in k})
@@ -156,7 +162,8 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     unexpected = [k for k in state if k not in expected and k not in derived]
     wrong = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in state if k in expected and state[k].shape != expected[k].shape
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
     ]
     if missing or unexpected or wrong:
         raise CheckpointError(

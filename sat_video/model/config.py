@@ -80,11 +80,18 @@ class DiTConfig:
         check_fields(self, "model.dit")
         problems = []
         if (self.num_frames - 1) % self.temporal_compression_ratio:
-            problems.append(f"num_frames must be 1 + {self.temporal_compression_ratio}k (1, 5, 9, ..., 49), found {self.num_frames}")
+            problems.append(
+                f"num_frames must be 1 + {self.temporal_compression_ratio}k (1, 5, 9, ..., 49), found {self.num_frames}"
+            )
         if self.hidden_size % self.num_attention_heads:
-            problems.append(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})")
+            problems.append(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+            )
         if self.ofs_embed_dim is not None and self.ofs_embed_dim != self.time_embed_dim:
-            problems.append(f"ofs_embed_dim ({self.ofs_embed_dim}) must equal time_embed_dim ({self.time_embed_dim}): the two embeddings are summed")
+            problems.append(
+                f"ofs_embed_dim ({self.ofs_embed_dim}) must equal time_embed_dim ({self.time_embed_dim}): "
+                "the two embeddings are summed"
+            )
         for axis in ("latent_height", "latent_width"):
             if getattr(self, axis) % self.patch_size:
                 problems.append(f"{axis} ({getattr(self, axis)}) must be divisible by patch_size ({self.patch_size})")

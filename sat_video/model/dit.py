@@ -59,7 +59,9 @@ def _mlp_embedding(in_dim: int, out_dim: int) -> nn.Sequential:
 
 
 def _sizes(dit_config: DiTConfig) -> dict:
-    return {f.name: getattr(dit_config, f.name) for f in dataclasses.fields(dit_config) if f.name not in ("mixins", "mixin_modules")}
+    return {
+        f.name: getattr(dit_config, f.name) for f in dataclasses.fields(dit_config) if f.name not in ("mixins", "mixin_modules")
+    }
 
 
 class DiffusionTransformer(nn.Module):
@@ -190,7 +192,10 @@ class DiffusionTransformer(nn.Module):
                 f"patch sizes {patch_t}x{dit_config.patch_size}x{dit_config.patch_size}"
             )
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch:
-            raise ValueError(f"encoder_hidden_states must be [B={batch}, L, {dit_config.text_hidden_size}], got shape {tuple(encoder_hidden_states.shape)}")
+            raise ValueError(
+                f"encoder_hidden_states must be [B={batch}, L, {dit_config.text_hidden_size}], "
+                f"got shape {tuple(encoder_hidden_states.shape)}"
+            )
         grid = TokenGrid(frames // patch_t, height // dit_config.patch_size, width // dit_config.patch_size)
 
         # 1. conditioning embedding
@@ -208,7 +213,9 @@ class DiffusionTransformer(nn.Module):
         hidden = hooks.embed(x, encoder_hidden_states, ctx)
         condition_tokens = hidden.shape[1] - grid.num_tokens
         if condition_tokens < 0:
-            raise ValueError(f"embed returned {hidden.shape[1]} tokens, fewer than the {grid.num_tokens} video tokens of grid {grid}")
+            raise ValueError(
+                f"embed returned {hidden.shape[1]} tokens, fewer than the {grid.num_tokens} video tokens of grid {grid}"
+            )
         if condition_tokens != ctx.num_condition_tokens:  # a mixin prepended condition tokens of its own
             ctx = dataclasses.replace(ctx, num_condition_tokens=condition_tokens)
         hidden = hooks.add_position(hidden, ctx)

@@ -118,4 +118,6 @@ class RunFolder:
             return path
         if (path / "latest").is_file():
             return path / str(RunFolder(path).latest())
-        raise CheckpointError(f"train.resume={resume}: not a checkpoint folder (no {MODEL_STATES}) nor a run folder (no 'latest')")
+        raise CheckpointError(
+            f"train.resume={resume}: not a checkpoint folder (no {MODEL_STATES}) nor a run folder (no 'latest')"
+        )

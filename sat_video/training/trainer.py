@@ -173,7 +173,8 @@ class Trainer:
         self.stages = build_frozen_stages(
             cfg.model, first_stage=not self.cached or sampling or dit_config.in_channels > dit_config.out_channels,
             text_encoder=not self.cached or sampling).to(env.device, frozen_dtype)
-        self.inputs = TrainingInputBuilder(dit_config, cfg.model.diffusion, self.stages, scale_factor=cfg.model.first_stage.scale_factor)
+        self.inputs = TrainingInputBuilder(dit_config, cfg.model.diffusion, self.stages,
+                                           scale_factor=cfg.model.first_stage.scale_factor)
 
         diffusion = cfg.model.diffusion
         schedule = NoiseSchedule(diffusion.snr_shift_scale, diffusion.num_train_timesteps)
@@ -182,10 +183,15 @@ class Trainer:
         module = DiffusionLoss(dit, schedule, ofs=diffusion.ofs)
         self.optimizer = FiniteAdamW(parameter_groups(dit, train.optimizer.weight_decay), train.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(train.lr_schedule, train.optimizer.lr, train.train_iters))
+            self.optimizer, lr_lambda(train.lr_schedule, train.optimizer.lr, train.train_iters)
+        )
         self.engine, _, _, _ = deepspeed.initialize(
-            model=module, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=deepspeed_config(cfg.deepspeed, cfg.train),
-            dist_init_required=False)
+            model=module,
+            optimizer=self.optimizer,
+            lr_scheduler=self.scheduler,
+            config=deepspeed_config(cfg.deepspeed, cfg.train),
+            dist_init_required=False,
+        )
 
         if resume_from is not None:
             self._load(resume_from)
@@ -197,9 +203,11 @@ class Trainer:
         if not state_file.is_file():
             raise CheckpointError(
                 f"{state_file} is missing: {folder} was written by a run with another number of processes "
-                f"(resuming needs the same data-parallel size, now {self.env.world_size})")
-        path, _ = self.engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+                f"(resuming needs the same data-parallel size, now {self.env.world_size})"
+            )
+        path, _ = self.engine.load_checkpoint(
+            str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {folder}")
         # The optimizer state carries the LR of the saved step; take it from the schedule of this config, which
@@ -209,9 +217,13 @@ class Trainer:
         saved = torch.load(state_file, map_location="cpu", weights_only=True)
         _set_rng_state(saved["rng"], self.generator)
         loop = saved["loop"]
-        self.state = LoopState(iteration=loop["iteration"], data_position=tuple(loop["data_position"]),
-                               nonfinite_streak=loop["nonfinite_streak"], skipped_steps=loop["skipped_steps"],
-                               skipped_files=[tuple(item) for item in loop["skipped_files"]])
+        self.state = LoopState(
+            iteration=loop["iteration"],
+            data_position=tuple(loop["data_position"]),
+            nonfinite_streak=loop["nonfinite_streak"],
+            skipped_steps=loop["skipped_steps"],
+            skipped_files=[tuple(item) for item in loop["skipped_files"]],
+        )
         if self.env.is_main:
             self._truncate_metrics(self.state.iteration)
             logger.info("resumed from %s at iteration %d", folder, self.state.iteration)
@@ -223,16 +235,21 @@ class Trainer:
         if self.env.is_main:
             staging.parent.mkdir(parents=True, exist_ok=True)
         barrier()
-        self.engine.save_checkpoint(str(self.run_folder.path), tag=staging.name, client_state={"iteration": iteration},
-                                    save_latest=False)
+        self.engine.save_checkpoint(
+            str(self.run_folder.path), tag=staging.name, client_state={"iteration": iteration}, save_latest=False
+        )
         if self.engine.zero_optimization_partition_weights():
             # ZeRO-3 writes only partitions; gather the whole DiT into SAT's file so every loader can read it.
             module = self.engine._zero3_consolidated_16bit_state_dict()
             if self.env.is_main:
                 torch.save({"module": module, "iteration": iteration}, staging / MODEL_STATES)
-        loop = {"iteration": iteration, "data_position": list(self.state.data_position),
-                "nonfinite_streak": self.state.nonfinite_streak, "skipped_steps": self.state.skipped_steps,
-                "skipped_files": [list(item) for item in self.state.skipped_files]}
+        loop = {
+            "iteration": iteration,
+            "data_position": list(self.state.data_position),
+            "nonfinite_streak": self.state.nonfinite_streak,
+            "skipped_steps": self.state.skipped_steps,
+            "skipped_files": [list(item) for item in self.state.skipped_files],
+        }
         torch.save({"rng": _rng_state(self.generator), "loop": loop}, trainer_state_file(staging, self.env.rank))
         barrier()
         final = self.run_folder.path / str(iteration)
@@ -276,10 +293,19 @@ class Trainer:
     def _loader(self):
         loader = torch.utils.data.DataLoader(
             self.dataset,
-            batch_sampler=ClipBatchSampler(self.kinds, self.cfg.train.micro_batch_size, self.env.rank, self.env.world_size,
-                                           self.cfg.train.seed, start=self.state.data_position),
-            num_workers=self.cfg.data.num_workers, collate_fn=self.collate, pin_memory=self.env.device.type == "cuda",
-            persistent_workers=self.cfg.data.num_workers > 0)
+            batch_sampler=ClipBatchSampler(
+                self.kinds,
+                self.cfg.train.micro_batch_size,
+                self.env.rank,
+                self.env.world_size,
+                self.cfg.train.seed,
+                start=self.state.data_position,
+            ),
+            num_workers=self.cfg.data.num_workers,
+            collate_fn=self.collate,
+            pin_memory=self.env.device.type == "cuda",
+            persistent_workers=self.cfg.data.num_workers > 0,
+        )
         return iter(loader)
 
     def _micro_step(self, batches) -> torch.Tensor:
@@ -316,16 +342,26 @@ class Trainer:
                 self.optimizer.last_step_skipped = False
                 losses = torch.stack([self._micro_step(batches) for _ in range(train.gradient_accumulation_steps)])
                 # [sum of losses, non-finite micro-steps, micro-steps] over all ranks
-                totals = all_reduce_sum(torch.tensor([losses.nan_to_num(0.0, 0.0, 0.0).sum().item(),
-                                                      float((~torch.isfinite(losses)).sum()), float(losses.numel())]))
+                totals = all_reduce_sum(
+                    torch.tensor(
+                        [
+                            losses.nan_to_num(0.0, 0.0, 0.0).sum().item(),
+                            float((~torch.isfinite(losses)).sum()),
+                            float(losses.numel()),
+                        ]
+                    )
+                )
                 skipped = (not self.engine.was_step_applied()) or self.optimizer.last_step_skipped or totals[1] > 0
                 self.state.iteration += 1
                 elapsed = time.perf_counter() - start
                 if skipped:
                     self.state.skipped_steps += 1
                     self.state.nonfinite_streak += 1
-                    logger.warning("iteration %d: non-finite loss or gradients, step skipped (%d in a row)",
-                                   self.state.iteration, self.state.nonfinite_streak)
+                    logger.warning(
+                        "iteration %d: non-finite loss or gradients, step skipped (%d in a row)",
+                        self.state.iteration,
+                        self.state.nonfinite_streak,
+                    )
                 else:
                     self.state.nonfinite_streak = 0
                     window["loss"] += (totals[0] / totals[2]).item()
@@ -340,7 +376,8 @@ class Trainer:
                     raise RunStopped(
                         f"{self.state.nonfinite_streak} steps in a row had a non-finite loss or gradients "
                         f"(train.max_nonfinite_steps={train.max_nonfinite_steps}); stopped at iteration "
-                        f"{self.state.iteration} and saved the last good weights to {self.run_folder.path}")
+                        f"{self.state.iteration} and saved the last good weights to {self.run_folder.path}"
+                    )
                 if train.validation.interval and self.state.iteration % train.validation.interval == 0:
                     self.validate()
                 if self.state.iteration % train.save_interval == 0 or self.state.iteration == train.train_iters:
@@ -377,10 +414,22 @@ class Trainer:
         cfg, dit_config = self.cfg, self.engine.module.dit.dit_config
         height, width = self.clip_spec.height, self.clip_spec.width
         image = load_image(cfg.train.validation.image, height, width) if cfg.train.validation.image else None
-        generator = VideoGenerator(self.engine.module.dit, self.stages, snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
-                                   num_train_timesteps=cfg.model.diffusion.num_train_timesteps, ofs=cfg.model.diffusion.ofs)
-        videos = generator.generate(list(cfg.train.validation.prompts), cfg.sample, num_frames=dit_config.num_frames, height=height,
-                                    width=width, image=image, steps=cfg.train.validation.steps)
+        generator = VideoGenerator(
+            self.engine.module.dit,
+            self.stages,
+            snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
+            num_train_timesteps=cfg.model.diffusion.num_train_timesteps,
+            ofs=cfg.model.diffusion.ofs,
+        )
+        videos = generator.generate(
+            list(cfg.train.validation.prompts),
+            cfg.sample,
+            num_frames=dit_config.num_frames,
+            height=height,
+            width=width,
+            image=image,
+            steps=cfg.train.validation.steps,
+        )
         if not self.env.is_main:
             return None
         folder = self.run_folder.path / "samples" / str(self.state.iteration)

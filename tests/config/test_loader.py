@@ -181,4 +181,5 @@ def test_every_constrained_key_is_refused_at_load_naming_file_key_and_allowed_va
 ])
 def test_types_and_rules_across_keys_are_checked_at_load(key, value, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
-        tiny_config("cogvideox_5b", f"{key}={value}", *(["model.dit.num_attention_heads=3"] if key.endswith("hidden_size") else []))
+        extra = ["model.dit.num_attention_heads=3"] if key.endswith("hidden_size") else []
+        tiny_config("cogvideox_5b", f"{key}={value}", *extra)

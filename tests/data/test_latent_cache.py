@@ -29,15 +29,35 @@ def data_args(assets, data=None):
 
 
 def precompute(assets, out, *overrides, nproc=1, base=BASE, data=None):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    command = [*launcher, str(ROOT / "tools" / "precompute_latents.py"), "--base", *base, *data_args(assets, data),
-               "--out", str(out), *overrides]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    command = [
+        *launcher,
+        str(ROOT / "tools" / "precompute_latents.py"),
+        "--base",
+        *base,
+        *data_args(assets, data),
+        "--out",
+        str(out),
+        *overrides,
+    ]
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def train(assets, save, *overrides):
-    command = [sys.executable, str(ROOT / "tools" / "train_video.py"), "--base", *BASE, *data_args(assets),
-               f"train.save={save}", "train.tensorboard=false", *overrides]
+    command = [
+        sys.executable,
+        str(ROOT / "tools" / "train_video.py"),
+        "--base",
+        *BASE,
+        *data_args(assets),
+        f"train.save={save}",
+        "train.tensorboard=false",
+        *overrides,
+    ]
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
 
@@ -87,7 +107,9 @@ def test_two_processes_split_the_files_and_bad_files_are_listed(train_assets, tm
     cache = tmp_path / "cache"
     ok(precompute(train_assets, cache, nproc=2, data=data))
     manifest = json.loads((cache / "manifest.json").read_text())
-    assert [s["path"] for s in manifest["samples"]] == sorted(str(p) for p in (data / "videos").glob("*.mp4") if p.name != "broken.mp4")
+    assert [s["path"] for s in manifest["samples"]] == sorted(
+        str(p) for p in (data / "videos").glob("*.mp4") if p.name != "broken.mp4"
+    )
     assert [path for path, _ in manifest["skipped"]] == [str(data / "videos" / "broken.mp4")]
     assert {s["shard"][:9] for s in manifest["samples"]} == {"shard-000", "shard-001"}
     assert len(LatentCache(cache)) == 4 and LatentCache(cache).skipped[0][0].endswith("broken.mp4")
@@ -95,18 +117,28 @@ def test_two_processes_split_the_files_and_bad_files_are_listed(train_assets, tm
 
 def _frozen(cfg, t5):
     dit_config = DiTConfig.from_config(cfg)
-    return TrainingInputBuilder(dit_config, cfg.model.diffusion, build_frozen_stages(cfg.model),
-                                scale_factor=cfg.model.first_stage.scale_factor)
+    return TrainingInputBuilder(
+        dit_config, cfg.model.diffusion, build_frozen_stages(cfg.model), scale_factor=cfg.model.first_stage.scale_factor
+    )
 
 
 def test_i2v_inputs_from_the_cache_equal_those_from_the_clips(train_assets, tmp_path):
     """In-process: precompute for 5B-I2V, then compare prepare() and prepare_cached() draw for draw."""
     from tools.precompute_latents import encode
 
-    cfg = tiny_config("cogvideox_5b_i2v", *data_args(train_assets), "model.first_stage.path=null",
-                      "model.first_stage.architecture.block_out_channels=[8,8,16,16]", "model.first_stage.architecture.layers_per_block=1",
-                      "model.first_stage.architecture.norm_num_groups=4", "model.first_stage.scale_factor=0.7",
-                      "data.skip_frames=0", "data.num_workers=0", "model.dit.num_frames=9", "deepspeed.precision=fp32")
+    cfg = tiny_config(
+        "cogvideox_5b_i2v",
+        *data_args(train_assets),
+        "model.first_stage.path=null",
+        "model.first_stage.architecture.block_out_channels=[8,8,16,16]",
+        "model.first_stage.architecture.layers_per_block=1",
+        "model.first_stage.architecture.norm_num_groups=4",
+        "model.first_stage.scale_factor=0.7",
+        "data.skip_frames=0",
+        "data.num_workers=0",
+        "model.dit.num_frames=9",
+        "deepspeed.precision=fp32",
+    )
     assert encode(cfg, tmp_path / "cache", samples_per_shard=8, overwrite=False) == 0
     cache = LatentCache(tmp_path / "cache")
     cache.check_compatible(cfg.model, cfg.data)
@@ -134,8 +166,24 @@ def test_a_missing_or_broken_cache_is_refused_by_name(tmp_path):
     (folder / "manifest.json").write_text("{not json")
     with pytest.raises(CacheError, match="is not a latent-cache manifest"):
         LatentCache(folder)
-    (folder / "manifest.json").write_text(json.dumps({"format_version": 1, "settings": {}, "samples": [
-        {"path": "a.mp4", "caption": "c", "is_image": False, "shard": "shard-000-00000.safetensors", "key": 0,
-         "tensors": ["latent_mean", "text"], "latent_shape": [16, 1, 1, 1]}]}))
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "settings": {},
+                "samples": [
+                    {
+                        "path": "a.mp4",
+                        "caption": "c",
+                        "is_image": False,
+                        "shard": "shard-000-00000.safetensors",
+                        "key": 0,
+                        "tensors": ["latent_mean", "text"],
+                        "latent_shape": [16, 1, 1, 1],
+                    }
+                ],
+            }
+        )
+    )
     with pytest.raises(CacheError, match="shard files listed in manifest.json are missing: shard-000-00000"):
         LatentCache(folder)

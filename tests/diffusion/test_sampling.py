@@ -54,8 +54,16 @@ def test_sampling_matches_diffusers(variant, scheduler_name, tmp_path):
     settings = SampleConfig(scheduler=scheduler_name, steps=8, guidance_scale=6.0, dynamic_cfg=True)
     ours = denoise(model, noise, text, settings, snr_shift_scale=shift, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        theirs = diffusers_sample(transformer, scheduler, noise, text, 8, 6.0, diffusers_rotary_embedding(DiTConfig.from_config(cfg), 4, 8, 8),
-                                  generator=torch.Generator().manual_seed(7))
+        theirs = diffusers_sample(
+            transformer,
+            scheduler,
+            noise,
+            text,
+            8,
+            6.0,
+            diffusers_rotary_embedding(DiTConfig.from_config(cfg), 4, 8, 8),
+            generator=torch.Generator().manual_seed(7),
+        )
     diff = (ours - theirs).abs().max().item()
     print(f"{variant} {scheduler_name}: max |sat_video - diffusers| final latents = {diff:.2e} (max {ours.abs().max():.2f})")
     assert diff <= 1e-4
@@ -74,10 +82,25 @@ def test_sample_video_tool_writes_videos_and_a_contact_sheet(train_assets, tmp_p
     torch.manual_seed(0)
     sat_video.save_checkpoint(sat_video.build_dit(cfg), tmp_path / "ckpt", 1)
     # 9 frames -> 3 latent frames: diffusers' VAE decodes an odd latent count to 1 + 4k frames (49 -> 13 -> 49)
-    base = ["--base", *(str(ROOT / "configs" / n) for n in ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml")),
-            f"model.text_encoder.path={train_assets / 't5'}", "model.dit.num_frames=9"]
-    args = [*base, "--ckpt", str(tmp_path / "ckpt"), "--prompt", "a red circle moving left", "--prompt", "a blue square",
-            "--out", str(tmp_path / "out"), "--steps", "4"]
+    base = [
+        "--base",
+        *(str(ROOT / "configs" / n) for n in ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml")),
+        f"model.text_encoder.path={train_assets / 't5'}",
+        "model.dit.num_frames=9",
+    ]
+    args = [
+        *base,
+        "--ckpt",
+        str(tmp_path / "ckpt"),
+        "--prompt",
+        "a red circle moving left",
+        "--prompt",
+        "a blue square",
+        "--out",
+        str(tmp_path / "out"),
+        "--steps",
+        "4",
+    ]
     assert main(args) == 0
     import decord
 
@@ -98,8 +121,17 @@ def test_i2v_sampling_needs_an_image(train_assets, tmp_path):
     cfg = tiny_config("cogvideox_5b_i2v")
     torch.manual_seed(0)
     sat_video.save_checkpoint(sat_video.build_dit(cfg), tmp_path / "ckpt", 1)
-    base = ["--base", *(str(ROOT / "configs" / n) for n in ("cogvideox_5b_i2v.yaml", "tiny.yaml", "tiny_train.yaml")),
-            f"model.text_encoder.path={train_assets / 't5'}", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "x", "--steps", "2"]
+    base = [
+        "--base",
+        *(str(ROOT / "configs" / n) for n in ("cogvideox_5b_i2v.yaml", "tiny.yaml", "tiny_train.yaml")),
+        f"model.text_encoder.path={train_assets / 't5'}",
+        "--ckpt",
+        str(tmp_path / "ckpt"),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+    ]
     assert main([*base, "--out", str(tmp_path / "a")]) == 2
     from PIL import Image
 

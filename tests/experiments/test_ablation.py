@@ -128,10 +128,24 @@ def test_joint_image_video_training_with_two_processes_under_zero2(train_assets,
     assert per_rank[0] == per_rank[1], per_rank  # the same kind on both ranks at every step ...
     assert set(per_rank[0]) == {True, False}, per_rank  # ... and the run has image steps and video steps
     save = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "tools" / "train_video.py"),
-               "--base", *BASE, f"data.sources=[{','.join(sources)}]", f"model.text_encoder.path={train_assets / 't5'}",
-               f"train.save={save}", "train.tensorboard=false", f"train.train_iters={steps}", "train.micro_batch_size=1",
-               "train.seed=42", "model.dit.mixins.spatiotemporal={type: factorized_attention, arrangement: interleaved}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tools" / "train_video.py"),
+        "--base",
+        *BASE,
+        f"data.sources=[{','.join(sources)}]",
+        f"model.text_encoder.path={train_assets / 't5'}",
+        f"train.save={save}",
+        "train.tensorboard=false",
+        f"train.train_iters={steps}",
+        "train.micro_batch_size=1",
+        "train.seed=42",
+        "model.dit.mixins.spatiotemporal={type: factorized_attention, arrangement: interleaved}",
+    ]
     proc = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     curve = losses(save)
@@ -147,18 +161,24 @@ def _grid(tmp_path, text):
     return path
 
 
-@pytest.mark.parametrize("text, message", [
-    ("variants: {}\n", "'variants' must be a non-empty mapping"),
-    ("variant:\n  a: {}\n", "unknown top-level key 'variant' (valid: defaults, variants)"),
-    ("variants:\n  a b: {}\n", "variant 'a b': a variant name becomes a folder name"),
-    ("variants:\n  loss.png: {}\n", "variant 'loss.png': a variant name becomes a folder name next to results.md and loss.png"),
-    ("variants:\n  a: {sets: {}}\n", "variant 'a': unknown key 'sets' (valid: description, set, images)"),
-    ("variants:\n  a: {images: yes please}\n", "variant 'a': 'images' must be true or false, found 'yes please'"),
-    ("variants:\n  a: {set: [model.dit.num_layers=4]}\n", "variant 'a', 'set': expected a mapping of dotted config keys"),
-    ("variants:\n  a: {set: {train.seed: 1}}\n", "'train.seed' sets 'train.seed', which every variant shares"),
-    ("variants:\n  a: {set: {data: {fps: 4}}}\n", "'data' sets 'data', which every variant shares"),
-    ("defaults: {train.train_iters: 5}\nvariants:\n  a: {}\n", "'defaults': 'train.train_iters' sets 'train.train_iters'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("variants: {}\n", "'variants' must be a non-empty mapping"),
+        ("variant:\n  a: {}\n", "unknown top-level key 'variant' (valid: defaults, variants)"),
+        ("variants:\n  a b: {}\n", "variant 'a b': a variant name becomes a folder name"),
+        (
+            "variants:\n  loss.png: {}\n",
+            "variant 'loss.png': a variant name becomes a folder name next to results.md and loss.png",
+        ),
+        ("variants:\n  a: {sets: {}}\n", "variant 'a': unknown key 'sets' (valid: description, set, images)"),
+        ("variants:\n  a: {images: yes please}\n", "variant 'a': 'images' must be true or false, found 'yes please'"),
+        ("variants:\n  a: {set: [model.dit.num_layers=4]}\n", "variant 'a', 'set': expected a mapping of dotted config keys"),
+        ("variants:\n  a: {set: {train.seed: 1}}\n", "'train.seed' sets 'train.seed', which every variant shares"),
+        ("variants:\n  a: {set: {data: {fps: 4}}}\n", "'data' sets 'data', which every variant shares"),
+        ("defaults: {train.train_iters: 5}\nvariants:\n  a: {}\n", "'defaults': 'train.train_iters' sets 'train.train_iters'"),
+    ],
+)
 def test_grid_structure_errors_name_the_file_variant_and_key(tmp_path, text, message):
     path = _grid(tmp_path, text)
     with pytest.raises(GridError) as err:
@@ -168,12 +188,17 @@ def test_grid_structure_errors_name_the_file_variant_and_key(tmp_path, text, mes
 
 def test_variant_settings_are_checked_against_the_config_and_the_model(tmp_path):
     base = sat_video.load_config(BASE)
-    path = _grid(tmp_path, "variants:\n  typo: {set: {model.dit.hiden_size: 32}}\n"
-                           "  arrangement: {set: {model.dit.mixins.st: {type: factorized_attention, arrangement: diagonal}}}\n"
-                           "  joint: {images: true}\n")
+    path = _grid(
+        tmp_path,
+        "variants:\n  typo: {set: {model.dit.hiden_size: 32}}\n"
+        "  arrangement: {set: {model.dit.mixins.st: {type: factorized_attention, arrangement: diagonal}}}\n"
+        "  joint: {images: true}\n",
+    )
     grid = load_grid(path)
     typo, arrangement, joint = grid.variants
-    with pytest.raises(GridError, match=rf"{path}: variant 'typo': unknown key 'model.dit.hiden_size'; did you mean 'hidden_size'"):
+    with pytest.raises(
+        GridError, match=rf"{path}: variant 'typo': unknown key 'model.dit.hiden_size'; did you mean 'hidden_size'"
+    ):
         variant_config(base, grid, typo, save=tmp_path / "run")
     cfg = variant_config(base, grid, arrangement, save=tmp_path / "run")
     with pytest.raises(GridError, match=rf"{path}: variant 'arrangement': the model cannot be built.*found 'diagonal'"):
@@ -193,7 +218,9 @@ def test_latte_grid_expresses_every_axis():
     arrangements = {name: m["spatiotemporal"]["arrangement"] for name, m in mixins.items() if "spatiotemporal" in m}
     assert {"interleaved", "sequential", "serial_in_block", "parallel_in_block"} <= set(arrangements.values())
     assert "spatiotemporal" not in mixins["full_attention"]
-    assert mixins["rope"]["pos_embed"]["type"] == "rotary_3d" and mixins["interleaved"]["pos_embed"]["type"] == "sincos_interpolated"
+    assert (
+        mixins["rope"]["pos_embed"]["type"] == "rotary_3d" and mixins["interleaved"]["pos_embed"]["type"] == "sincos_interpolated"
+    )
     assert "adaln_layer" not in mixins["all_tokens"] and mixins["all_tokens"]["timestep_token"]["type"] == "condition_tokens"
     assert variant_config(base, grid, grid.select(["tubes"])[0], save="run").model.dit.patch_size_t == 2
     assert [v.name for v in grid.variants if v.images] == ["joint_image_video"]
@@ -204,7 +231,9 @@ def test_parameters_and_flops_follow_the_architecture():
     grid = load_grid(LATTE)
 
     def report(name, *overrides):
-        cfg = variant_config(sat_video.load_config(BASE, overrides) if overrides else base, grid, grid.select([name])[0], save="run")
+        cfg = variant_config(
+            sat_video.load_config(BASE, overrides) if overrides else base, grid, grid.select([name])[0], save="run"
+        )
         return measure(grid, Variant(name), cfg)
 
     interleaved, serial, full = report("interleaved"), report("serial_in_block"), report("full_attention")
@@ -220,5 +249,7 @@ def test_parameters_and_flops_follow_the_architecture():
 
 def test_error_line_finds_the_reason():
     assert error_line("INFO x\ntrain_video: error: no usable sample in d\nmore\n") == "train_video: error: no usable sample in d"
-    assert error_line("Traceback (most recent call last):\n  File x\nRuntimeError: boom\n[rank0] exited\n") == "RuntimeError: boom"
+    assert (
+        error_line("Traceback (most recent call last):\n  File x\nRuntimeError: boom\n[rank0] exited\n") == "RuntimeError: boom"
+    )
     assert error_line("just this\n\n") == "just this" and error_line("") == "(no output)"

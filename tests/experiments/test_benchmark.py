@@ -9,13 +9,26 @@ from tests.conftest import ROOT
 
 def test_bench_tiny_writes_every_section(tmp_path):
     out = tmp_path / "RESULTS.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--sizes", "tiny", "--threads", "1", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--sizes", "tiny", "--threads", "1", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = out.read_text()
     assert f"python tools/bench.py --sizes tiny --threads 1 --out {out}" in report
-    for heading in ("## Machine", "## Targets (issue #6)", "## GEMM peak", "## DiT forward + backward", "## Where the time goes",
-                    "## Activation checkpointing", "## Training step through the engine", "## Data loading"):
+    for heading in (
+        "## Machine",
+        "## Targets (issue #6)",
+        "## GEMM peak",
+        "## DiT forward + backward",
+        "## Where the time goes",
+        "## Activation checkpointing",
+        "## Training step through the engine",
+        "## Data loading",
+    ):
         assert heading in report
     assert "| torch threads | 1 |" in report
     # one comparison row per dtype, with positive times for both implementations

@@ -58,8 +58,14 @@ def test_saved_keys_use_sat_names(tmp_path):
 def test_official_layout_extras_are_accepted(tmp_path):
     """T5 / VAE entries, RoPE tables, the unused position table and the 2B sin-cos table load by name."""
     for variant, extras in [
-        ("cogvideox_5b", {"mixins.pos_embed.freqs_sin": torch.zeros(4, 4, 4, 32), "mixins.pos_embed.freqs_cos": torch.zeros(4, 4, 4, 32),
-                          "transformer.position_embeddings.weight": torch.zeros(64, 64)}),
+        (
+            "cogvideox_5b",
+            {
+                "mixins.pos_embed.freqs_sin": torch.zeros(4, 4, 4, 32),
+                "mixins.pos_embed.freqs_cos": torch.zeros(4, 4, 4, 32),
+                "transformer.position_embeddings.weight": torch.zeros(64, 64),
+            },
+        ),
         ("cogvideox_2b", {"mixins.pos_embed.pos_embedding": torch.zeros(1, 8 + 64, 64)}),
     ]:
         cfg, source, target = _pair(variant)
@@ -165,7 +171,10 @@ def test_sat_lora_checkpoints_are_merged(tmp_path):
         for name, parts in (("query_key_value", 3), ("dense", 1)):
             base = f"transformer.layers.{i}.attention.{name}"
             expected = x @ state[f"{base}.original.weight"].T + state[f"{base}.original.bias"]
-            expected = expected + torch.cat([x @ state[f"{base}.matrix_A.{p}"].T @ state[f"{base}.matrix_B.{p}"].T
-                                             for p in range(parts)], dim=-1) / rank
+            expected = (
+                expected
+                + torch.cat([x @ state[f"{base}.matrix_A.{p}"].T @ state[f"{base}.matrix_B.{p}"].T for p in range(parts)], dim=-1)
+                / rank
+            )
             linear = target.get_submodule(base)
             assert torch.allclose(linear(x), expected, atol=1e-5)

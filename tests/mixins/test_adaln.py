@@ -32,7 +32,9 @@ def test_text_and_video_are_gated_separately():
     model = sat_video.build_dit(cfg)
     adaln, layer, n = model.mixins.adaln_layer, model.transformer.layers[0], 8
     hidden = torch.randn(2, n + 64, 64)
-    ctx = sat_video.ForwardContext(temb=torch.randn(2, 32), num_condition_tokens=n, grid=sat_video.TokenGrid(4, 4, 4), hooks=model._hooks)
+    ctx = sat_video.ForwardContext(
+        temb=torch.randn(2, 32), num_condition_tokens=n, grid=sat_video.TokenGrid(4, 4, 4), hooks=model._hooks
+    )
     bias = adaln.adaLN_modulations[0][1].bias
     with torch.no_grad():
         assert torch.equal(adaln.layer_forward(layer, hidden, ctx, 0), hidden)  # all gates zero

@@ -96,7 +96,9 @@ def test_qk_layernorm_matches_the_adaln_mixins_qk_layernorm():
 
 @pytest.mark.parametrize("order", [["qk_norm", "pos_embed"], ["pos_embed", "qk_norm"]])
 def test_qk_layernorm_runs_before_rope_whatever_the_order(order):
-    cfg = sat_video.load_config([tiny_config("cogvideox_5b"), {"model": {"dit": {"mixins": {"adaln_layer": None, "pos_embed": None}}}}])
+    cfg = sat_video.load_config(
+        [tiny_config("cogvideox_5b"), {"model": {"dit": {"mixins": {"adaln_layer": None, "pos_embed": None}}}}]
+    )
     model = sat_video.build_dit(cfg)
     entries = {"qk_norm": {"type": "qk_layernorm"}, "pos_embed": {"type": "rotary_3d"}}
     for name in order:

@@ -15,8 +15,12 @@ GRID = TokenGrid(4, 4, 4)  # tiny.yaml: 4 latent frames of 8x8 latents, 2x2 patc
 
 
 def _model(arrangement, variant="cogvideox_2b", *overrides):
-    cfg = sat_video.load_config([tiny_config(variant, *overrides),
-                                 {"model": {"dit": {"mixins": {"st": {"type": "factorized_attention", "arrangement": arrangement}}}}}])
+    cfg = sat_video.load_config(
+        [
+            tiny_config(variant, *overrides),
+            {"model": {"dit": {"mixins": {"st": {"type": "factorized_attention", "arrangement": arrangement}}}}},
+        ]
+    )
     torch.manual_seed(0)
     return cfg, randomize_(sat_video.build_dit(cfg))  # open the zero-initialised AdaLN gates
 
@@ -49,8 +53,12 @@ def test_kernels_equal_full_attention_with_the_documented_mask(kind, text_length
 
 
 def _layer_output(model, layer_idx, hidden):
-    ctx = ForwardContext(temb=torch.randn(1, 32, generator=torch.Generator().manual_seed(1)), num_condition_tokens=TEXT, grid=GRID,
-                         hooks=model._hooks)
+    ctx = ForwardContext(
+        temb=torch.randn(1, 32, generator=torch.Generator().manual_seed(1)),
+        num_condition_tokens=TEXT,
+        grid=GRID,
+        hooks=model._hooks,
+    )
     with torch.no_grad():
         return model.transformer.layers[layer_idx](hidden, ctx, layer_idx)
 
@@ -98,7 +106,10 @@ def _temporal_parameters(model):
         return {name for name, _ in model.named_parameters() if name.startswith("mixins.st.temporal_attention.")}
     layers = [i for i in range(model.dit_config.num_layers) if mixin.is_temporal_block(i)]
     prefixes = [f"transformer.layers.{i}." for i in layers] + [
-        f"mixins.adaln_layer.{part}.{i}." for i in layers for part in ("adaLN_modulations", "query_layernorm_list", "key_layernorm_list")]
+        f"mixins.adaln_layer.{part}.{i}."
+        for i in layers
+        for part in ("adaLN_modulations", "query_layernorm_list", "key_layernorm_list")
+    ]
     return {name for name, _ in model.named_parameters() if name.startswith(tuple(prefixes))}
 
 
@@ -188,10 +199,16 @@ def test_temporal_attention_linears_go_through_the_project_hook():
 
 
 def test_bad_settings_are_refused_clearly():
-    with pytest.raises(ConfigError, match="must be one of interleaved, sequential, serial_in_block, parallel_in_block, found 'diagonal'"):
+    with pytest.raises(
+        ConfigError, match="must be one of interleaved, sequential, serial_in_block, parallel_in_block, found 'diagonal'"
+    ):
         _model("diagonal")
     with pytest.raises(ConfigError, match="needs at least one spatial and one temporal block.*num_layers is 1"):
         _model("sequential", "cogvideox_2b", "model.dit.num_layers=1")
     with pytest.raises(ConfigError, match="arangement"):
-        sat_video.load_config([tiny_config("cogvideox_2b"),
-                               {"model": {"dit": {"mixins": {"st": {"type": "factorized_attention", "arangement": "x"}}}}}])
+        sat_video.load_config(
+            [
+                tiny_config("cogvideox_2b"),
+                {"model": {"dit": {"mixins": {"st": {"type": "factorized_attention", "arangement": "x"}}}}},
+            ]
+        )

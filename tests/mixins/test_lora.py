@@ -218,10 +218,13 @@ def test_diffusers_with_the_exported_adapter_matches_our_model(exported_lora, va
         pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=hf, scheduler=scheduler)
         pipe.load_lora_weights(folder / "adapter")
     with_adapter = _diffusers_forward(hf, variant, inputs)
-    merged = _diffusers_forward(CogVideoXTransformer3DModel.from_pretrained(folder / "merged" / "transformer").eval(), variant, inputs)
+    merged_model = CogVideoXTransformer3DModel.from_pretrained(folder / "merged" / "transformer").eval()
+    merged = _diffusers_forward(merged_model, variant, inputs)
     diff, merged_diff = _max_diff(ours, with_adapter), _max_diff(ours, merged)
-    print(f"{variant} via {loader}: max |ours - diffusers+adapter| = {diff:.2e}, |ours - diffusers merged| = {merged_diff:.2e}, "
-          f"adapter effect {_max_diff(with_adapter, without):.2e}")
+    print(
+        f"{variant} via {loader}: max |ours - diffusers+adapter| = {diff:.2e}, |ours - diffusers merged| = {merged_diff:.2e}, "
+        f"adapter effect {_max_diff(with_adapter, without):.2e}"
+    )
     assert diff <= TOLERANCE and merged_diff <= TOLERANCE
     assert _max_diff(with_adapter, without) > 100 * TOLERANCE  # the adapter was applied, not silently dropped
 
@@ -232,13 +235,19 @@ def test_adapter_file_holds_diffusers_keys_with_the_scale_in_lora_b(exported_lor
     model, folder = exported_lora["cogvideox_5b"]
     adapter = load_file(str(folder / "adapter" / LORA_WEIGHTS))
     modules = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2"]
-    assert set(adapter) == {f"transformer.transformer_blocks.{i}.{m}.lora_{ab}.weight"
-                            for i in range(model.dit_config.num_layers) for m in modules for ab in "AB"}
+    assert set(adapter) == {
+        f"transformer.transformer_blocks.{i}.{m}.lora_{ab}.weight"
+        for i in range(model.dit_config.num_layers)
+        for m in modules
+        for ab in "AB"
+    }
     state = model.state_dict()
     lora_b = state["mixins.lora.layers.1.attention.query_key_value.matrix_B.1"]
     assert torch.allclose(adapter["transformer.transformer_blocks.1.attn1.to_k.lora_B.weight"], lora_b * model.mixins.lora.scale)
-    assert torch.equal(adapter["transformer.transformer_blocks.1.attn1.to_k.lora_A.weight"],
-                       state["mixins.lora.layers.1.attention.query_key_value.matrix_A.1"])
+    assert torch.equal(
+        adapter["transformer.transformer_blocks.1.attn1.to_k.lora_A.weight"],
+        state["mixins.lora.layers.1.attention.query_key_value.matrix_A.1"],
+    )
 
 
 # ---------------------------------------------------------------------- SAT LoRA checkpoints and loading rules
@@ -257,9 +266,13 @@ def test_sat_lora_checkpoint_loads_into_the_mixin_and_matches_the_merged_load(tm
     model = sat_video.build_dit(_lora_config("cogvideox_5b", alpha=1.0, targets="[attention.query_key_value, attention.dense]"))
     sat_video.load_checkpoint(model, file)
     loaded = model.state_dict()
-    assert torch.equal(loaded["mixins.lora.layers.1.attention.query_key_value.matrix_B.2"],
-                       state["transformer.layers.1.attention.query_key_value.matrix_B.2"])
-    assert torch.equal(loaded["transformer.layers.1.attention.dense.weight"], state["transformer.layers.1.attention.dense.original.weight"])
+    assert torch.equal(
+        loaded["mixins.lora.layers.1.attention.query_key_value.matrix_B.2"],
+        state["transformer.layers.1.attention.query_key_value.matrix_B.2"],
+    )
+    assert torch.equal(
+        loaded["transformer.layers.1.attention.dense.weight"], state["transformer.layers.1.attention.dense.original.weight"]
+    )
     merged = sat_video.load_checkpoint(sat_video.build_dit(tiny_config("cogvideox_5b")), file)
     x, t, context, _ = tiny_inputs(tiny_config("cogvideox_5b"))
     with torch.no_grad():
@@ -270,7 +283,12 @@ def test_sat_lora_checkpoint_loads_into_the_mixin_and_matches_the_merged_load(tm
 
 def test_sat_lora_checkpoint_exports_as_a_diffusers_adapter(tmp_path):
     _, file = _sat_lora_checkpoint(tmp_path)
-    assert convert_to_diffusers(["--base", *_base("cogvideox_5b"), "--ckpt", str(file), "--out", str(tmp_path / "hf"), "--lora-adapter"]) == 0
+    assert (
+        convert_to_diffusers(
+            ["--base", *_base("cogvideox_5b"), "--ckpt", str(file), "--out", str(tmp_path / "hf"), "--lora-adapter"]
+        )
+        == 0
+    )
     hf = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "hf" / "transformer").eval()
     hf.load_lora_adapter(str(tmp_path / "hf" / LORA_WEIGHTS), prefix="transformer")
     merged = sat_video.load_checkpoint(sat_video.build_dit(tiny_config("cogvideox_5b")), file).eval()
@@ -313,15 +331,22 @@ def test_only_the_lora_keys_may_be_missing(tmp_path):
     with pytest.raises(CheckpointError, match=r"missing keys \(4\)"):
         sat_video.load_checkpoint(sat_video.build_dit(_lora_config("cogvideox_5b")), tmp_path / "no_mlp.pt")
     torch.save({k: v for k, v in state.items() if not k.startswith("mixins.lora.layers.1.")}, tmp_path / "half_lora.pt")
-    with pytest.raises(CheckpointError, match=r"missing keys .*\n.*mixins\.lora\.layers\.1\.attention\.query_key_value\.matrix_A\.0"):
+    with pytest.raises(
+        CheckpointError, match=r"missing keys .*\n.*mixins\.lora\.layers\.1\.attention\.query_key_value\.matrix_A\.0"
+    ):
         sat_video.load_checkpoint(sat_video.build_dit(_lora_config("cogvideox_5b")), tmp_path / "half_lora.pt")
 
 
 def test_lora_run_checkpoint_without_the_mixin_in_the_config_is_explained(tmp_path, capsys):
     sat_video.save_checkpoint(_trained_lora_model("cogvideox_5b"), tmp_path / "run", 1)
-    with pytest.raises(CheckpointError, match=r"holds LoRA adapters under mixins.lora.\* \(rank 4\), but the config has no LoRA mixin"):
+    with pytest.raises(
+        CheckpointError, match=r"holds LoRA adapters under mixins.lora.\* \(rank 4\), but the config has no LoRA mixin"
+    ):
         sat_video.load_checkpoint(sat_video.build_dit(tiny_config("cogvideox_5b")), tmp_path / "run")
-    assert convert_to_diffusers(["--base", *_base("cogvideox_5b"), "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
+    assert (
+        convert_to_diffusers(["--base", *_base("cogvideox_5b"), "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
+        == 2
+    )
     assert "configs/lora.yaml" in capsys.readouterr().err and not (tmp_path / "hf").exists()
 
 
@@ -335,8 +360,12 @@ def test_lora_alpha_cannot_contradict_the_mixin(tmp_path):
 def test_adapter_export_needs_lora_weights(tmp_path, capsys):
     torch.manual_seed(0)
     sat_video.save_checkpoint(sat_video.build_dit(tiny_config("cogvideox_5b")), tmp_path / "base", 1)
-    assert convert_to_diffusers(["--base", *_base("cogvideox_5b"), "--ckpt", str(tmp_path / "base"), "--out", str(tmp_path / "hf"),
-                                 "--lora-adapter"]) == 2
+    assert (
+        convert_to_diffusers(
+            ["--base", *_base("cogvideox_5b"), "--ckpt", str(tmp_path / "base"), "--out", str(tmp_path / "hf"), "--lora-adapter"]
+        )
+        == 2
+    )
     assert "holds no SAT LoRA weights and the config no lora mixin" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
 
@@ -353,15 +382,27 @@ def test_lora_training_run_changes_only_lora_weights_and_resumes(train_assets, t
     configs = [str(ROOT / "configs" / name) for name in ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml", "lora.yaml")]
 
     def train(*overrides):
-        command = [sys.executable, str(ROOT / "tools" / "train_video.py"), "--base", *configs,
-                   f"data.sources=[{train_assets / 'data'}]", f"model.text_encoder.path={train_assets / 't5'}",
-                   f"train.save={save}", f"train.init_checkpoint={tmp_path / 'base'}", "train.tensorboard=false",
-                   "model.dit.mixins.lora.rank=4", "train.save_interval=2", *overrides]
-        proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+        command = [
+            sys.executable,
+            str(ROOT / "tools" / "train_video.py"),
+            "--base",
+            *configs,
+            f"data.sources=[{train_assets / 'data'}]",
+            f"model.text_encoder.path={train_assets / 't5'}",
+            f"train.save={save}",
+            f"train.init_checkpoint={tmp_path / 'base'}",
+            "train.tensorboard=false",
+            "model.dit.mixins.lora.rank=4",
+            "train.save_interval=2",
+            *overrides,
+        ]
+        proc = subprocess.run(
+            command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
 
     train("train.train_iters=2")
-    after_two = {k[len(SAT_PREFIX):]: v for k, v in read_state_dict(save).items()}
+    after_two = {k[len(SAT_PREFIX) :]: v for k, v in read_state_dict(save).items()}
     initial = base.state_dict()
     lora_keys = {k for k in after_two if k.startswith("mixins.lora.")}
     assert set(after_two) - lora_keys == set(initial)
@@ -369,7 +410,7 @@ def test_lora_training_run_changes_only_lora_weights_and_resumes(train_assets, t
     assert all(after_two[k].abs().sum() > 0 for k in lora_keys if ".matrix_B." in k), "B still zero: the adapters did not train"
 
     train("train.train_iters=3", "train.resume=latest")
-    after_three = {k[len(SAT_PREFIX):]: v for k, v in read_state_dict(save).items()}
+    after_three = {k[len(SAT_PREFIX) :]: v for k, v in read_state_dict(save).items()}
     assert (save / "latest").read_text().strip() == "3"
     assert all(torch.equal(after_three[k], v) for k, v in initial.items())
     assert any(not torch.equal(after_three[k], after_two[k]) for k in lora_keys)

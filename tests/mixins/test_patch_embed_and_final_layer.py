@@ -12,8 +12,15 @@ def test_patch_embedding_matches_diffusers(variant):
     cfg = tiny_config(variant)
     dit_config = cfg.model.dit
     mixin = randomize_(sat_video.build_dit(cfg)).mixins.patch_embed
-    theirs = CogVideoXPatchEmbed(dit_config.patch_size, dit_config.patch_size_t, dit_config.in_channels, dit_config.hidden_size, dit_config.text_hidden_size,
-                                 use_positional_embeddings=False, use_learned_positional_embeddings=False)
+    theirs = CogVideoXPatchEmbed(
+        dit_config.patch_size,
+        dit_config.patch_size_t,
+        dit_config.in_channels,
+        dit_config.hidden_size,
+        dit_config.text_hidden_size,
+        use_positional_embeddings=False,
+        use_learned_positional_embeddings=False,
+    )
     theirs.load_state_dict(mixin.state_dict())
     x, context = torch.randn(2, 4, dit_config.in_channels, 8, 6), torch.randn(2, 8, dit_config.text_hidden_size)
     with torch.no_grad():

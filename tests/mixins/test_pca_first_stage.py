@@ -182,10 +182,13 @@ def test_load_and_from_config_errors(first_stage, tmp_path):
     tensors = dict(first_stage.state_dict())
     wrong_keys = tmp_path / "wrong_keys.safetensors"
     safetensors.torch.save_file({**tensors, "extra": torch.zeros(1)}, wrong_keys)
-    with pytest.raises(ValueError, match=r"wrong_keys.safetensors: not a PatchPCAFirstStage file: expected keys .* found .*'extra'"):
+    expected = r"wrong_keys.safetensors: not a PatchPCAFirstStage file: expected keys .* found .*'extra'"
+    with pytest.raises(ValueError, match=expected):
         PatchPCAFirstStage.load(wrong_keys)
 
     wrong_shape = tmp_path / "wrong_shape.safetensors"
     safetensors.torch.save_file({**tensors, "frame_groups.basis": tensors["frame_groups.basis"][:8].contiguous()}, wrong_shape)
-    with pytest.raises(ValueError, match=r"wrong_shape.safetensors: shape mismatches .*frame_groups.basis \(8, 768\) \(expected \(16, 768\)\)"):
+    with pytest.raises(
+        ValueError, match=r"wrong_shape.safetensors: shape mismatches .*frame_groups.basis \(8, 768\) \(expected \(16, 768\)\)"
+    ):
         PatchPCAFirstStage.load(wrong_shape)

@@ -17,7 +17,9 @@ SCALE = 0.7
 
 
 def tiny_config(**overrides) -> FirstStageConfig:
-    return FirstStageConfig(**{"architecture": dict(TINY_VAE_ARCHITECTURE), "scale_factor": SCALE, "sample_posterior": False, **overrides})
+    return FirstStageConfig(
+        **{"architecture": dict(TINY_VAE_ARCHITECTURE), "scale_factor": SCALE, "sample_posterior": False, **overrides}
+    )
 
 
 def clip(frames: int, batch: int = 1, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -135,7 +137,9 @@ def test_sat_key_names(first_stage):
     assert sat_vae_to_diffusers(sat_state).keys() == first_stage.vae.state_dict().keys()
 
 
-@pytest.mark.parametrize("file_name, prefix", [("3d-vae.pt", ""), ("engine.pt", "first_stage_model."), ("3d-vae.safetensors", "")])
+@pytest.mark.parametrize(
+    "file_name, prefix", [("3d-vae.pt", ""), ("engine.pt", "first_stage_model."), ("3d-vae.safetensors", "")]
+)
 def test_sat_checkpoint_round_trip(first_stage, tmp_path, file_name, prefix):
     sat_state = {prefix + key: value for key, value in diffusers_vae_to_sat(first_stage.vae.state_dict()).items()}
     sat_state[prefix + "loss.logvar"] = torch.zeros(())  # SAT's files carry the VAE's training loss
@@ -158,8 +162,11 @@ def test_sat_checkpoint_with_a_wrong_key(first_stage, tmp_path):
     sat_state["encoder.conv_in.conv.kernel"] = sat_state.pop("encoder.conv_in.conv.weight")
     path = tmp_path / "3d-vae.pt"
     torch.save({"state_dict": sat_state}, path)
-    with pytest.raises(ValueError, match=r"3d-vae\.pt does not match.*missing keys \(1\): encoder\.conv_in\.conv\.weight; "
-                                         r"unexpected keys \(1\): encoder\.conv_in\.conv\.kernel"):
+    with pytest.raises(
+        ValueError,
+        match=r"3d-vae\.pt does not match.*missing keys \(1\): encoder\.conv_in\.conv\.weight; "
+        r"unexpected keys \(1\): encoder\.conv_in\.conv\.kernel",
+    ):
         VideoVAEMixin.from_config(tiny_config(path=str(path)))
     with pytest.raises(ValueError, match=r"shape mismatches \(\d+\): decoder\.conv_in\.conv\.bias \(16,\) \(expected \(512,\)\)"):
         VideoVAEMixin.from_config(tiny_config(path=str(path), architecture={}))  # CogVideoX's full-size VAE

@@ -21,7 +21,11 @@ class LearnedPos3D(Mixin):
 
     def __init__(self, dit_config, config=None):
         super().__init__(dit_config, config)
-        t, h, w = dit_config.latent_frames, dit_config.latent_height // dit_config.patch_size, dit_config.latent_width // dit_config.patch_size
+        t, h, w = (
+            dit_config.latent_frames,
+            dit_config.latent_height // dit_config.patch_size,
+            dit_config.latent_width // dit_config.patch_size,
+        )
         self.table = nn.Parameter(torch.randn(t, h, w, dit_config.hidden_size) * self.config.init_std)
 
     def add_position(self, hidden, ctx):
@@ -32,9 +36,17 @@ class LearnedPos3D(Mixin):
 
 def _cfg():
     return sat_video.load_config(
-        [tiny_config("cogvideox_5b"), {"model": {"dit": {"mixin_modules": ["tests.model.test_custom_mixin"],
-                                                          "mixins": {"pos_embed": None,
-                                                                     "learned_pos": {"type": "test_learned_pos_3d", "init_std": 0.5}}}}}]
+        [
+            tiny_config("cogvideox_5b"),
+            {
+                "model": {
+                    "dit": {
+                        "mixin_modules": ["tests.model.test_custom_mixin"],
+                        "mixins": {"pos_embed": None, "learned_pos": {"type": "test_learned_pos_3d", "init_std": 0.5}},
+                    }
+                }
+            },
+        ]
     )
 
 
@@ -72,14 +84,27 @@ def test_the_table_changes_the_output_and_works_for_smaller_grids():
 
 
 def test_a_dotted_path_inside_an_allowed_module_works():
-    cfg = sat_video.load_config([
-        tiny_config("cogvideox_5b"),
-        {"model": {"dit": {"mixin_modules": ["tests"], "mixins": {"pos_embed": {"type": "tests.model.test_custom_mixin.LearnedPos3D"}}}}},
-    ])
+    cfg = sat_video.load_config(
+        [
+            tiny_config("cogvideox_5b"),
+            {
+                "model": {
+                    "dit": {
+                        "mixin_modules": ["tests"],
+                        "mixins": {"pos_embed": {"type": "tests.model.test_custom_mixin.LearnedPos3D"}},
+                    }
+                }
+            },
+        ]
+    )
     assert isinstance(sat_video.build_dit(cfg).mixins.pos_embed, LearnedPos3D)
 
 
 def test_unlisted_modules_are_not_imported():
     with pytest.raises(ConfigError, match="mixin_modules"):
-        sat_video.load_config([tiny_config("cogvideox_5b"),
-                               {"model": {"dit": {"mixins": {"pos_embed": {"type": "tests.model.test_custom_mixin.LearnedPos3D"}}}}}])
+        sat_video.load_config(
+            [
+                tiny_config("cogvideox_5b"),
+                {"model": {"dit": {"mixins": {"pos_embed": {"type": "tests.model.test_custom_mixin.LearnedPos3D"}}}}},
+            ]
+        )

@@ -99,7 +99,8 @@ def test_compiled_blocks_match_eager_with_and_without_checkpointing():
         out_compiled, grads_compiled = _step(compiled, inputs, checkpointing=checkpointing)
         torch.testing.assert_close(out_compiled, out, atol=1e-5, rtol=1e-4)
         for name in grads:
-            torch.testing.assert_close(grads_compiled[name], grads[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(grads_compiled[name], grads[name], atol=1e-5, rtol=1e-4,
+                                       msg=lambda m, name=name: f"{name}: {m}")
     assert all(layer._compiled_call_impl is not None for layer in compiled.transformer.layers)
     assert counters["stats"]["unique_graphs"] >= cfg.model.dit.num_layers
     assert not counters["graph_break"], f"graph breaks split the compiled blocks: {list(counters['graph_break'])}"

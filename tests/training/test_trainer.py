@@ -22,10 +22,22 @@ BASE = [str(ROOT / "configs" / name) for name in ("cogvideox_2b.yaml", "tiny.yam
 
 
 def command(assets, save, *overrides, nproc=1, data=None):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    return [*launcher, str(ROOT / "tools" / "train_video.py"), "--base", *BASE,
-            f"data.sources=[{data or assets / 'data'}]", f"model.text_encoder.path={assets / 't5'}",
-            f"train.save={save}", "train.tensorboard=false", *overrides]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    return [
+        *launcher,
+        str(ROOT / "tools" / "train_video.py"),
+        "--base",
+        *BASE,
+        f"data.sources=[{data or assets / 'data'}]",
+        f"model.text_encoder.path={assets / 't5'}",
+        f"train.save={save}",
+        "train.tensorboard=false",
+        *overrides,
+    ]
 
 
 def run(*args, env=None, **kwargs):
@@ -58,18 +70,37 @@ def test_two_processes_zero2_loss_finite_and_falls(train_assets, tmp_path):
     assert (save / "latest").read_text().strip() == "40"
     state = read_state_dict(save)
     assert all(key.startswith("model.diffusion_model.") for key in state)
-    assert sorted(p.name for p in (save / "40").glob("trainer_state_rank*.pt")) == ["trainer_state_rank0.pt", "trainer_state_rank1.pt"]
+    assert sorted(p.name for p in (save / "40").glob("trainer_state_rank*.pt")) == [
+        "trainer_state_rank0.pt",
+        "trainer_state_rank1.pt",
+    ]
     assert list((save / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_resume_is_exact_with_two_processes(train_assets, tmp_path):
     # decay_iters fixed: the schedule must not depend on train_iters, which the stopped run sets to 3
-    common = ["train.save_interval=3", "train.gradient_accumulation_steps=2", "train.micro_batch_size=1", "data.num_workers=1",
-              "train.lr_schedule.decay_iters=4"]
+    common = [
+        "train.save_interval=3",
+        "train.gradient_accumulation_steps=2",
+        "train.micro_batch_size=1",
+        "data.num_workers=1",
+        "train.lr_schedule.decay_iters=4",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # validation in the straight run only: sampling must not change what training draws
-    ok(run(train_assets, straight, "train.train_iters=6", *common, "train.validation.interval=2", "train.validation.steps=2",
-           "train.validation.prompts=[a red circle moving left]", "model.dit.num_frames=9", nproc=2))
+    ok(
+        run(
+            train_assets,
+            straight,
+            "train.train_iters=6",
+            *common,
+            "train.validation.interval=2",
+            "train.validation.steps=2",
+            "train.validation.prompts=[a red circle moving left]",
+            "model.dit.num_frames=9",
+            nproc=2,
+        )
+    )
     assert sorted(p.name for p in (straight / "samples").iterdir()) == ["2", "4", "6"]
     assert (straight / "samples" / "6" / "contact_sheet.png").is_file()
     ok(run(train_assets, resumed, "train.train_iters=3", *common, "model.dit.num_frames=9", nproc=2))
@@ -88,11 +119,20 @@ def test_sigkill_while_saving_resumes_from_previous_checkpoint(train_assets, tmp
     save = tmp_path / "run"
     args = ["train.train_iters=4", "train.save_interval=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", PAUSE_BEFORE_COMMIT_ENV: "4"}
-    proc = subprocess.Popen(command(train_assets, save, *args, nproc=2), cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command(train_assets, save, *args, nproc=2),
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (save / ".tmp-4" / "trainer_state_rank1.pt").exists():  # staged, not yet committed
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.poll() is not None else "timeout"
+        assert proc.poll() is None and time.time() < deadline, (
+            proc.stderr.read()[-3000:] if proc.poll() is not None else "timeout"
+        )
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -147,8 +187,16 @@ def test_dataset_without_usable_sample_fails_at_start(tmp_path, train_assets):
 
 def test_non_finite_steps_stop_the_run_with_a_checkpoint(train_assets, tmp_path):
     save = tmp_path / "run"
-    proc = run(train_assets, save, "train.train_iters=20", "train.max_nonfinite_steps=3", "train.optimizer.lr=1e30",
-               "train.lr_schedule.warmup_iters=0", "train.lr_schedule.min_lr=0", "train.grad_clip=0")
+    proc = run(
+        train_assets,
+        save,
+        "train.train_iters=20",
+        "train.max_nonfinite_steps=3",
+        "train.optimizer.lr=1e30",
+        "train.lr_schedule.warmup_iters=0",
+        "train.lr_schedule.min_lr=0",
+        "train.grad_clip=0",
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "3 steps in a row had a non-finite loss or gradients" in proc.stderr
     records = metrics(save)
