@@ -10,7 +10,7 @@ other, in ``<out>/<variant>/run`` with its merged config in ``<out>/<variant>/co
 ``<out>/<variant>/train.log``. ``<out>/results.md`` (parameters, FLOPs per step, final and best loss, step time,
 peak memory; a failed variant's row shows its error) and ``<out>/loss.png`` are rewritten after every variant.
 Existing variant folders are never replaced unless ``--overwrite`` is given; ``--only <variant>`` runs some
-variants and keeps the rows of earlier runs of the others. The grid format is described in ``sat_video/ablation.py``
+variants and keeps the rows of earlier runs of the others. The grid format is described in ``sat_video/experiments/ablation.py``
 and ``docs/mixins.md``.
 
 Exit status: 0 at least one variant trained, 1 every variant failed, 2 bad grid, config or arguments.

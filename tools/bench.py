@@ -406,7 +406,7 @@ METHOD = """\
   through `sat_video.diffusers_export` (random weights everywhere, the zero-initialised gates included), at the
   model's own latent size; diffusers gets its RoPE tables precomputed, as its pipelines pass them.
 * **Peak memory**: bytes allocated during one step above what existed before it (parameters and inputs, the
-  same for both, are excluded; gradients are included). On CPU this is `sat_video.benchmark.LiveTensorBytes`, a
+  same for both, are excluded; gradients are included). On CPU this is `sat_video.experiments.benchmark.LiveTensorBytes`, a
   `TorchDispatchMode` that adds up the storages every operator returns (forward and backward) and subtracts them
   when freed; kernels' internal scratch memory is invisible to it for both implementations. On CUDA it is
   `torch.cuda.max_memory_allocated`. Activation memory = that peak minus the gradients' bytes.

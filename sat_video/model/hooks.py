@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from sat_video.common.constraints import check_fields
+
 if TYPE_CHECKING:
     from sat_video.model.config import DiTConfig
     from sat_video.model.context import ForwardContext
@@ -133,6 +135,7 @@ class Mixin(nn.Module):
             raise TypeError(
                 f"{type(self).__name__} expects a {type(self).__name__}.Config, got {type(self.config).__name__}"
             )
+        check_fields(self.config, f"{type(self).__name__}.Config")  # load_config checked these already
 
     def implemented_hooks(self) -> list[str]:
         """Hook names this mixin overrides, in catalogue order. Override to drop hooks that a config

@@ -245,6 +245,8 @@ def test_every_shipped_hook_override_has_the_catalogues_typed_signature():
     import_plugins()
     checked = 0
     for type_name, cls in _MIXINS.items():
+        if not cls.__module__.startswith("mixins."):  # mixins that other tests register
+            continue
         for spec in HOOKS:
             method = getattr(cls, spec.name)
             if method is getattr(Mixin, spec.name):
