@@ -29,8 +29,8 @@ def encode(cfg, out: Path, samples_per_shard: int, overwrite: bool) -> int:
 
     from sat_video.data.latent_cache import CacheWriter, ClipsToEncode, cache_settings, finish, staging_folder
     from sat_video.model.build import build_frozen_stages
+    from sat_video.training.deepspeed_setup import frozen_stage_dtype
     from sat_video.training.distributed import barrier, init_distributed, shutdown
-    from sat_video.training.trainer import frozen_stage_dtype
 
     env = init_distributed()
     try:

@@ -84,14 +84,12 @@ def _source_of(key: str, layers: Sequence[tuple[str, dict]]) -> str:
 
 def _check_section(node: DictConfig, schema: type, path: str, layers: Sequence[tuple[str, dict]]) -> None:
     """Every constrained field of ``schema`` (and of its nested sections) under ``path``."""
-    values = {spec.name: node[spec.name] for spec in dataclasses.fields(schema) if not dataclasses.is_dataclass(spec.type)}
-    for name, problem in field_problems(schema, values):
+    for name, problem in field_problems(schema, node):
         key = f"{path}.{name}" if path else name
         raise ConfigError(f"{_source_of(key, layers)}: {key}: {problem}")
-    hints = typing.get_type_hints(schema)
-    for spec in dataclasses.fields(schema):
-        if dataclasses.is_dataclass(hints[spec.name]):
-            _check_section(node[spec.name], hints[spec.name], f"{path}.{spec.name}" if path else spec.name, layers)
+    for name, hint in typing.get_type_hints(schema).items():
+        if dataclasses.is_dataclass(hint):
+            _check_section(node[name], hint, f"{path}.{name}" if path else name, layers)
 
 
 def _validate_mixins(dit: DictConfig, layers: Sequence[tuple[str, dict]]) -> None:

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sat_video.common.errors import ConfigError
 from sat_video.diffusion.config import DiffusionConfig
 from sat_video.model.config import DiTConfig
 from sat_video.model.stages import FrozenStages, latents_from_moments
@@ -56,12 +55,8 @@ class TrainingInputBuilder:
         self.diffusion = diffusion
         self.stages = stages
         self.scale_factor = scale_factor
+        dit_config.validate()  # I2V: in_channels is twice out_channels
         self.image_condition = dit_config.in_channels > dit_config.out_channels
-        if self.image_condition and dit_config.in_channels != 2 * dit_config.out_channels:
-            raise ConfigError(
-                f"model.dit.in_channels ({dit_config.in_channels}) must equal out_channels ({dit_config.out_channels}) for "
-                f"text-to-video or twice it for image-to-video"
-            )
 
     @torch.no_grad()
     def prepare(self, video: torch.Tensor, captions: list[str], generator: torch.Generator) -> TrainingInputs:

@@ -83,6 +83,9 @@ class DiTConfig:
             problems.append(
                 f"num_frames must be 1 + {self.temporal_compression_ratio}k (1, 5, 9, ..., 49), found {self.num_frames}"
             )
+        if self.in_channels not in (self.out_channels, 2 * self.out_channels):
+            problems.append(f"in_channels ({self.in_channels}) must equal out_channels ({self.out_channels}) for "
+                            "text-to-video or twice it for image-to-video")
         if self.hidden_size % self.num_attention_heads:
             problems.append(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"

@@ -1,8 +1,8 @@
-"""The training loop: DeepSpeed around the diffusion engine, complete checkpoints, exact resume, logs.
+"""The training loop: DeepSpeed around the DiT's loss, complete checkpoints, exact resume, logs.
 
-Separation of concerns (as torchtitan): the model is built from the config (``build_dit``), the frozen
-stages and the engine define the step (``engine.py``), DeepSpeed owns parallelism and the optimizer
-update, and this file only orders them, counts, logs and saves.
+Separation of concerns (as torchtitan): the model and the frozen stages are built from the config
+(:mod:`sat_video.model.build`), the training inputs and the loss define the step (:mod:`sat_video.diffusion`),
+DeepSpeed owns parallelism and the optimizer update, and this file only orders them, counts, logs and saves.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from sat_video.diffusion.schedule import NoiseSchedule, sample_timesteps, timest
 from sat_video.formats.sat_checkpoint import MODEL_STATES, load_checkpoint
 from sat_video.model.build import build_dit, build_frozen_stages
 from sat_video.model.config import DiTConfig
-from sat_video.training.config import DeepSpeedConfig, TrainConfig
+from sat_video.training.deepspeed_setup import deepspeed_config, frozen_stage_dtype
 from sat_video.training.distributed import DistributedEnv, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
 from sat_video.training.optim import FiniteAdamW, lr_lambda, parameter_groups, select_trainable
 from sat_video.training.run_folder import RunFolder, trainer_state_file
@@ -56,36 +56,6 @@ class LoopState:
     nonfinite_streak: int = 0
     skipped_steps: int = 0
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
-
-
-def frozen_stage_dtype(precision: str) -> torch.dtype:
-    """VAE and T5 run in bf16 under bf16 training (``deepspeed.precision``) and in fp32 otherwise (T5 overflows in fp16)."""
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig) -> dict:
-    """DeepSpeed's config dict from the ``deepspeed`` and ``train`` sections (values checked when loaded)."""
-    zero: dict = {"stage": ds.zero_stage}
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    config = {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.gradient_accumulation_steps,
-        "gradient_clipping": train.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16"},
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 2**31 - 1,
-    }
-    return _deep_merge(config, OmegaConf.to_container(ds.extra, resolve=True))
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        base[key] = _deep_merge(dict(base.get(key, {})), value) if isinstance(value, dict) else value
-    return base
 
 
 def _memory_stats(device: torch.device) -> dict:

@@ -175,6 +175,7 @@ def test_every_constrained_key_is_refused_at_load_naming_file_key_and_allowed_va
     ("model.text_encoder.type", "t4", "model.text_encoder.type: expected one of ['t5'], found 't4'; did you mean 't5'?"),
     ("model.dit.mixins.pos_embed.type", "rotary3d", "unknown mixin type 'rotary3d'; did you mean 'rotary_3d'?"),
     ("model.dit.num_frames", "12", "num_frames must be 1 + 4k (1, 5, 9, ..., 49), found 12"),
+    ("model.dit.in_channels", "20", "in_channels (20) must equal out_channels (16) for text-to-video or twice it"),
     ("model.dit.hidden_size", "72", "head dim 24 is not a multiple of 16"),  # a mixin's own check, at load
     ("train.validation.interval", "5", "train.validation.interval is set but train.validation.prompts is empty"),
     ("train.optimizer.lr", "0.0", "train.optimizer.lr: expected a value > 0, found 0.0"),
