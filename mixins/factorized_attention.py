@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sat_video.common.constraints import one_of
 from sat_video.common.errors import ConfigError
 from sat_video.model.context import ForwardContext, TokenGrid
 from sat_video.model.hooks import Mixin, wraps_previous
@@ -113,10 +112,17 @@ class FactorizedAttentionMixin(Mixin):
 
     @dataclass
     class Config:
-        arrangement: str = field(default="interleaved", metadata=one_of(*ARRANGEMENTS))
+        arrangement: str = "interleaved"
         """``interleaved`` (even blocks spatial, odd blocks temporal), ``sequential`` (first half spatial, second
         half temporal), ``serial_in_block`` (spatial then temporal attention in every block) or
         ``parallel_in_block`` (spatial plus temporal attention in every block, summed)."""
+
+        def __post_init__(self):
+            if self.arrangement not in ARRANGEMENTS:
+                raise ConfigError(
+                    f"factorized_attention mixin: arrangement must be one of {', '.join(ARRANGEMENTS)}, "
+                    f"found '{self.arrangement}'"
+                )
 
     def __init__(self, dit_config, config=None):
         super().__init__(dit_config, config)

@@ -201,9 +201,7 @@ def test_variant_settings_are_checked_against_the_config_and_the_model(tmp_path)
     ):
         variant_config(base, grid, typo, save=tmp_path / "run")
     # a mixin's own value is checked with the config (the model is built on the meta device at load), before any run
-    expected = (rf"{path}: variant 'arrangement': .*model.dit.mixins.st.arrangement: expected one of "
-                "'interleaved', 'sequential', 'serial_in_block', 'parallel_in_block', found 'diagonal'")
-    with pytest.raises(GridError, match=expected):
+    with pytest.raises(GridError, match=rf"{path}: variant 'arrangement': .*found 'diagonal'"):
         variant_config(base, grid, arrangement, save=tmp_path / "run")
     with pytest.raises(GridError, match="variant 'joint' trains on images too .* pass --images"):
         variant_config(base, grid, joint, save=tmp_path / "run")
