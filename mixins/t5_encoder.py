@@ -11,15 +11,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sentencepiece
 import torch
-from transformers import T5Config, T5EncoderModel
 
 from sat_video.common.errors import ConfigError
 from sat_video.model.config import TextEncoderConfig
 from sat_video.model.registry import register_stage
 from sat_video.model.stages import FrozenStage
+
+if TYPE_CHECKING:
+    from transformers import T5EncoderModel
 
 logger = logging.getLogger("sat_video.text")
 
@@ -78,6 +81,9 @@ class T5TextEncoder(FrozenStage):
                 f"{tokenizer_file}: a T5 tokenizer needs pad and eos ids, "
                 f"found pad {tokenizer.pad_id()}, eos {tokenizer.eos_id()}"
             )
+        # Imported when an encoder is built, not when this stage registers: transformers takes seconds to import.
+        from transformers import T5Config, T5EncoderModel
+
         config = T5Config.from_pretrained(model_dir, local_files_only=True)  # checked before loading the (large) weights
         if config.d_model != text_hidden_size:
             raise ConfigError(

@@ -16,17 +16,19 @@ import pickle
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
-from diffusers import AutoencoderKLCogVideoX
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sat_video.common.errors import CheckpointError, ConfigError
 from sat_video.model.config import FirstStageConfig
 from sat_video.model.registry import register_stage
 from sat_video.model.stages import FrozenStage
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLCogVideoX
 
 SAT_CHECKPOINT_SUFFIXES = (".pt", ".ckpt", ".safetensors")
 SAT_ENGINE_PREFIX = "first_stage_model."
@@ -103,6 +105,13 @@ def diffusers_vae_to_sat(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     return renamed
 
 
+def _autoencoder_class() -> type[AutoencoderKLCogVideoX]:
+    # Imported when a VAE is built, not when this stage registers: diffusers' model code takes seconds to import.
+    from diffusers import AutoencoderKLCogVideoX
+
+    return AutoencoderKLCogVideoX
+
+
 def _plain(value: Any) -> Any:
     """OmegaConf nodes and tuples as plain dicts / lists, so configs compare equal to ``config.json`` values."""
     if isinstance(value, (DictConfig, ListConfig)):
@@ -116,7 +125,7 @@ def _plain(value: Any) -> Any:
 
 def _checked_architecture(architecture: Any) -> dict[str, Any]:
     architecture = _plain(architecture) or {}
-    valid = [name for name in inspect.signature(AutoencoderKLCogVideoX.__init__).parameters if name != "self"]
+    valid = [name for name in inspect.signature(_autoencoder_class().__init__).parameters if name != "self"]
     unknown = [key for key in architecture if key not in valid]
     if unknown:
         raise ConfigError(
@@ -150,7 +159,7 @@ def _read_sat_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _load_sat_checkpoint(path: Path, architecture: dict[str, Any]) -> AutoencoderKLCogVideoX:
     state_dict = sat_vae_to_diffusers(_read_sat_state_dict(path))
     with torch.device("meta"):
-        vae = AutoencoderKLCogVideoX(**architecture)
+        vae = _autoencoder_class()(**architecture)
     expected = {key: tuple(value.shape) for key, value in vae.state_dict().items()}
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
@@ -174,7 +183,7 @@ def _load_sat_checkpoint(path: Path, architecture: dict[str, Any]) -> Autoencode
 
 
 def _load_diffusers_folder(path: Path, architecture: dict[str, Any]) -> AutoencoderKLCogVideoX:
-    vae = AutoencoderKLCogVideoX.from_pretrained(path, local_files_only=True)
+    vae = _autoencoder_class().from_pretrained(path, local_files_only=True)
     for key, value in architecture.items():
         found = _plain(vae.config[key])
         if found != value:
@@ -214,7 +223,7 @@ class VideoVAEMixin(FrozenStage):
         if cfg.path is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.init_seed)
-                vae = AutoencoderKLCogVideoX(**architecture)
+                vae = _autoencoder_class()(**architecture)
             return cls(vae, cfg.scale_factor, cfg.sample_posterior)
         path = Path(cfg.path).expanduser()
         if path.is_dir():
