@@ -1,7 +1,7 @@
 """Config sections -> objects: the DiT with the mixins ``model.dit.mixins`` lists, and the frozen stages.
 
-This is the one module that imports the built-in ``mixins`` package (registering its mixins and stages); it sits
-above it, so that the model's core never imports a plug-in.
+It imports the built-in ``mixins`` package, which registers its mixins and stages, and sits above it, so that the
+model's core (hooks, composition, registry, DiT) never imports a plug-in.
 """
 
 from __future__ import annotations
