@@ -24,6 +24,7 @@ from sat_video.common.errors import ConfigError, UnknownMixinError, did_you_mean
 from sat_video.config.schema import Config
 from sat_video.model.build import build_dit, import_plugins, mixin_class, stage_class
 from sat_video.model.config import DiTConfig
+from sat_video.training.optim import check_schedule
 
 
 def _check_known_keys(data: Any, schema: type, path: str, source: str) -> None:
@@ -143,11 +144,7 @@ def _check_across_sections(cfg: DictConfig) -> None:
         raise ConfigError("train.validation.interval is set but train.validation.prompts is empty")
     if validation.interval and dit.in_channels > dit.out_channels and not validation.image:
         raise ConfigError("train.validation.image: an image-to-video model needs a first frame to validate with")
-    if cfg.train.lr_schedule.min_lr > cfg.train.optimizer.lr:
-        raise ConfigError(
-            f"train.lr_schedule.min_lr ({cfg.train.lr_schedule.min_lr}) must not exceed "
-            f"train.optimizer.lr ({cfg.train.optimizer.lr})"
-        )
+    check_schedule(cfg.train.lr_schedule, cfg.train.optimizer.lr)
 
 
 def read_yaml(path: str | Path, *, what: str = "config file", error: type[ConfigError] = ConfigError):

@@ -80,10 +80,9 @@ def import_modules(modules: Iterable[str]) -> None:
 
 
 def resolve_mixin_class(type_name: str, allowed_modules: Iterable[str] = ()) -> type[Mixin]:
-    """Find the class for a mixin's ``type``: a registered name, or ``module.Class`` inside an allowed module
-    (which is imported first)."""
+    """Find the class for a mixin's ``type``: a registered name, or ``module.Class`` inside an allowed module.
+    The allowed modules must be imported already (:func:`sat_video.model.build.mixin_class` does it)."""
     allowed = list(allowed_modules)
-    import_modules(allowed)
     if type_name in _MIXINS:
         return _MIXINS[type_name]
     module_name, _, class_name = type_name.rpartition(".")

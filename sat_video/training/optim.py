@@ -66,12 +66,17 @@ class FiniteAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def lr_lambda(schedule: ScheduleConfig, base_lr: float, train_iters: int):
-    """Multiplier of ``base_lr`` at step ``it``: linear warm-up, then constant / linear / cosine decay to
-    ``min_lr``; clamped so it never goes below ``min_lr`` (SAT's linear decay could go negative)."""
+def check_schedule(schedule: ScheduleConfig, base_lr: float) -> None:
+    """The ``train.lr_schedule`` section's own values, and ``min_lr`` within ``[0, train.optimizer.lr]``."""
     check_fields(schedule, "train.lr_schedule")
     if base_lr <= 0 or not 0 <= schedule.min_lr <= base_lr:
         raise ConfigError(f"train.lr_schedule.min_lr ({schedule.min_lr}) must lie in [0, train.optimizer.lr ({base_lr})]")
+
+
+def lr_lambda(schedule: ScheduleConfig, base_lr: float, train_iters: int):
+    """Multiplier of ``base_lr`` at step ``it``: linear warm-up, then constant / linear / cosine decay to
+    ``min_lr``; clamped so it never goes below ``min_lr`` (SAT's linear decay could go negative)."""
+    check_schedule(schedule, base_lr)
     warmup = schedule.warmup_iters
     decay = schedule.decay_iters if schedule.decay_iters is not None else max(train_iters - warmup, 1)
     floor = schedule.min_lr / base_lr
