@@ -53,3 +53,51 @@ def train_assets(tmp_path_factory):
     items = make_moving_shapes(root / "data", num_videos=4, num_frames=16, height=64, width=64, fps=8, seed=0)
     make_tiny_t5([caption for _, caption in items], root / "t5", d_model=32)
     return root
+
+
+def start_fake_build(folder):
+    """A process that holds a torch extension build lock in ``folder`` and works there, as a ninja build does;
+    returns it once the lock exists (SIGKILL it to leave the lock behind, as an interrupted first run does)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys, time\n"
+        "from torch.utils.file_baton import FileBaton\n"
+        "os.makedirs(sys.argv[1], exist_ok=True); os.chdir(sys.argv[1])\n"
+        "assert FileBaton('lock').try_acquire()\n"
+        "print('building', flush=True); time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "building"
+    return proc
+
+
+def write_hostile_videos(folder, huge_size=(4096, 4608)):
+    """Three videos whose headers lie or are absurd, as scraped data sets hold, each 16 frames long; returns
+    ``{file name: words of the reason it is refused}``.
+
+    * ``huge.mp4``: real frames of ``huge_size`` (height, width), beyond ``data.max_source_pixels``'s default;
+    * ``hours.mkv``: 16 frames of 64 x 64 at 8 fps (2 s) in a container whose header declares three hours;
+    * ``sparse.mp4``: 16 frames at one frame per half hour (eight hours declared).
+    """
+    import struct
+    import subprocess
+    from pathlib import Path
+
+    import imageio_ffmpeg
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ffmpeg = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi"]
+    encode = ["-frames:v", "16", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast"]
+    height, width = huge_size
+    subprocess.run([*ffmpeg, "-i", f"color=c=red:size={width}x{height}:rate=8", *encode, str(folder / "huge.mp4")], check=True)
+    subprocess.run([*ffmpeg, "-i", "testsrc=size=64x64:rate=1/1800", *encode, str(folder / "sparse.mp4")], check=True)
+    subprocess.run([*ffmpeg, "-i", "testsrc=size=64x64:rate=8", *encode, str(folder / "hours.mkv")], check=True)
+    data = bytearray((folder / "hours.mkv").read_bytes())
+    at = data.index(b"\x44\x89\x88")  # Matroska's segment Duration: an 8-byte float, in milliseconds
+    struct.pack_into(">d", data, at + 3, 3 * 3600 * 1000.0)
+    (folder / "hours.mkv").write_bytes(data)
+    return {"huge.mp4": "exceeds data.max_source_pixels", "hours.mkv": "inconsistent stream: the header declares 10,800.0 s",
+            "sparse.mp4": "fps is outside"}

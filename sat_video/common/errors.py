@@ -76,6 +76,10 @@ class UsageError(SatVideoError, ValueError):
     """Arguments that do not fit together or cannot be read (an image-to-video model without ``--image``, ...)."""
 
 
+class BuildLockError(SatVideoError, RuntimeError):
+    """A native-op build lock that may be stale and cannot be checked (names the file and what to do)."""
+
+
 class RunStopped(SatVideoError, RuntimeError):
     """A run cannot go on (e.g. too many non-finite steps in a row); a checkpoint was saved first."""
 

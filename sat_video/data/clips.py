@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sat_video.common.errors import DataError, UnusableSample
-from sat_video.data.config import DataConfig
+from sat_video.data.config import DEFAULT_MAX_SOURCE_PIXELS, DataConfig
 from sat_video.data.sources import SampleRef
+from sat_video.data.video_probe import check_consistent, check_declared, probe_video
 from sat_video.model.config import DiTConfig
 from sat_video.model.stages import SPATIAL_COMPRESSION
 
@@ -49,6 +50,7 @@ class ClipSpec:
         skip_frames: frames never used at each end of a video (fades, title cards).
         min_frames: ``None``: a video must provide ``num_frames`` at ``fps``; otherwise a video with at least
             this many is padded by repeating its last frame (SAT's behaviour).
+        max_source_pixels: files whose declared frames are larger are skipped before decoding.
     """
 
     num_frames: int
@@ -57,6 +59,7 @@ class ClipSpec:
     fps: float
     skip_frames: int = 0
     min_frames: int | None = None
+    max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS
 
     def __post_init__(self):
         problems = []
@@ -83,6 +86,7 @@ class ClipSpec:
                 height=data.height if data.height is not None else dit.latent_height * SPATIAL_COMPRESSION,
                 width=data.width if data.width is not None else dit.latent_width * SPATIAL_COMPRESSION,
                 fps=data.fps, skip_frames=data.skip_frames, min_frames=data.min_frames,
+                max_source_pixels=data.max_source_pixels,
             )
         except DataError as err:
             raise DataError(f"{err} (num_frames is model.dit.num_frames; the others are data.*)") from None
@@ -113,12 +117,15 @@ def _short(err: Exception, path: Path) -> str:
 
 def _read_video(path: Path, spec: ClipSpec) -> np.ndarray:
     """uint8 ``[T, H, W, 3]``: ``num_frames`` frames at ``spec.fps``, fewer (at least ``min_frames``) if the video is short."""
+    declared = probe_video(path)
+    check_declared(path, declared, spec.max_source_pixels)
     # decord indexes every packet when opening, so truncated files already fail here.
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
         total, source_fps = len(reader), reader.get_avg_fps()
     except DECORD_ERRORS as err:
         raise UnusableSample(path, f"not a readable video ({_short(err, path)})") from None
+    check_consistent(path, declared, total, source_fps)
     if not source_fps > 0:
         raise UnusableSample(path, f"unknown frame rate ({source_fps})")
     stride = source_fps / spec.fps
@@ -137,10 +144,14 @@ def _read_video(path: Path, spec: ClipSpec) -> np.ndarray:
         raise UnusableSample(path, f"decoding failed ({_short(err, path)})") from None
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """uint8 ``[1, H, W, 3]``."""
+def _read_image(path: Path, max_pixels: int) -> np.ndarray:
+    """uint8 ``[1, H, W, 3]``; an image declaring more than ``max_pixels`` is refused before it is decoded."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only
+            pixels = image.width * image.height
+            if pixels > max_pixels:
+                raise UnusableSample(path, f"declared image size {image.width}x{image.height} ({pixels:,} pixels) "
+                                           f"exceeds data.max_source_pixels={max_pixels:,}")
             return np.array(image.convert("RGB"))[None]  # a writable copy, as torch.from_numpy wants
     except PIL_ERRORS as err:
         raise UnusableSample(path, f"not a readable image ({_short(err, path)})") from None
@@ -194,11 +205,11 @@ def load_clip(ref: SampleRef, spec: ClipSpec) -> tuple[torch.Tensor, str]:
         raise UnusableSample(ref.path, "empty file (0 bytes)")
     caption = _read_caption(ref)
     if ref.is_image:
-        return _to_clip(_read_image(ref.path), spec.height, spec.width), caption
+        return _to_clip(_read_image(ref.path, spec.max_source_pixels), spec.height, spec.width), caption
     return _to_clip(_read_video(ref.path, spec), spec.height, spec.width, spec.num_frames), caption
 
 
-def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
+def load_image(path: str | Path, height: int, width: int, max_pixels: int = DEFAULT_MAX_SOURCE_PIXELS) -> torch.Tensor:
     """An image prepared like a training frame (cover, center crop): float32 ``[3, height, width]`` in ``[-1, 1]``.
 
     Raises:
@@ -207,7 +218,7 @@ def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise UnusableSample(path, "file not found")
-    return _to_clip(_read_image(path), height, width)[:, 0]
+    return _to_clip(_read_image(path, max_pixels), height, width)[:, 0]
 
 
 @dataclass

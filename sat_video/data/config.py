@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from sat_video.common.constraints import at_least
 
+DEFAULT_MAX_SOURCE_PIXELS = 4096 * 4096
+"""Covers 4K UHD and DCI 4K; one 49-frame clip decoded at this size is about 2.5 GB of uint8."""
+
 
 @dataclass
 class DataConfig:
@@ -26,6 +29,10 @@ class DataConfig:
     min_frames: int | None = field(default=None, metadata=at_least(1))
     """``null``: a video must provide a whole clip at ``fps``; otherwise videos with at least this many
     frames are accepted and the clip is padded by repeating its last frame (SAT's behaviour)."""
+    max_source_pixels: int = field(default=DEFAULT_MAX_SOURCE_PIXELS, metadata=at_least(1))
+    """Videos and images whose header declares larger frames are skipped (and named in ``skipped_files.txt``)
+    before anything is decoded. Headers are also checked for absurd frame rates, durations and frame counts
+    (:mod:`sat_video.data.video_probe`)."""
     num_workers: int = field(default=2, metadata=at_least(0))
     """Data-loader processes per rank (0 decodes in the training process)."""
     latent_cache: str | None = None

@@ -87,6 +87,13 @@ class TrainConfig:
     """Keep only this many newest checkpoints; ``null`` keeps all."""
     max_nonfinite_steps: int = field(default=5, metadata=at_least(1))
     """Skipped steps (non-finite loss or gradients) in a row that stop the run."""
+    hang_timeout_s: float = field(default=1200.0, metadata=at_least(0))
+    """A step or checkpoint that takes longer ends the run, with every thread's stack in the log and in
+    ``<save>/hang-rank<r>.txt`` and a message naming the stage (exit status 3); 0 turns the watchdog off."""
+    slow_stage_timeout_s: float = field(default=3600.0, metadata=at_least(0))
+    """The same for start-up, the first step (compilation) and each validation."""
+    collective_timeout_s: float = field(default=3600.0, metadata=at_least(1))
+    """A collective that waits longer for the other ranks fails (gloo and NCCL) instead of blocking for ever."""
     tensorboard: bool = True
     progress_bar: bool = True
     validation: ValidationConfig = field(default_factory=ValidationConfig)

@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from sat_video.training.native_builds import prepare_native_builds
 
 
 @dataclass(frozen=True)
@@ -34,8 +37,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> DistributedEnv:
-    """Join (or create) the process group and pick this process's device."""
+def init_distributed(collective_timeout_s: float | None = None) -> DistributedEnv:
+    """Join (or create) the process group and pick this process's device.
+
+    ``collective_timeout_s``: a collective that waits longer than this raises (gloo and NCCL) instead of blocking
+    for ever; ``None`` keeps torch's default. DeepSpeed starts without building ops it does not need
+    (:mod:`sat_video.training.native_builds`).
+    """
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `python tools/train_video.py`
@@ -47,7 +55,9 @@ def init_distributed() -> DistributedEnv:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        prepare_native_builds()
+        timeout = {} if collective_timeout_s is None else {"timeout": timedelta(seconds=collective_timeout_s)}
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, **timeout)
     return DistributedEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

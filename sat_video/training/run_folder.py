@@ -8,6 +8,7 @@
     <save>/<iteration>/mp_rank_00_model_states.pt          DeepSpeed: {"module": model.diffusion_model.*, ...}
     <save>/<iteration>/zero_pp_rank_<r>_mp_rank_00_optim_states.pt   DeepSpeed: optimizer partitions
     <save>/<iteration>/trainer_state_rank<r>.pt            RNG states, data position, counters of rank r
+    <save>/hang-rank<r>.txt                 written by the watchdog when rank r stopped making progress
 
 A checkpoint is written under ``.tmp-<iteration>`` and renamed when every rank has finished, then
 ``latest`` is replaced; a process killed at any moment leaves the previous checkpoint intact and loadable.
@@ -31,6 +32,10 @@ def trainer_state_file(folder: Path, rank: int) -> Path:
     return folder / f"trainer_state_rank{rank}.pt"
 
 
+def hang_file_name(rank: int) -> str:
+    return f"hang-rank{rank}.txt"
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -42,6 +47,9 @@ def _fsync_dir(path: Path) -> None:
 class RunFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+
+    def hang_file(self, rank: int) -> Path:
+        return self.path / hang_file_name(rank)
 
     def iterations(self) -> list[int]:
         """Iterations of complete checkpoints on disk, oldest first."""
@@ -74,6 +82,8 @@ class RunFolder:
                 shutil.rmtree(self.path / str(iteration))
             for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)
+            for dump in self.path.glob(hang_file_name("*")):
+                dump.unlink()
             shutil.rmtree(self.path / "tensorboard", ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
         self.remove_partial()

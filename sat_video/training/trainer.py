@@ -39,6 +39,7 @@ from sat_video.training.deepspeed_setup import deepspeed_config, frozen_stage_dt
 from sat_video.training.distributed import DistributedEnv, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
 from sat_video.training.optim import FiniteAdamW, lr_lambda, parameter_groups, select_trainable
 from sat_video.training.run_folder import RunFolder, trainer_state_file
+from sat_video.training.watchdog import Watchdog
 
 logger = logging.getLogger("sat_video.train")
 
@@ -81,11 +82,16 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 
 class Trainer:
-    """Builds everything a config describes and runs the loop. ``Trainer(cfg).run()``."""
+    """Builds everything a config describes and runs the loop. ``Trainer(cfg).run()``.
 
-    def __init__(self, cfg: DictConfig, env: DistributedEnv | None = None):
+    ``watchdog``: told each stage of the loop and each completed step, checkpoint and validation (:func:`train`
+    gives one; without it nothing watches).
+    """
+
+    def __init__(self, cfg: DictConfig, env: DistributedEnv | None = None, watchdog: Watchdog | None = None):
         self.cfg = cfg
-        self.env = env or init_distributed()
+        self.env = env or init_distributed(cfg.train.collective_timeout_s)
+        self.watchdog = watchdog or Watchdog(0, 0, RunFolder(cfg.train.save).hang_file(self.env.rank))
         self.run_folder = RunFolder(cfg.train.save)
         self.state = LoopState()
         self._writer = None
@@ -201,6 +207,7 @@ class Trainer:
     def save(self) -> Path:
         """Write a complete checkpoint of the current iteration (collective: every rank must call it)."""
         iteration = self.state.iteration
+        self.watchdog.enter("saving checkpoint")
         staging = self.run_folder.staging(iteration)
         if self.env.is_main:
             staging.parent.mkdir(parents=True, exist_ok=True)
@@ -230,6 +237,7 @@ class Trainer:
             self.run_folder.commit(iteration, self.cfg.train.keep_last)
             logger.info("saved checkpoint %s", final)
         barrier()
+        self.watchdog.completed(f"checkpoint {iteration}")
         return final
 
     # ------------------------------------------------------------------ logging
@@ -278,8 +286,10 @@ class Trainer:
         )
         return iter(loader)
 
-    def _micro_step(self, batches) -> torch.Tensor:
+    def _micro_step(self, batches, first: bool) -> torch.Tensor:
+        self.watchdog.enter("data loading", slow=first)  # the first step also starts the loader workers and compiles
         batch = next(batches)
+        self.watchdog.enter("forward/backward")
         self.state.data_position = (batch.position[0], batch.position[1] + 1)
         self.state.skipped_files.extend(item for item in batch.skipped if item not in self.state.skipped_files)
         if self.cached:
@@ -291,6 +301,7 @@ class Trainer:
         noise = torch.randn(inputs.latents.shape, generator=self.generator)
         loss = self.engine(inputs, timesteps, noise).mean()
         self.engine.backward(loss)
+        self.watchdog.enter("optimizer step")
         self.engine.step()
         return loss.detach().float()
 
@@ -306,12 +317,15 @@ class Trainer:
             progress = tqdm(total=train.train_iters, initial=self.state.iteration, desc="train", dynamic_ncols=True)
         window = {"loss": 0.0, "steps": 0, "time": 0.0}
         try:
+            start = self.state.iteration
             while self.state.iteration < train.train_iters:
-                start = time.perf_counter()
+                step_start = time.perf_counter()
                 lr = self.engine.get_lr()[0]
                 self.optimizer.last_step_skipped = False
-                losses = torch.stack([self._micro_step(batches) for _ in range(train.gradient_accumulation_steps)])
+                first = self.state.iteration == start
+                losses = torch.stack([self._micro_step(batches, first) for _ in range(train.gradient_accumulation_steps)])
                 # [sum of losses, non-finite micro-steps, micro-steps] over all ranks
+                self.watchdog.enter("collective (loss all-reduce)")
                 totals = all_reduce_sum(
                     torch.tensor(
                         [
@@ -323,7 +337,8 @@ class Trainer:
                 )
                 skipped = (not self.engine.was_step_applied()) or self.optimizer.last_step_skipped or totals[1] > 0
                 self.state.iteration += 1
-                elapsed = time.perf_counter() - start
+                self.watchdog.completed(f"iteration {self.state.iteration}")
+                elapsed = time.perf_counter() - step_start
                 if skipped:
                     self.state.skipped_steps += 1
                     self.state.nonfinite_streak += 1
@@ -381,6 +396,7 @@ class Trainer:
         Every rank samples (ZeRO-3 needs all of them for a forward); the main rank writes. Sampling draws from
         its own seeded generators, so validation never changes what training draws.
         """
+        self.watchdog.enter("validation", slow=True)
         cfg, dit_config = self.cfg, self.engine.module.dit.dit_config
         height, width = self.clip_spec.height, self.clip_spec.width
         image = load_image(cfg.train.validation.image, height, width) if cfg.train.validation.image else None
@@ -400,6 +416,7 @@ class Trainer:
             image=image,
             steps=cfg.train.validation.steps,
         )
+        self.watchdog.completed(f"validation at iteration {self.state.iteration}")
         if not self.env.is_main:
             return None
         folder = self.run_folder.path / "samples" / str(self.state.iteration)
@@ -415,6 +432,7 @@ class Trainer:
         return folder
 
     def _report_skipped_files(self) -> None:
+        self.watchdog.enter("collective (gathering skipped files)")
         merged = sorted({item for items in gather_objects(self.state.skipped_files) for item in items})
         if not self.env.is_main:
             return
@@ -434,14 +452,17 @@ class Trainer:
 def train(cfg: DictConfig) -> LoopState:
     """Run a whole training job in this process (one rank of a ``torchrun`` job, or a single process)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    env = init_distributed()
-    if not env.is_main:
-        logging.getLogger("sat_video").setLevel(logging.WARNING)
-    try:
-        trainer = Trainer(cfg, env)
+    rank = int(os.environ.get("RANK", 0))  # the watchdog also watches joining the process group
+    watch = Watchdog(cfg.train.hang_timeout_s, cfg.train.slow_stage_timeout_s, RunFolder(cfg.train.save).hang_file(rank), rank)
+    with watch:
+        env = init_distributed(cfg.train.collective_timeout_s)
+        if not env.is_main:
+            logging.getLogger("sat_video").setLevel(logging.WARNING)
         try:
-            return trainer.run()
+            trainer = Trainer(cfg, env, watch)
+            try:
+                return trainer.run()
+            finally:
+                trainer.close()
         finally:
-            trainer.close()
-    finally:
-        shutdown()
+            shutdown()

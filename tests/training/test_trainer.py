@@ -14,7 +14,8 @@ import torch
 
 from sat_video.formats.sat_checkpoint import read_state_dict
 from sat_video.training.trainer import PAUSE_BEFORE_COMMIT_ENV
-from tests.conftest import ROOT
+from sat_video.training.watchdog import HANG_EXIT_CODE
+from tests.conftest import ROOT, start_fake_build, write_hostile_videos
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +145,7 @@ def test_sigkill_while_saving_resumes_from_previous_checkpoint(train_assets, tmp
     assert [r["step"] for r in metrics(save)] == [1, 2, 3, 4]
 
 
-def test_bad_files_are_skipped_and_reported(train_assets, tmp_path):
+def test_bad_and_hostile_files_are_skipped_and_reported_and_a_killed_build_costs_nothing(train_assets, tmp_path):
     from sat_video.data.video_io import write_mp4
 
     data = tmp_path / "data"
@@ -155,24 +156,60 @@ def test_bad_files_are_skipped_and_reported(train_assets, tmp_path):
     (videos / "truncated.mp4").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     (videos / "notes.mp4").write_text("this is not a video\n")
     write_mp4(videos / "two_frames.mp4", torch.zeros(2, 64, 64, 3, dtype=torch.uint8).numpy(), fps=8)
-    for name in ("empty", "truncated", "notes", "two_frames"):
-        (labels / f"{name}.txt").write_text("a bad file\n")
+    hostile = write_hostile_videos(videos)  # decoding huge.mp4's 13 frames would take over 3 GB
+    bad = ["empty.mp4", "truncated.mp4", "notes.mp4", "two_frames.mp4", *hostile]
+    for name in bad:
+        (labels / name).with_suffix(".txt").write_text("a bad file\n")
     save = tmp_path / "run"
-    # 8 files, one process, micro-batch 1: 16 steps visit every file at least once
-    proc = ok(run(train_assets, save, "train.train_iters=16", "train.micro_batch_size=1", "train.save_interval=100", data=data))
+    # 11 files, one process, micro-batch 1: 22 steps visit every file at least once
+    proc = ok(run(train_assets, save, "train.train_iters=22", "train.micro_batch_size=1", "train.save_interval=100", data=data))
     report = (save / "skipped_files.txt").read_text()
-    for name in ("empty.mp4", "truncated.mp4", "notes.mp4", "two_frames.mp4"):
+    for name in bad:
         assert name in report and name in proc.stderr
-    assert len(report.splitlines()) == 4
-    assert all(torch.isfinite(torch.tensor([r["loss"] for r in metrics(save)])))
+    for name, reason in hostile.items():
+        assert f"{name}\t" in report and reason in report.split(f"{name}\t")[1].splitlines()[0]
+    assert len(report.splitlines()) == len(bad)
+    records = metrics(save)
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in records])))
+    assert max(r["cpu_peak_rss_gb"] for r in records) < 1.5, [r["cpu_peak_rss_gb"] for r in records]
 
     # the finished run is not overwritten by a fresh start ...
     again = run(train_assets, save, "train.train_iters=1", data=data)
     assert again.returncode == 2 and "already holds a run" in again.stderr and "train.resume=latest" in again.stderr
-    assert (save / "latest").read_text().strip() == "16"
-    # ... unless asked to
-    ok(run(train_assets, save, "train.train_iters=1", "train.overwrite=true", "train.micro_batch_size=1", data=data))
-    assert (save / "latest").read_text().strip() == "1" and not (save / "16").exists()
+    assert (save / "latest").read_text().strip() == "22"
+    # ... unless asked to; and a first-run build of DeepSpeed's shm op killed midway (as a pre-empted job leaves
+    # it) neither blocks that run nor is built again
+    extensions = tmp_path / "torch_extensions"
+    killed = start_fake_build(extensions / "deepspeed_shm_comm")
+    killed.kill()
+    killed.wait()
+    started = time.monotonic()
+    proc = ok(run(train_assets, save, "train.train_iters=1", "train.overwrite=true", "train.micro_batch_size=1", data=data,
+                  env={"TORCH_EXTENSIONS_DIR": str(extensions)}))
+    assert time.monotonic() - started < 60
+    assert f"removed {extensions / 'deepspeed_shm_comm' / 'lock'}" in proc.stderr
+    assert list(extensions.rglob("*")) == [extensions / "deepspeed_shm_comm"]  # nothing was built
+    assert (save / "latest").read_text().strip() == "1" and not (save / "22").exists()
+
+
+def test_a_rank_stuck_in_a_step_ends_both_processes_with_stacks_and_a_loadable_checkpoint(train_assets, tmp_path):
+    save = tmp_path / "run"
+    hang = ["model.dit.mixin_modules=[tests.training.hang_mixin]", "model.dit.mixins.hang.type=test_hang_on_rank",
+            "model.dit.mixins.hang.rank=1", "model.dit.mixins.hang.after_forwards=2"]  # rank 1's third step never ends
+    proc = run(train_assets, save, *hang, "train.train_iters=10", "train.save_interval=2", "train.hang_timeout_s=8",
+               nproc=2, env={"PYTHONPATH": str(ROOT)})
+    assert proc.returncode != 0
+    assert "rank 1 made no progress for 8 s (train.hang_timeout_s=8) while in stage 'forward/backward'" in proc.stderr
+    assert "last completed: checkpoint 2" in proc.stderr
+    stuck = (save / "hang-rank1.txt").read_text()
+    assert "in add_position" in stuck and "hang_mixin.py" in stuck
+    # rank 0 waits for rank 1 in DeepSpeed's gradient all-reduce; rank 1 waits a few seconds before exiting, so
+    # rank 0's watchdog (started by the same checkpoint barrier) writes its own dump before torchrun ends it
+    waiting = (save / "hang-rank0.txt").read_text()
+    assert "rank 0 made no progress" in waiting and "in all_reduce" in waiting
+    assert f"exitcode  : {HANG_EXIT_CODE}" in proc.stderr  # torchrun's summary of the failed rank
+    assert (save / "latest").read_text().strip() == "2"
+    read_state_dict(save)
 
 
 def test_dataset_without_usable_sample_fails_at_start(tmp_path, train_assets):
