@@ -6,7 +6,8 @@
     python tools/train_video.py --base configs/cogvideox_2b.yaml configs/tiny.yaml configs/tiny_train.yaml ...
 
 Continue a run exactly where it stopped with ``train.resume=latest``. Exit status: 0 done, 1 the run
-stopped (non-finite steps; a checkpoint was saved), 2 bad configuration, data, or run folder.
+stopped (non-finite steps; a checkpoint was saved), 2 bad configuration, data, or run folder, 3 the watchdog
+ended a run that made no progress (stacks in ``<save>/hang-rank<r>.txt``).
 """
 
 import argparse
