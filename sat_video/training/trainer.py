@@ -91,8 +91,8 @@ class Trainer:
     def __init__(self, cfg: DictConfig, env: DistributedEnv | None = None, watchdog: Watchdog | None = None):
         self.cfg = cfg
         self.env = env or init_distributed(cfg.train.collective_timeout_s)
-        self.watchdog = watchdog or Watchdog(0, 0, RunFolder(cfg.train.save).hang_file(self.env.rank))
         self.run_folder = RunFolder(cfg.train.save)
+        self.watchdog = watchdog or Watchdog(0, 0, self.run_folder.hang_file(self.env.rank))
         self.state = LoopState()
         self._writer = None
         self._build()
