@@ -50,7 +50,9 @@ class TrainConfig:
     save: str = "runs/default"
     """Run folder: checkpoints (SAT layout), ``metrics.jsonl``, TensorBoard logs, ``config.yaml``."""
     resume: str | None = None
-    """``latest`` (the newest complete checkpoint in ``save``) or a checkpoint folder to continue from."""
+    """``latest`` (the newest complete checkpoint in ``save``; an error if there is none), ``auto`` (``latest`` if
+    there is one, else a fresh start that replaces what a run killed before its first checkpoint left: one
+    command for a pre-emptible job), or a checkpoint folder to continue from."""
     overwrite: bool = False
     """Allow starting a fresh run in a ``save`` folder that already holds a run (its checkpoints are
     deleted). Without it such a start is refused."""

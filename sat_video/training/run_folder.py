@@ -115,9 +115,18 @@ class RunFolder:
         return final
 
     def resolve_resume(self, resume: str | None) -> Path | None:
-        """The checkpoint folder ``train.resume`` names: ``latest`` of this run, a run folder, or an iteration folder."""
+        """The checkpoint folder ``train.resume`` names: ``latest`` of this run, a run folder, or an iteration folder;
+        ``None`` for a fresh start (``auto`` in a folder without a complete checkpoint)."""
         if resume is None:
             return None
+        if resume == "auto":
+            iteration = self.latest()
+            if iteration is None and self.iterations():
+                raise CheckpointError(
+                    f"train.resume=auto: {self.path} holds checkpoints {self.iterations()} but no 'latest' file naming the "
+                    f"one to continue from; write the iteration into {self.path / 'latest'} or pass train.resume=<folder>"
+                )
+            return None if iteration is None else self.path / str(iteration)
         if resume == "latest":
             iteration = self.latest()
             if iteration is None:

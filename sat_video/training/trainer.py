@@ -108,9 +108,13 @@ class Trainer:
         resume_from = self.run_folder.resolve_resume(train.resume)
         if env.is_main:
             if resume_from is None:
-                self.run_folder.start_fresh(train.overwrite)
+                # auto found no complete checkpoint: what a run killed before its first save left is replaced
+                self.run_folder.start_fresh(train.overwrite or train.resume == "auto")
             else:
                 self.run_folder.remove_partial()
+            if train.resume == "auto":
+                logger.info("train.resume=auto: %s", f"resuming from {resume_from}" if resume_from else
+                            f"starting fresh in {self.run_folder.path} (no complete checkpoint there)")
             atomic_write(self.run_folder.path / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp))
         barrier()
 

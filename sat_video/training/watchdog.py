@@ -8,7 +8,7 @@ to the log (stderr) and to ``<save>/hang-rank<r>.txt``, waits a few seconds so t
 the same collective, can write theirs before the launcher tears them down, and ends the process with
 :data:`HANG_EXIT_CODE`. The main thread may be blocked in C (a collective, a read from stuck storage), where no
 exception can reach it, so the thread ends the process itself. Checkpoints are committed atomically, so the last
-one stays loadable: resume with ``train.resume=latest``.
+one stays loadable: run the same command with ``train.resume=auto``.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ class Watchdog:
         message = (
             f"sat_video watchdog: rank {self.rank} made no progress for {idle:.0f} s ({key}={allowed:g}) while in stage "
             f"'{stage}'; last completed: {last}. Likely causes: {HINTS.get(stage, 'see the stacks')}. Every thread's "
-            f"stack follows and is in {self.dump_file}. The last checkpoint is intact: restart with train.resume=latest."
+            f"stack follows and is in {self.dump_file}. Checkpoints are intact: run the same command with "
+            f"train.resume=auto to continue from the last one."
         )
         try:
             self.dump_file.parent.mkdir(parents=True, exist_ok=True)

@@ -118,7 +118,7 @@ def test_resume_is_exact_with_two_processes(train_assets, tmp_path):
 
 def test_sigkill_while_saving_resumes_from_previous_checkpoint(train_assets, tmp_path):
     save = tmp_path / "run"
-    args = ["train.train_iters=4", "train.save_interval=2"]
+    args = ["train.train_iters=4", "train.save_interval=2", "train.resume=auto"]  # the same command both times
     env = {**os.environ, "OMP_NUM_THREADS": "1", PAUSE_BEFORE_COMMIT_ENV: "4"}
     proc = subprocess.Popen(
         command(train_assets, save, *args, nproc=2),
@@ -140,7 +140,8 @@ def test_sigkill_while_saving_resumes_from_previous_checkpoint(train_assets, tmp
     assert (save / "latest").read_text().strip() == "2" and not (save / "4").exists()
     read_state_dict(save)  # the previous checkpoint is complete and loadable
 
-    ok(run(train_assets, save, *args, "train.resume=latest", nproc=2))
+    resumed = ok(run(train_assets, save, *args, nproc=2))
+    assert f"train.resume=auto: resuming from {save / '2'}" in resumed.stderr
     assert (save / "latest").read_text().strip() == "4" and not (save / ".tmp-4").exists()
     assert [r["step"] for r in metrics(save)] == [1, 2, 3, 4]
 
