@@ -1,6 +1,7 @@
 """End-to-end training through tools/train_video.py: torchrun with two CPU processes, DeepSpeed ZeRO-2,
 real mp4 files, exact resume, a SIGKILL while saving, bad files, non-finite steps."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +50,24 @@ def run(*args, env=None, **kwargs):
 
 def metrics(save):
     return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+
+
+def kill_process_tree(pid):
+    """SIGKILL ``pid`` and every process below it at once, as a scheduler pre-empting a job does."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
 
 
 def ok(proc):
@@ -135,7 +155,7 @@ def test_sigkill_while_saving_resumes_from_previous_checkpoint(train_assets, tmp
             proc.stderr.read()[-3000:] if proc.poll() is not None else "timeout"
         )
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_process_tree(proc.pid)  # torchrun starts each worker in a session of its own
     proc.wait()
     assert (save / "latest").read_text().strip() == "2" and not (save / "4").exists()
     read_state_dict(save)  # the previous checkpoint is complete and loadable
