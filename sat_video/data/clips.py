@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,8 @@ def load_clip(ref: SampleRef, spec: ClipSpec) -> tuple[torch.Tensor, str]:
     Raises:
         UnusableSample: missing, empty or undecodable file, too few frames, missing or empty caption.
     """
+    if ref.path.is_symlink() and not ref.path.exists():
+        raise UnusableSample(ref.path, f"broken link to {os.readlink(ref.path)} (is that storage mounted?)")
     if not ref.path.is_file():
         raise UnusableSample(ref.path, "file not found")
     if ref.path.stat().st_size == 0:

@@ -45,7 +45,10 @@ def _discover_folder(root: Path) -> list[SampleRef]:
     refs = []
     for path in sorted(videos.rglob("*")):
         # Hidden names are temporaries (write_mp4 writes ".<name>.*.mp4" first) or macOS "._" metadata.
-        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in VIDEO_SUFFIXES + IMAGE_SUFFIXES:
+        # A link whose target is gone (storage not mounted) is kept, so that loading names it like any unusable file.
+        if path.name.startswith(".") or path.suffix.lower() not in VIDEO_SUFFIXES + IMAGE_SUFFIXES:
+            continue
+        if not (path.is_file() or (path.is_symlink() and not path.exists())):
             continue
         label = (root / "labels" / path.relative_to(videos)).with_suffix(".txt")
         refs.append(SampleRef(path, None, label, _is_image(path)))

@@ -109,6 +109,20 @@ def test_discover_sft_jsonl_and_csv_layouts(tmp_path):
     assert load_clip(still, SPEC)[1] == "a red square"
 
 
+def test_links_are_followed_and_a_broken_one_is_named(tmp_path):
+    sft = make_moving_shapes(tmp_path / "sft", 1, 9, 32, 32, 8, seed=0)
+    videos, labels = tmp_path / "sft" / "videos", tmp_path / "sft" / "labels"
+    (videos / "linked.mp4").symlink_to(sft[0][0])
+    (videos / "unmounted.mp4").symlink_to(tmp_path / "nfs" / "gone.mp4")  # a data set on storage that is not mounted
+    for name in ("linked", "unmounted"):
+        (labels / f"{name}.txt").write_text("a caption\n")
+    refs = {ref.path.name: ref for ref in discover([tmp_path / "sft"])}
+    assert sorted(refs) == sorted([sft[0][0].name, "linked.mp4", "unmounted.mp4"])
+    assert load_clip(refs["linked.mp4"], SPEC)[0].shape == load_clip(refs[sft[0][0].name], SPEC)[0].shape
+    with pytest.raises(UnusableSample, match=f"broken link to {tmp_path / 'nfs' / 'gone.mp4'} .is that storage mounted"):
+        load_clip(refs["unmounted.mp4"], SPEC)
+
+
 def test_discover_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(DataError, match="data source not found: .*missing"):
         discover([tmp_path / "missing"])
