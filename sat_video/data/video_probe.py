@@ -67,9 +67,11 @@ def parse_ffmpeg_info(text: str) -> DeclaredVideo | None:
 def _probe(path: str, size: int, mtime_ns: int) -> DeclaredVideo | str:
     """The header of ``path``, or why it cannot be read (cached per file version: each is read once per process)."""
     command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", path]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
     try:
-        report = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=PROBE_TIMEOUT_S).stderr
+        _, report = process.communicate(timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        process.kill()  # not waited for: a process blocked on dead storage may not die until the storage returns
         return f"its header could not be read within {PROBE_TIMEOUT_S:g} s (a file on stuck storage?)"
     declared = parse_ffmpeg_info(report)
     if declared is None:

@@ -67,3 +67,16 @@ def test_hostile_files_are_refused_by_load_clip_and_good_ones_still_load(tmp_pat
         load_clip(SampleRef(tmp_path / "big.png", "a caption", is_image=True), spec)
     with pytest.raises(UnusableSample, match="80x60"):
         load_image(tmp_path / "big.png", 32, 32, max_pixels=4096)
+
+
+def test_a_header_that_cannot_be_read_in_time_is_skipped_not_waited_for(tmp_path, monkeypatch):
+    import sat_video.data.video_probe as video_probe
+
+    stuck = tmp_path / "ffmpeg_on_stuck_storage"
+    stuck.write_text("#!/bin/sh\nsleep 60\n")  # reading the file never returns, as on a hung network mount
+    stuck.chmod(0o755)
+    monkeypatch.setattr(video_probe.imageio_ffmpeg, "get_ffmpeg_exe", lambda: str(stuck))
+    monkeypatch.setattr(video_probe, "PROBE_TIMEOUT_S", 1.0)
+    write_mp4(tmp_path / "clip.mp4", np.zeros((9, 32, 32, 3), np.uint8), fps=8)
+    with pytest.raises(UnusableSample, match=r"clip.mp4: its header could not be read within 1 s \(a file on stuck storage\?\)"):
+        probe_video(tmp_path / "clip.mp4")
