@@ -10,8 +10,9 @@ build of that op waits for it forever without a word (``torch.utils.cpp_extensio
   training run makes go through ``torch.distributed`` (gloo) whether it is built or not. So runs skip it.
 * Any op DeepSpeed still builds (one that a ``deepspeed.extra`` setting asks for) goes to a folder private to this
   install, unless the user set ``TORCH_EXTENSIONS_DIR``.
-* Before DeepSpeed starts, a build lock that no live process is building under is removed, and the log says so;
-  a lock under a live build is reported with the builder's PID.
+* Before DeepSpeed starts, a build lock that no live process of this machine is building under is removed, and the
+  log says so; a lock under a live build is reported with the builder's PID. (A ``TORCH_EXTENSIONS_DIR`` shared by
+  several machines would let one remove a lock another is building under: give each machine its own.)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -37,9 +39,10 @@ builder yet may be one starting, so it is looked at again until it is this old."
 
 
 def private_extensions_dir() -> Path:
-    """``~/.cache/sat_video/torch_extensions/<install>``: one folder per Python environment, so that two installs
-    never build over each other's files."""
-    install = hashlib.sha1(str(Path(sys.prefix).resolve()).encode()).hexdigest()[:12]
+    """``~/.cache/sat_video/torch_extensions/<install>``: one folder per Python environment and machine, so that two
+    installs never build over each other's files, and a lock is only ever judged on the machine whose processes
+    hold it (home folders are often shared by the nodes of a cluster)."""
+    install = hashlib.sha1(f"{Path(sys.prefix).resolve()}@{socket.gethostname()}".encode()).hexdigest()[:12]
     return Path.home() / ".cache" / "sat_video" / "torch_extensions" / install
 
 
