@@ -4,11 +4,13 @@ real mp4 files, exact resume, a SIGKILL while saving, bad files, non-finite step
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import torch
 
 from sat_video.formats.sat_checkpoint import read_state_dict
 from sat_video.training.trainer import PAUSE_BEFORE_COMMIT_ENV
-from sat_video.training.watchdog import HANG_EXIT_CODE
+from sat_video.training.watchdog import EXIT_GRACE_S, HANG_EXIT_CODE
 from tests.conftest import ROOT, start_fake_build, write_hostile_videos
 
 pytestmark = pytest.mark.slow
@@ -219,7 +221,11 @@ def test_a_rank_stuck_in_a_step_ends_both_processes_with_stacks_and_a_loadable_c
             "model.dit.mixins.hang.rank=1", "model.dit.mixins.hang.after_forwards=2"]  # rank 1's third step never ends
     proc = run(train_assets, save, *hang, "train.train_iters=10", "train.save_interval=2", "train.hang_timeout_s=8",
                nproc=2, env={"PYTHONPATH": str(ROOT)})
+    ended = datetime.now()
     assert proc.returncode != 0
+    saved = re.search(r"^(\S+ \S+) sat_video.train: saved checkpoint \S+/2$", proc.stderr, re.MULTILINE)
+    hung_for = (ended - datetime.strptime(saved.group(1), "%Y-%m-%d %H:%M:%S,%f")).total_seconds()
+    assert hung_for < 8 + EXIT_GRACE_S + 15, hung_for  # both ranks ended: the limit, the dump grace, a margin
     assert "rank 1 made no progress for 8 s (train.hang_timeout_s=8) while in stage 'forward/backward'" in proc.stderr
     assert "last completed: checkpoint 2" in proc.stderr
     stuck = (save / "hang-rank1.txt").read_text()
