@@ -87,14 +87,14 @@ class Watchdog:
         while not self._stop.wait(POLL_S):
             with self._lock:
                 idle, stage, last, slow = time.monotonic() - self._since, self._stage, self._last, self._slow
-            allowed = max(self.timeout_s, self.slow_timeout_s) if slow else self.timeout_s
+            slow_applies = slow and self.slow_timeout_s > self.timeout_s
+            key, allowed = ("slow_stage_timeout_s", self.slow_timeout_s) if slow_applies else ("hang_timeout_s", self.timeout_s)
             if idle > allowed:
-                self._fire(stage, last, idle, allowed, slow)
+                self._fire(stage, last, f"train.{key}={allowed:g}")
 
-    def _fire(self, stage: str, last: str, idle: float, allowed: float, slow: bool) -> None:
-        key = "train.slow_stage_timeout_s" if slow else "train.hang_timeout_s"
+    def _fire(self, stage: str, last: str, limit: str) -> None:
         message = (
-            f"sat_video watchdog: rank {self.rank} made no progress for {idle:.0f} s ({key}={allowed:g}) while in stage "
+            f"sat_video watchdog: rank {self.rank} made no progress for longer than {limit} s while in stage "
             f"'{stage}'; last completed: {last}. Likely causes: {HINTS.get(stage, 'see the stacks')}. Every thread's "
             f"stack follows and is in {self.dump_file}. Checkpoints are intact: run the same command with "
             f"train.resume=auto to continue from the last one."
