@@ -66,6 +66,17 @@ def _memory_stats(device: torch.device) -> dict:
     return {"cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def _process_age_s() -> float | None:
+    """Seconds since this process started (Linux ``/proc``; ``None`` elsewhere). Under torchrun that is the worker,
+    started a second or two after the command."""
+    try:
+        started_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime_s - started_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _rng_state(generator: torch.Generator) -> dict:
     state = {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -95,6 +106,7 @@ class Trainer:
         self.watchdog = watchdog or Watchdog(0, 0, self.run_folder.hang_file(self.env.rank))
         self.state = LoopState()
         self._writer = None
+        self._startup_s: float | None = None
         self._build()
 
     # ------------------------------------------------------------------ construction
@@ -342,6 +354,10 @@ class Trainer:
                 skipped = (not self.engine.was_step_applied()) or self.optimizer.last_step_skipped or totals[1] > 0
                 self.state.iteration += 1
                 self.watchdog.completed(f"iteration {self.state.iteration}")
+                if first:
+                    self._startup_s = _process_age_s()
+                    if self._startup_s is not None and env.is_main:
+                        logger.info("first step done %.1f s after the process started", self._startup_s)
                 elapsed = time.perf_counter() - step_start
                 if skipped:
                     self.state.skipped_steps += 1
@@ -390,6 +406,8 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps,
             **_memory_stats(self.env.device),
         }
+        if self._startup_s is not None:  # once: in the first record after this process's first step
+            record["startup_s"], self._startup_s = self._startup_s, None
         self._log(record)
         logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         window.update(loss=0.0, steps=0, time=0.0)

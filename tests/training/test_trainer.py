@@ -79,9 +79,12 @@ def ok(proc):
 
 def test_two_processes_zero2_loss_finite_and_falls(train_assets, tmp_path):
     save = tmp_path / "run"
-    ok(run(train_assets, save, "train.train_iters=40", "train.save_interval=20", "train.tensorboard=true", nproc=2))
+    proc = ok(run(train_assets, save, "train.train_iters=40", "train.save_interval=20", "train.tensorboard=true", nproc=2))
     records = metrics(save)
     assert [r["step"] for r in records] == list(range(1, 41))
+    # start-up (imports, model, DeepSpeed, first step) is reported once, in the log and the first record
+    assert 1 < records[0]["startup_s"] < 300 and all("startup_s" not in r for r in records[1:])
+    assert f"first step done {records[0]['startup_s']:.1f} s after the process started" in proc.stderr
     assert {"step", "loss", "lr", "grad_norm", "samples_per_s", "step_time_s", "skipped_steps"} <= set(records[0])
     losses = [r["loss"] for r in records]
     assert all(torch.isfinite(torch.tensor(losses)))
