@@ -176,3 +176,22 @@ def test_overrides_may_follow_the_base_files_directly(tmp_path, capsys):
         ["--ckpt", str(ckpt), "--out", str(tmp_path / "hf"), "--base", *_base("cogvideox_5b"), "model.dit.num_layers=3"]
     )
     assert code == 2 and "transformer.layers.2." in capsys.readouterr().err  # the override was applied, not read as a file
+
+
+HELP_SCRIPT = """
+import contextlib, io, runpy, sys
+import sat_video
+for tool in sys.argv[1:]:
+    sys.argv = [tool, "--help"]
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+        runpy.run_path(tool, run_name="__main__")
+    assert "usage:" in out.getvalue(), tool
+print(" ".join(sorted(name for name in ("deepspeed", "diffusers", "transformers") if name in sys.modules)))
+"""
+
+
+def test_import_and_every_tools_help_load_none_of_deepspeed_diffusers_transformers():
+    tools = sorted(str(path) for path in (ROOT / "tools").glob("*.py"))
+    proc = subprocess.run([sys.executable, "-c", HELP_SCRIPT, *tools], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "", f"imported at start-up: {proc.stdout.strip()}"

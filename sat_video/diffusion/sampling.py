@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from torch import nn
 
 from sat_video.common.errors import OutputExistsError, UsageError
@@ -21,12 +20,13 @@ from sat_video.diffusion.config import SCHEDULER_NAMES, SampleConfig
 from sat_video.diffusion.schedule import scheduler_config
 from sat_video.model.stages import SPATIAL_COMPRESSION, FrozenStages
 
-SCHEDULERS = dict(zip(SCHEDULER_NAMES, (CogVideoXDPMScheduler, CogVideoXDDIMScheduler)))
-
 
 def make_scheduler(name: str, snr_shift_scale: float, num_train_timesteps: int = 1000):
     """The diffusers scheduler ``sample.scheduler`` names (checked when the config is loaded) on the model's schedule."""
-    return SCHEDULERS[name].from_config(scheduler_config(snr_shift_scale, num_train_timesteps))
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler  # here: importing diffusers takes seconds
+
+    schedulers = dict(zip(SCHEDULER_NAMES, (CogVideoXDPMScheduler, CogVideoXDDIMScheduler)))
+    return schedulers[name].from_config(scheduler_config(snr_shift_scale, num_train_timesteps))
 
 
 def dynamic_guidance_scale(guidance_scale: float, timestep: int, steps: int) -> float:
@@ -54,6 +54,8 @@ def denoise(
     ``image_latents`` (I2V, same shape as ``noise``) are concatenated on channels at every step. The DPM
     scheduler is stochastic and draws from ``generator``.
     """
+    from diffusers import CogVideoXDPMScheduler  # loaded already by make_scheduler
+
     scheduler = make_scheduler(settings.scheduler, snr_shift_scale, num_train_timesteps)
     steps = steps or settings.steps
     scheduler.set_timesteps(steps, device=noise.device)
