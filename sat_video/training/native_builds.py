@@ -46,17 +46,13 @@ def private_extensions_dir() -> Path:
     return Path.home() / ".cache" / "sat_video" / "torch_extensions" / install
 
 
-def extensions_dir() -> Path:
-    """Where torch (and so DeepSpeed) builds ops in this process."""
-    return Path(os.environ.get(EXTENSIONS_DIR_ENV) or private_extensions_dir())
-
-
 @dataclass(frozen=True)
 class BuildLock:
     path: Path
     age_s: float
-    builders: tuple[int, ...]
-    """PIDs of processes working in the lock's build folder (ninja and the compilers run there)."""
+    builders: tuple[int, ...] | None
+    """PIDs of processes working in the lock's build folder (ninja and the compilers run there); ``None`` where
+    ``/proc`` cannot tell."""
 
 
 def _processes_in(folder: Path) -> tuple[int, ...] | None:
@@ -81,7 +77,7 @@ def _read_lock(path: Path) -> BuildLock | None:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:  # the build finished meanwhile
         return None
-    return BuildLock(path, age, _processes_in(path.parent) or ())
+    return BuildLock(path, age, _processes_in(path.parent))
 
 
 def find_build_locks(root: Path) -> list[BuildLock]:
@@ -104,16 +100,16 @@ def clear_stale_build_locks(root: Path) -> list[Path]:
             lock = _read_lock(lock.path)
         if lock is None:
             continue
-        if lock.builders:
-            logger.warning("%s is being built by process %s; DeepSpeed waits for that build to finish",
-                           lock.path.parent.name, ", ".join(map(str, lock.builders)))
-            continue
-        if _processes_in(lock.path.parent) is None:
+        if lock.builders is None:
             raise BuildLockError(
                 f"{lock.path} is the lock of a build of {lock.path.parent.name} started {lock.age_s:.0f} s ago, and this "
                 f"system cannot tell whether that build is still running. If no other process is building it, delete "
                 f"the file and start again (an interrupted build leaves it behind, and every later build waits for it)"
             )
+        if lock.builders:
+            logger.warning("%s is being built by process %s; DeepSpeed waits for that build to finish",
+                           lock.path.parent.name, ", ".join(map(str, lock.builders)))
+            continue
         lock.path.unlink(missing_ok=True)
         logger.warning("removed %s: an interrupted build of %s left it %.0f s ago and no process is building there "
                        "(the op is rebuilt when needed)", lock.path, lock.path.parent.name, lock.age_s)
@@ -133,10 +129,10 @@ def skip_shm_op() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
-def prepare_native_builds() -> Path:
-    """Before DeepSpeed starts: private build folder, no shm op, no stale locks. Returns the build folder."""
-    os.environ.setdefault(EXTENSIONS_DIR_ENV, str(private_extensions_dir()))
-    root = extensions_dir()
+def prepare_native_builds() -> None:
+    """Before DeepSpeed starts: private build folder (unless ``TORCH_EXTENSIONS_DIR`` is set), no shm op, no stale
+    locks."""
+    root = Path(os.environ.get(EXTENSIONS_DIR_ENV) or private_extensions_dir())
+    os.environ[EXTENSIONS_DIR_ENV] = str(root)  # where torch, and so DeepSpeed, builds ops in this process
     skip_shm_op()
     clear_stale_build_locks(root)
-    return root
