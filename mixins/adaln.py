@@ -29,6 +29,8 @@ class AdaLNMixin(Mixin):
     ``qk_layernorm``, ``query_layernorm_list.{i}`` / ``key_layernorm_list.{i}`` ``[head_dim]``.
     """
 
+    runs_sharded = True  # token by token (the text/video boundary is ctx.num_condition_tokens on every rank)
+
     @dataclass
     class Config:
         qk_layernorm: bool = True

@@ -39,6 +39,8 @@ class ConditionTokensMixin(Mixin):
     State dict: ``time_proj.{weight,bias}`` ``[D, time_embed_dim]``.
     """
 
+    runs_sharded = True  # embedding runs before split_sequence
+
     def __init__(self, dit_config, config=None):
         super().__init__(dit_config, config)
         self.time_proj = nn.Linear(dit_config.time_embed_dim, dit_config.hidden_size)

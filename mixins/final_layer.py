@@ -22,6 +22,8 @@ FINAL_NORM_EPS = 1e-6  # SAT's; the diffusers export folds the difference to its
 class FinalLayerMixin(Mixin):
     """State dict: ``norm_final``, ``linear`` and ``adaLN_modulation.1`` ``[2 D, time_embed_dim]``."""
 
+    runs_sharded = True  # the output head runs after join_sequence
+
     def __init__(self, dit_config, config=None):
         super().__init__(dit_config, config)
         patch_volume = (dit_config.patch_size_t or 1) * dit_config.patch_size**2

@@ -74,6 +74,8 @@ class LoRAMixin(Mixin):
     Train only these with ``train.trainable: ["mixins.lora.*"]`` (``configs/lora.yaml``).
     """
 
+    runs_sharded = True  # token by token
+
     @dataclass
     class Config:
         rank: int = 128

@@ -25,6 +25,8 @@ class ImagePatchEmbedMixin(Mixin):
     ``text_proj.{weight,bias}`` ``[D, text_hidden_size]``.
     """
 
+    runs_sharded = True  # embedding runs before split_sequence
+
     def __init__(self, dit_config, config=None):
         super().__init__(dit_config, config)
         p, pt = dit_config.patch_size, dit_config.patch_size_t

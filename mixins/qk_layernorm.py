@@ -25,6 +25,8 @@ class QKLayerNormMixin(Mixin):
     State dict: ``query_layernorm_list.{i}`` and ``key_layernorm_list.{i}``, ``[head_dim]`` weight and bias.
     """
 
+    runs_sharded = True  # token by token
+
     @dataclass
     class Config:
         eps: float = 1e-6

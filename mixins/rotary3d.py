@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sat_video.common.errors import ConfigError
-from sat_video.model.context import ForwardContext, TokenGrid
+from sat_video.model.context import ForwardContext, SequenceShard, TokenGrid
 from sat_video.model.hooks import Mixin
 from sat_video.model.registry import register_mixin
 
@@ -66,6 +66,8 @@ def apply_rotation(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 class Rotary3DMixin(Mixin):
     """3D RoPE (``process_qkv`` hook) with an optional learned absolute table (``add_position`` hook)."""
 
+    runs_sharded = True  # rotations are taken for ctx.shard; the learned table is added before split_sequence
+
     @dataclass
     class Config:
         theta: float = 10000.0
@@ -107,13 +109,18 @@ class Rotary3DMixin(Mixin):
         cos, sin = rotary_3d_cos_sin(self.dit_config.head_dim, grid, self.config.theta)
         return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
 
-    def rotation(self, grid: TokenGrid, num_condition_tokens: int, device: torch.device) -> torch.Tensor:
+    def rotation(
+        self, grid: TokenGrid, num_condition_tokens: int, device: torch.device, shard: SequenceShard | None = None
+    ) -> torch.Tensor:
         """``(cos, sin)`` of the angle per adjacent pair, float32 ``[L + N, head_dim / 2, 2]``; text rows are (1, 0)
-        (no rotation), so the whole sequence is rotated at once, without slicing out the video tokens."""
-        key = (grid, num_condition_tokens, device)
+        (no rotation), so the whole sequence is rotated at once, without slicing out the video tokens. With a
+        ``shard``, only the rows of that rank's video tokens follow the text."""
+        key = (grid, num_condition_tokens, device, shard)
         if key not in self._rotations:
             cos, sin = self.cos_sin(grid, device, torch.float32)
             video = torch.stack([cos[:, ::2], sin[:, ::2]], dim=-1)  # angles come repeated per pair
+            if shard is not None:
+                video = shard.take(video)
             text = torch.zeros(num_condition_tokens, *video.shape[1:], device=device)
             text[..., 0] = 1
             self._rotations[key] = torch.cat([text, video])
@@ -122,7 +129,7 @@ class Rotary3DMixin(Mixin):
     def process_qkv(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, layer_idx: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rotation = self.rotation(ctx.grid, ctx.num_condition_tokens, q.device)  # broadcast over batch and heads
+        rotation = self.rotation(ctx.grid, ctx.num_condition_tokens, q.device, ctx.shard)  # broadcast over batch and heads
         return apply_rotation(q, rotation), apply_rotation(k, rotation), v
 
     def add_position(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -45,6 +45,8 @@ def sincos_3d_table(dim: int, grid: TokenGrid, time_interp: float, height_interp
 class SinCosInterpolatedPosMixin(Mixin):
     """3D sin-cos absolute positions with per-axis interpolation (``add_position`` hook)."""
 
+    runs_sharded = True  # positions are added before split_sequence
+
     @dataclass
     class Config:
         height_interpolation: float = 1.0

@@ -145,6 +145,25 @@ def _check_across_sections(cfg: DictConfig) -> None:
     if validation.interval and dit.in_channels > dit.out_channels and not validation.image:
         raise ConfigError("train.validation.image: an image-to-video model needs a first frame to validate with")
     check_schedule(cfg.train.lr_schedule, cfg.train.optimizer.lr)
+    _check_sequence_parallel(cfg)
+
+
+def _check_sequence_parallel(cfg: DictConfig) -> None:
+    size, dit = cfg.parallel.sequence_parallel_size, cfg.model.dit
+    if size == 1:
+        return
+    heads = dit.num_attention_heads
+    if heads % size:
+        allowed = [s for s in range(1, heads + 1) if heads % s == 0]
+        raise ConfigError(f"parallel.sequence_parallel_size={size} must divide model.dit.num_attention_heads={heads}: "
+                          f"Ulysses gives each rank whole heads (allowed: {allowed})")
+    for name, entry in dit.mixins.items():
+        if not mixin_class(entry.type, dit.mixin_modules).runs_sharded:
+            raise ConfigError(
+                f"parallel.sequence_parallel_size={size}: mixin model.dit.mixins.{name} (type {entry.type}) cannot run "
+                "on a part of the sequence (its class does not declare runs_sharded = True); use "
+                "sequence_parallel_size 1 with it"
+            )
 
 
 def read_yaml(path: str | Path, *, what: str = "config file", error: type[ConfigError] = ConfigError):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from sat_video.data.config import DataConfig
 from sat_video.diffusion.config import DiffusionConfig, SampleConfig
 from sat_video.model.config import DiTConfig, FirstStageConfig, TextEncoderConfig
-from sat_video.training.config import DeepSpeedConfig, TrainConfig
+from sat_video.training.config import DeepSpeedConfig, ParallelConfig, TrainConfig
 
 
 @dataclass
@@ -27,3 +27,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -38,6 +38,21 @@ class _Missing:
         )
 
 
+def _check_sharded(mixins: Mapping[str, Mixin], splitters: list[str]) -> None:
+    """A mixin that splits the sequence needs every other mixin to run on a part of it."""
+    splitter = next((name for name in splitters if name in mixins), None)
+    if splitter is None:
+        return
+    unfit = [name for name, mixin in mixins.items() if name != splitter and not type(mixin).runs_sharded]
+    if unfit:
+        raise HookConflictError(
+            f"mixin '{splitter}' splits the sequence across ranks, but mixin '{unfit[0]}' "
+            f"({type(mixins[unfit[0]]).__name__}) does not declare runs_sharded = True: its hooks may need the whole "
+            "token grid (attention within frames, a per-token table). Drop it, run with sequence_parallel_size 1, "
+            "or make its hooks use ctx.shard and declare runs_sharded"
+        )
+
+
 class HookTable:
     """The resolved implementation of every hook, plus where each part came from.
 
@@ -83,6 +98,7 @@ class HookTable:
                 chain.append(name)
             resolved[spec.name] = impl
             origins[spec.name] = chain
+        _check_sharded(mixins, origins["split_sequence"])
         return cls(resolved, origins)
 
     def describe(self) -> str:

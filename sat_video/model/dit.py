@@ -219,6 +219,7 @@ class DiffusionTransformer(nn.Module):
         if condition_tokens != ctx.num_condition_tokens:  # a mixin prepended condition tokens of its own
             ctx = dataclasses.replace(ctx, num_condition_tokens=condition_tokens)
         hidden = hooks.add_position(hidden, ctx)
+        hidden, ctx = hooks.split_sequence(hidden, ctx)  # sequence parallelism: this rank's part
 
         # 3. blocks
         checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
@@ -231,6 +232,7 @@ class DiffusionTransformer(nn.Module):
             else:
                 hidden = layer(hidden, ctx, layer_idx)
         hidden = self.transformer.final_layernorm(hidden)
+        hidden, ctx = hooks.join_sequence(hidden, ctx)
 
         # 4. output head: [B, T, C_out, H, W]
         return hooks.final_forward(hidden, ctx)

@@ -65,6 +65,9 @@ HOOKS: tuple[HookSpec, ...] = (
              required=True, example="ImagePatchEmbedMixin"),
     HookSpec("add_position", Composition.CHAIN, "`[B, S, D]`", "absolute positions added to the embedded sequence",
              default="identity"),
+    HookSpec("split_sequence", Composition.REPLACE, "`([B, L + n, D], ctx)`",
+             "the part of the sequence this rank computes under sequence parallelism: the condition tokens and "
+             "`ctx.shard.size` video tokens, with `ctx.shard` set", default="identity (the whole sequence)"),
     HookSpec("layer_forward", Composition.REPLACE, "`[B, S, D]`",
              "the body of block `layer_idx` (norms, modulation, residuals); call `layer.attention(...)` and "
              "`layer.mlp(...)` so that the finer hooks still apply", default="pre-LN residual block"),
@@ -81,6 +84,9 @@ HOOKS: tuple[HookSpec, ...] = (
              default="SDPA, full joint attention"),
     HookSpec("mlp_forward", Composition.REPLACE, "`[B, S, D]`", "the feed-forward of a block",
              default="`dense_h_to_4h` -> GELU(tanh) -> `dense_4h_to_h`"),
+    HookSpec("join_sequence", Composition.REPLACE, "`([B, S, D], ctx)`",
+             "the whole sequence back from the ranks' parts, with `ctx.shard` cleared, before the output head",
+             default="identity"),
     HookSpec("final_forward", Composition.REPLACE, "`[B, T, C_out, H, W]`",
              "the output head: normalised sequence to latents (video tokens only)", required=True,
              example="FinalLayerMixin"),
@@ -126,6 +132,11 @@ class Mixin(nn.Module):
     derived_checkpoint_keys: ClassVar[tuple[str, ...]] = ()
     # Per CHAIN hook, where this mixin's link runs relative to others (lower runs first; default 0).
     chain_priority: ClassVar[dict[str, int]] = {}
+    # Whether the hooks of this mixin are correct when a rank holds only a part of the video tokens (between
+    # ``split_sequence`` and ``join_sequence``, ``ctx.shard`` set): hooks that act token by token are, hooks that
+    # need the whole grid (a per-token table, attention within frames) must use ``ctx.shard`` or say False.
+    # Sequence parallelism refuses a model with a mixin that does not declare True.
+    runs_sharded: ClassVar[bool] = False
 
     def __init__(self, dit_config: DiTConfig, config: Any | None = None):
         super().__init__()
@@ -162,6 +173,20 @@ class Mixin(nn.Module):
 
     def add_position(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """CHAIN. Add absolute positions to the embedded sequence ``[B, L + N, D]``; same shape out."""
+        raise NotImplementedError
+
+    def split_sequence(self, hidden: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, ForwardContext]:
+        """REPLACE (default: identity). After positions, before the blocks: keep what this rank computes.
+
+        Returns ``hidden`` ``[B, L + n, D]`` (the condition tokens, then this rank's ``n = ctx.shard.size`` video
+        tokens) and the context with ``shard`` set. Provided by sequence parallelism
+        (:class:`mixins.sequence_parallel.SequenceParallelMixin`).
+        """
+        raise NotImplementedError
+
+    def join_sequence(self, hidden: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, ForwardContext]:
+        """REPLACE (default: identity). After the final LayerNorm, before ``final_forward``: the inverse of
+        ``split_sequence``, the whole ``[B, L + N, D]`` sequence and the context with ``shard`` cleared."""
         raise NotImplementedError
 
     def layer_forward(

@@ -133,7 +133,13 @@ def plain_mlp_forward(mlp: MLP, x: torch.Tensor, ctx: ForwardContext, layer_idx:
     return mlp.feed_forward(x, ctx, layer_idx)
 
 
+def whole_sequence(hidden: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, ForwardContext]:
+    return hidden, ctx
+
+
 DEFAULT_HOOKS = {
+    "split_sequence": whole_sequence,
+    "join_sequence": whole_sequence,
     "layer_forward": pre_ln_layer_forward,
     "attention_forward": single_attention,
     "project": plain_projection,

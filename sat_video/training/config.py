@@ -102,6 +102,15 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """``parallel``: how the processes of a job split the work besides data parallelism."""
+
+    sequence_parallel_size: int = field(default=1, metadata=at_least(1))
+    """S: each sample's video tokens are split over S processes (DeepSpeed-Ulysses); the W processes of a job form
+    W / S data-parallel groups. S must divide W and the attention-head count."""
+
+
+@dataclass
 class DeepSpeedConfig:
     """``deepspeed``: the engine's settings; everything else DeepSpeed takes goes in ``extra``."""
 

@@ -39,6 +39,7 @@ from sat_video.training.deepspeed_setup import deepspeed_config, frozen_stage_dt
 from sat_video.training.distributed import DistributedEnv, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
 from sat_video.training.optim import FiniteAdamW, lr_lambda, parameter_groups, select_trainable
 from sat_video.training.run_folder import RunFolder, trainer_state_file
+from sat_video.training.sequence_parallel import ParallelLayout, SequenceParallelGroups
 from sat_video.training.watchdog import Watchdog
 
 logger = logging.getLogger("sat_video.train")
@@ -117,6 +118,8 @@ class Trainer:
         cfg, env = self.cfg, self.env
         train = cfg.train
         dit_config = DiTConfig.from_config(cfg)
+        sequence_parallel = cfg.parallel.sequence_parallel_size
+        self.layout = ParallelLayout.of(env.rank, env.world_size, sequence_parallel)
         resume_from = self.run_folder.resolve_resume(train.resume)
         if env.is_main:
             if resume_from is None:
@@ -144,7 +147,8 @@ class Trainer:
             self.dataset.first_usable()
             self.kinds, self.collate = [ref.is_image for ref in refs], collate
 
-        # The same initial weights on every rank; afterwards each rank draws its own timesteps and noise.
+        # The same initial weights on every rank; afterwards each data-parallel group draws its own timesteps and
+        # noise, the same on all ranks of a sequence-parallel group (they train on one sample together).
         torch.manual_seed(train.seed)
         dit = build_dit(cfg)
         if train.init_checkpoint:
@@ -152,11 +156,18 @@ class Trainer:
         select_trainable(dit, list(train.trainable))
         dit.activation_checkpointing = train.activation_checkpointing
         dit.checkpoint_keeps_attention = train.checkpoint_keeps_attention
+        self.sequence_groups = None
+        if sequence_parallel > 1:
+            self.sequence_groups = SequenceParallelGroups.initialize_sequence_parallel(sequence_parallel)
+            self.sequence_groups.add_to(dit)
+            if env.is_main:
+                logger.info("parallel layout: %s", self.layout.describe())
         if train.compile:
             dit.compile_blocks()
-        torch.manual_seed(train.seed + 1 + env.rank)
-        random.seed(train.seed + 1 + env.rank)
-        self.generator = torch.Generator().manual_seed(train.seed * 1_000_003 + env.rank)
+        data_rank = self.layout.data_rank
+        torch.manual_seed(train.seed + 1 + data_rank)
+        random.seed(train.seed + 1 + data_rank)
+        self.generator = torch.Generator().manual_seed(train.seed * 1_000_003 + data_rank)
 
         # T5 overflows in fp16, so the frozen stages run in bf16 or fp32. From a latent cache, the VAE is needed
         # only for the I2V condition and validation videos, T5 only for validation prompts.
@@ -170,8 +181,8 @@ class Trainer:
 
         diffusion = cfg.model.diffusion
         schedule = NoiseSchedule(diffusion.snr_shift_scale, diffusion.num_train_timesteps)
-        world = env.world_size if diffusion.interval_timesteps else 1
-        self.interval = timestep_interval(env.rank if diffusion.interval_timesteps else 0, world, diffusion.num_train_timesteps)
+        world = self.layout.data_size if diffusion.interval_timesteps else 1
+        self.interval = timestep_interval(data_rank if diffusion.interval_timesteps else 0, world, diffusion.num_train_timesteps)
         module = DiffusionLoss(dit, schedule, ofs=diffusion.ofs)
         self.optimizer = FiniteAdamW(parameter_groups(dit, train.optimizer.weight_decay), train.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -183,6 +194,7 @@ class Trainer:
             lr_scheduler=self.scheduler,
             config=deepspeed_config(cfg.deepspeed, cfg.train),
             dist_init_required=False,
+            mpu=self.sequence_groups,  # ZeRO then sums gradients over each sequence group and averages over D
         )
 
         if resume_from is not None:
@@ -195,7 +207,7 @@ class Trainer:
         if not state_file.is_file():
             raise CheckpointError(
                 f"{state_file} is missing: {folder} was written by a run with another number of processes "
-                f"(resuming needs the same data-parallel size, now {self.env.world_size})"
+                f"(resuming needs the same number of processes, now {self.env.world_size})"
             )
         path, _ = self.engine.load_checkpoint(
             str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
@@ -207,8 +219,17 @@ class Trainer:
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
             group["lr"] = lr
         saved = torch.load(state_file, map_location="cpu", weights_only=True)
-        _set_rng_state(saved["rng"], self.generator)
         loop = saved["loop"]
+        layout = (self.layout.data_size, self.layout.sequence_size)
+        saved_layout = tuple(loop.get("layout", (self.env.world_size, 1)))
+        if saved_layout != layout:
+            raise CheckpointError(
+                f"{folder} was written with {saved_layout[0]} data-parallel x {saved_layout[1]} sequence-parallel "
+                f"processes, this run has {layout[0]} x {layout[1]}: an exact resume needs the same layout (the data "
+                "order and random draws follow the data-parallel rank). To continue with another layout, start a new "
+                f"run with train.init_checkpoint={folder} (weights only)"
+            )
+        _set_rng_state(saved["rng"], self.generator)
         self.state = LoopState(
             iteration=loop["iteration"],
             data_position=tuple(loop["data_position"]),
@@ -242,6 +263,7 @@ class Trainer:
             "nonfinite_streak": self.state.nonfinite_streak,
             "skipped_steps": self.state.skipped_steps,
             "skipped_files": [list(item) for item in self.state.skipped_files],
+            "layout": [self.layout.data_size, self.layout.sequence_size],
         }
         torch.save({"rng": _rng_state(self.generator), "loop": loop}, trainer_state_file(staging, self.env.rank))
         barrier()
@@ -290,8 +312,8 @@ class Trainer:
             batch_sampler=ClipBatchSampler(
                 self.kinds,
                 self.cfg.train.micro_batch_size,
-                self.env.rank,
-                self.env.world_size,
+                self.layout.data_rank,
+                self.layout.data_size,
                 self.cfg.train.seed,
                 start=self.state.data_position,
             ),
@@ -316,7 +338,9 @@ class Trainer:
         timesteps = sample_timesteps(inputs.latents.shape[0], self.interval, self.generator)
         noise = torch.randn(inputs.latents.shape, generator=self.generator)
         loss = self.engine(inputs, timesteps, noise).mean()
-        self.engine.backward(loss)
+        # The ranks of a sequence group compute the same loss and the gradients of their parts are summed: each
+        # backpropagates its share (mixins/sequence_parallel.py).
+        self.engine.backward(loss / self.layout.sequence_size)
         self.watchdog.enter("optimizer step")
         self.engine.step()
         return loss.detach().float()
@@ -324,7 +348,7 @@ class Trainer:
     def run(self) -> LoopState:
         """Train until ``train.train_iters``; returns the final loop state."""
         env, train = self.env, self.cfg.train
-        global_batch = train.micro_batch_size * train.gradient_accumulation_steps * env.world_size
+        global_batch = train.micro_batch_size * train.gradient_accumulation_steps * self.layout.data_size
         batches = self._loader()
         progress = None
         if env.is_main and train.progress_bar:
