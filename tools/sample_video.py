@@ -5,12 +5,17 @@
     python tools/sample_video.py --base configs/cogvideox_5b_i2v.yaml --ckpt ... --prompts prompts.txt \
         --image first.png --out samples
 
+Long videos across S processes (each denoising step split by sequence parallelism; the same video as one process):
+
+    torchrun --nproc_per_node 2 tools/sample_video.py --base ... parallel.sequence_parallel_size=2 --ckpt ... --out ...
+
 Writes ``<out>/<i>_<prompt>.mp4`` (one per prompt) and ``<out>/contact_sheet.png``. The sampler, guidance and
 seed come from the config's ``sample`` section; the flags below override them. The VAE and T5 are the config's
 ``model.first_stage`` / ``model.text_encoder``.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +29,8 @@ from sat_video.diffusion.config import SCHEDULER_NAMES
 from sat_video.diffusion.sampling import VideoGenerator, write_samples
 from sat_video.model.build import build_frozen_stages
 from sat_video.model.config import DiTConfig
+from sat_video.training.distributed import init_distributed, shutdown
+from sat_video.training.sequence_parallel import SequenceParallelGroups
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -67,7 +74,8 @@ def run(argv=None) -> int:
     with torch.device("meta"):
         model = sat_video.build_dit(cfg)
     sat_video.load_checkpoint(model, args.ckpt)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = join_sequence_group(model, cfg.parallel.sequence_parallel_size)
+    device = env.device if env else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device, dtype).eval()
     stages = build_frozen_stages(cfg.model).to(device, dtype)
     spec = ClipSpec.from_config(cfg.data, cfg.model.dit)  # videos of the training clips' size and length
@@ -82,9 +90,29 @@ def run(argv=None) -> int:
     videos = generator.generate(
         texts, cfg.sample, num_frames=dit.num_frames, height=spec.height, width=spec.width, image=image, progress=True
     )
-    written = write_samples(args.out, videos, cfg.sample.fps or cfg.data.fps)
-    print("\n".join(["sample_video: wrote", *(f"  {path}" for path in written)]))
+    if env is None or env.is_main:  # every rank holds the same videos
+        written = write_samples(args.out, videos, cfg.sample.fps or cfg.data.fps)
+        print("\n".join(["sample_video: wrote", *(f"  {path}" for path in written)]))
+    if env is not None:
+        shutdown()
     return 0
+
+
+def join_sequence_group(model, sequence_parallel_size: int):
+    """Under torchrun, make ``model`` run split over the job's processes and return this process's place (``None``:
+    one process, nothing to join)."""
+    processes = int(os.environ.get("WORLD_SIZE", 1))
+    if processes == 1 and sequence_parallel_size == 1:
+        return None
+    if processes != sequence_parallel_size:
+        raise UsageError(
+            f"sample_video splits each denoising step over its processes: start it with torchrun --nproc_per_node "
+            f"{sequence_parallel_size} for parallel.sequence_parallel_size={sequence_parallel_size} (found {processes} "
+            "process(es))"
+        )
+    env = init_distributed()
+    SequenceParallelGroups.initialize_sequence_parallel(sequence_parallel_size).add_to(model)
+    return env
 
 
 def main(argv=None) -> int:
