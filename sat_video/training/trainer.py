@@ -220,15 +220,7 @@ class Trainer:
             group["lr"] = lr
         saved = torch.load(state_file, map_location="cpu", weights_only=True)
         loop = saved["loop"]
-        layout = (self.layout.data_size, self.layout.sequence_size)
-        saved_layout = tuple(loop.get("layout", (self.env.world_size, 1)))
-        if saved_layout != layout:
-            raise CheckpointError(
-                f"{folder} was written with {saved_layout[0]} data-parallel x {saved_layout[1]} sequence-parallel "
-                f"processes, this run has {layout[0]} x {layout[1]}: an exact resume needs the same layout (the data "
-                "order and random draws follow the data-parallel rank). To continue with another layout, start a new "
-                f"run with train.init_checkpoint={folder} (weights only)"
-            )
+        self.layout.check_resumable(loop.get("layout"), folder)
         _set_rng_state(saved["rng"], self.generator)
         self.state = LoopState(
             iteration=loop["iteration"],
