@@ -32,7 +32,8 @@ def run_variant(variant, groups):
     target = torch.randn(2, frames, d.out_channels, 6, 10, generator=generator)
     settings = SampleConfig(steps=3, guidance_scale=6.0)
     noise = torch.randn(1, frames, d.out_channels, 6, 10, generator=generator)
-    image = torch.randn(1, frames, d.in_channels - d.out_channels, 6, 10, generator=generator) if d.in_channels > d.out_channels else None
+    i2v_channels = d.in_channels - d.out_channels
+    image = torch.randn(1, frames, i2v_channels, 6, 10, generator=generator) if i2v_channels else None
 
     def forward_backward(share):
         dit.zero_grad(set_to_none=True)

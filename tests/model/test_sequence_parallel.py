@@ -87,6 +87,6 @@ def test_split_over_two_ranks_every_variant_matches_one_process_forward_backward
         assert proc.returncode == 0, err[-4000:]
     results = {r["variant"]: r for r in (json.loads(line) for line in outputs[0][0].splitlines() if line.startswith("{"))}
     assert sorted(results) == sorted(VARIANTS)
-    for variant, r in results.items():
+    for r in results.values():
         assert r["video_tokens"] % 2 == 1 and r["tokens_per_rank"] == (r["video_tokens"] + 1) // 2, r  # padded split
         assert r["output"] <= 1e-5 and r["gradient"] <= 1e-5 and r["latents"] <= 1e-5, r
