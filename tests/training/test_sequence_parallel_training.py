@@ -1,0 +1,74 @@
+"""Training and sampling with the video tokens split over two processes (parallel.sequence_parallel_size=2, torchrun,
+DeepSpeed ZeRO-2): the same losses, weights and videos as one process, and an exact resume."""
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sat_video.formats.sat_checkpoint import read_state_dict
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+SPLIT = "parallel.sequence_parallel_size=2"
+
+
+def command(variant, assets, save, *overrides, nproc=1, tool="train_video.py"):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    configs = [str(ROOT / "configs" / name) for name in (f"{variant}.yaml", "tiny.yaml", "tiny_train.yaml")]
+    run_keys = [f"data.sources=[{assets / 'data'}]", f"train.save={save}", "train.tensorboard=false",
+                "train.train_iters=10", "train.save_interval=5", "train.micro_batch_size=1"] if tool == "train_video.py" else []
+    return [*launcher, str(ROOT / "tools" / tool), "--base", *configs, f"model.text_encoder.path={assets / 't5'}",
+            *run_keys, *overrides]
+
+
+def start(*args, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command(*args, **kwargs), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(*procs):
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-4000:]
+
+
+def losses(save):
+    return {r["step"]: r["loss"] for r in map(json.loads, (save / "metrics.jsonl").read_text().splitlines())}
+
+
+def assert_same_run(a, b, steps):
+    la, lb = losses(a), losses(b)
+    assert list(lb) == list(steps)
+    for step in steps:
+        assert abs(la[step] - lb[step]) <= 1e-5 * max(1.0, abs(la[step])), (step, la[step], lb[step])
+    wa, wb = read_state_dict(a / "10"), read_state_dict(b / "10")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_two_sequence_ranks_train_sample_and_resume_as_one_process(train_assets, tmp_path):
+    # The one-process references run side by side (one core each).
+    finish(start("cogvideox_5b", train_assets, tmp_path / "one_5b"), start("cogvideox_5b_i2v", train_assets, tmp_path / "one_i2v"))
+    finish(start("cogvideox_5b", train_assets, tmp_path / "split_5b", SPLIT, nproc=2))
+    assert_same_run(tmp_path / "one_5b", tmp_path / "split_5b", range(1, 11))
+
+    # Resumed at checkpoint 5 under the same layout: steps 6-10 and the final weights are those of the straight run.
+    finish(start("cogvideox_5b", train_assets, tmp_path / "resumed", SPLIT, f"train.resume={tmp_path / 'split_5b' / '5'}", nproc=2))
+    assert_same_run(tmp_path / "split_5b", tmp_path / "resumed", range(6, 11))
+
+    finish(start("cogvideox_5b_i2v", train_assets, tmp_path / "split_i2v", SPLIT, nproc=2))
+    assert_same_run(tmp_path / "one_i2v", tmp_path / "split_i2v", range(1, 11))
+
+    # Sampling split over two processes writes the video of one process.
+    sample = ["--ckpt", str(tmp_path / "split_5b"), "--prompt", "a red circle", "--steps", "3"]
+    finish(start("cogvideox_5b", train_assets, None, *sample, "--out", str(tmp_path / "one"), tool="sample_video.py"),
+           start("cogvideox_5b", train_assets, None, *sample, "--out", str(tmp_path / "two"), SPLIT, nproc=2, tool="sample_video.py"))
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["000_a_red_circle.mp4", "contact_sheet.png"]
+    assert filecmp.cmp(tmp_path / "one" / "000_a_red_circle.mp4", tmp_path / "two" / "000_a_red_circle.mp4", shallow=False)
