@@ -15,6 +15,8 @@ Sections (each a function below; DiT figures are medians over interleaved repeti
 * The full training step through ``tools/train_video.py`` (trainer, DeepSpeed, engine) from raw video and from
   the latent cache of ``tools/precompute_latents.py``.
 * Data loading: clips/s through ``VideoDataset`` (decord) and the DataLoader with 0..N workers.
+* Sequence parallelism: the DiT step in one process vs split over two (torchrun, DeepSpeed-Ulysses), per-rank
+  activation memory and the share of the step spent in collectives.
 """
 
 from __future__ import annotations
@@ -80,19 +82,22 @@ class Preset:
     clip_batches: int
     train_videos: int
     train_iters: int
+    sequence_parallel: DiTSize
+    """A long video (many latent frames, thousands of tokens) at a small width, for the sequence-parallel row."""
 
 
-def _dit(name, variant, batch, hidden, layers, heads, latent_hw, frames, text, text_hidden, **kw) -> DiTSize:
+def _dit(name, variant, batch, hidden, layers, heads, latent_hw, frames, text, text_hidden, flops_target=False, **more) -> DiTSize:
     keys = dict(hidden_size=hidden, num_layers=layers, num_attention_heads=heads, latent_height=latent_hw[0],
-                latent_width=latent_hw[1], num_frames=frames, text_length=text, text_hidden_size=text_hidden)
-    return DiTSize(name, variant, tuple(f"model.dit.{k}={v}" for k, v in keys.items()), batch, **kw)
+                latent_width=latent_hw[1], num_frames=frames, text_length=text, text_hidden_size=text_hidden, **more)
+    return DiTSize(name, variant, tuple(f"model.dit.{k}={v}" for k, v in keys.items()), batch, flops_target)
 
 
 PRESETS = {
     "tiny": Preset(
         dits=(_dit("tiny", "cogvideox_5b", 2, 64, 2, 2, (8, 8), 13, 8, 32),),
         checkpointing="tiny", gemm_sizes=(128, 256), warmup=1, reps=3,
-        clip=(9, 64, 64), clip_videos=2, clip_batches=4, train_videos=2, train_iters=4),
+        clip=(9, 64, 64), clip_videos=2, clip_batches=4, train_videos=2, train_iters=4,
+        sequence_parallel=_dit("tiny", "cogvideox_5b", 1, 64, 2, 2, (16, 16), 29, 8, 32)),
     "default": Preset(
         dits=(
             # 5B layout (3D RoPE), 4 x 16 x 16 latents -> 256 video + 64 text tokens
@@ -103,7 +108,9 @@ PRESETS = {
             _dit("2b_layer", "cogvideox_2b", 1, 1920, 1, 30, (60, 90), 1, 226, 4096),
         ),
         checkpointing="mid", gemm_sizes=(1024, 2048, 4096), warmup=2, reps=9,
-        clip=(49, 480, 720), clip_videos=4, clip_batches=12, train_videos=4, train_iters=20),
+        clip=(49, 480, 720), clip_videos=4, clip_batches=12, train_videos=4, train_iters=20,
+        # 5B layout, 8 x 32 x 32 latents -> 2048 video + 16 text tokens, 4 blocks of width 128
+        sequence_parallel=_dit("long", "cogvideox_5b", 1, 128, 4, 4, (32, 32), 29, 16, 64, time_embed_dim=64)),
 }
 
 
@@ -343,6 +350,34 @@ def data_section(preset: Preset, workdir: Path) -> list[dict]:
 # ---------------------------------------------------------------------- report
 
 
+# ---------------------------------------------------------------------- sequence parallelism
+
+
+def sequence_parallel_section(preset: Preset, device: torch.device, threads: int) -> list[dict]:
+    """The DiT step of ``preset.sequence_parallel`` in this process, then split over two processes (torchrun) that
+    share the same threads (CPU) or take one GPU each."""
+    from sat_video.experiments.sequence_parallel_bench import measure
+
+    size = preset.sequence_parallel
+    args = {"config": str(ROOT / "configs" / f"{size.variant}.yaml"), "overrides": list(size.overrides),
+            "batch": size.batch, "warmup": preset.warmup, "reps": preset.reps, "device": str(device)}
+    rows = [{"size": size.name, **measure(args)}]
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        print("sequence parallelism: one GPU here, the split row needs two", flush=True)
+        return rows
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // 2))}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+              "-m", "sat_video.experiments.sequence_parallel_bench", json.dumps(args)]
+    proc = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode:
+        raise RuntimeError(f"the sequence-parallel benchmark failed:\n{proc.stderr[-3000:]}")
+    rows.append({"size": size.name, **json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])})
+    for row in rows:
+        print(f"sequence parallelism {row['split']} process(es): {row['time']:.3f}s, {row['activations'] / MIB:.0f} MiB "
+              f"activations per rank, {row['communication']:.0%} in collectives", flush=True)
+    return rows
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
@@ -358,7 +393,7 @@ def _reduction(row: dict, mode: str = "on") -> float:
     return row["off"]["activations"] / on if on > 0 else float("inf")
 
 
-def targets(dits: list[dict], checkpointing: list[dict], training: list[dict]) -> list[list]:
+def targets(dits: list[dict], checkpointing: list[dict], training: list[dict], split: list[dict]) -> list[list]:
     rows = []
     for row in dits:
         ours, theirs = row["sat_video"], row["diffusers"]
@@ -394,6 +429,10 @@ def targets(dits: list[dict], checkpointing: list[dict], training: list[dict]) -
             rows.append(
                 [f"training step from {row['input']} >= 3x faster than from raw video", f"{speedup:.1f}x", _met(speedup >= 3)]
             )
+    if len(split) == 2:
+        ratio = split[1]["activations"] / split[0]["activations"]
+        rows.append([f"sequence parallelism: activations per rank <= 0.6x one process (S=2, {split[0]['size']})",
+                     f"{ratio:.2f}x", _met(ratio <= 0.6)])
     return rows
 
 
@@ -420,6 +459,10 @@ METHOD = """\
   "latent cache" row is the same run with `data.latent_cache` from `tools/precompute_latents.py` on the same
   clips (posterior sampling, caption dropout and the DiT step as before; no decoding, VAE or T5); the
   encoding itself is not timed.
+* **Sequence parallelism**: activations per rank = bytes allocated during one step above the weights and gradients,
+  measured as *Peak memory* above on each rank (rank 0 reported); collectives = the self time of the all-to-all,
+  all-gather and all-reduce operators in one profiled step (CPU time under gloo, GPU kernel time under NCCL) over
+  the step's total.
 * **Data loading**: synthetic mp4 clips decoded by `VideoDataset` (decord, resize to cover, center crop, scale to
   [-1, 1]) through a `DataLoader` with `ClipBatchSampler`, batch 1, after the workers delivered their first clips.
 """
@@ -471,6 +514,7 @@ def report(
     profile: list[dict],
     training: list[dict],
     data: list[dict],
+    split: list[dict],
     preset: Preset,
 ) -> str:
     out = [
@@ -486,7 +530,7 @@ def report(
         "",
         "## Targets (issue #6)",
         "",
-        _table(["target", "measured", "met"], targets(dits, checkpointing, training)),
+        _table(["target", "measured", "met"], targets(dits, checkpointing, training, split)),
         "",
         "Every figure comes from the sections below; *Where the time goes* shows what dominates the DiT step, and so "
         "what a missed step-time or checkpointing target is made of.",
@@ -646,6 +690,20 @@ def report(
         "",
         _table(["workers", "clips/s"], [[r["workers"], f"{r['clips_per_s']:.2f}"] for r in data]),
         "",
+        "## Sequence parallelism (DeepSpeed-Ulysses)",
+        "",
+        f"**{preset.sequence_parallel.name}** = `{preset.sequence_parallel.variant}` with "
+        f"{', '.join(o.split('.')[-1] for o in preset.sequence_parallel.overrides)}, batch {preset.sequence_parallel.batch}: "
+        "the DiT step (fp32) in one process, then split over two (`parallel.sequence_parallel_size=2`; on CPU the two "
+        "processes share the threads the one process had, over gloo).",
+        "",
+        _table(
+            ["processes", "video tokens", "tokens per rank", "step (s)", "activations per rank (MiB)", "vs one process",
+             "collectives (share of step)"],
+            [[r["split"], r["video_tokens"], r["tokens_per_rank"], f"{r['time']:.3f}", f"{r['activations'] / MIB:.0f}",
+              f"{r['activations'] / split[0]['activations']:.2f}x", f"{r['communication']:.0%}"] for r in split],
+        ),
+        "",
         "## How these figures are measured",
         "",
         METHOD.format(warmup=preset.warmup, reps=preset.reps),
@@ -682,12 +740,13 @@ def main(argv=None) -> int:
         for row in training:
             print(f"training step from {row['input']}: {row['time']:.3f}s, {row['samples_per_s']:.2f} samples/s", flush=True)
         data = data_section(preset, workdir)
+    split = sequence_parallel_section(preset, device, args.threads)
     if hasattr(os, "getloadavg"):
         info["load average at end (1/5/15 min; this run's own threads included)"] = " / ".join(
             f"{x:.2f}" for x in os.getloadavg()
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(args, info, peaks, dits, checkpointing, profile, training, data, preset) + "\n")
+    args.out.write_text(report(args, info, peaks, dits, checkpointing, profile, training, data, split, preset) + "\n")
     print(f"wrote {args.out}")
     return 0
 
