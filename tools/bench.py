@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark sat_video against diffusers on this machine and write benchmarks/RESULTS.md.
 
-    python tools/bench.py                       # default sizes, about 7 minutes on 2 CPU cores
+    python tools/bench.py                       # default sizes, fp32 and bf16
     python tools/bench.py --sizes tiny --out /tmp/bench.md    # seconds; what the CI test runs
-    python tools/bench.py --compile             # also sat_video with torch.compile'd blocks (minutes of compiling)
+    python tools/bench.py --compile --dtypes fp32   # also torch.compile'd blocks; 11.5 minutes on a 2-core AVX2 CPU
 
 Sections (each a function below; DiT figures are medians over interleaved repetitions after warm-up):
 
@@ -123,7 +123,9 @@ def load_size(size: DiTSize):
     return sat_video.load_config([ROOT / "configs" / f"{size.variant}.yaml"], list(size.overrides))
 
 
-def dit_section(preset: Preset, device: torch.device, peaks: dict, compile_blocks: bool) -> tuple[list[dict], list[dict]]:
+def dit_section(
+    preset: Preset, device: torch.device, peaks: dict, compile_blocks: bool, dtypes: dict
+) -> tuple[list[dict], list[dict]]:
     """Rows of the comparison table, and of the activation-checkpointing table."""
     rows, checkpointing = [], []
     for size in preset.dits:
@@ -131,7 +133,7 @@ def dit_section(preset: Preset, device: torch.device, peaks: dict, compile_block
         if compile_blocks:  # as train.compile does; the first call compiles
             compiled = copy.deepcopy(pair.ours)
             compiled.compile_blocks()
-        for label, dtype in DTYPES.items():
+        for label, dtype in dtypes.items():
             steps = pair.steps(dtype)
             if compile_blocks:
                 steps[COMPILED] = pair.step(compiled, dtype)
@@ -205,7 +207,7 @@ def _dit_line(row: dict) -> str:
     )
 
 
-def profile_section(preset: Preset, device: torch.device) -> list[dict]:
+def profile_section(preset: Preset, device: torch.device, dtypes: dict) -> list[dict]:
     """Share of one step's time in matmuls, attention and everything else, at the FLOP-target size."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -214,7 +216,7 @@ def profile_section(preset: Preset, device: torch.device) -> list[dict]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     field = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     rows = []
-    for label, dtype in DTYPES.items():
+    for label, dtype in dtypes.items():
         for name, fn in pair.steps(dtype).items():
             fn()  # warm-up outside the profile
             with profile(activities=activities) as prof:
@@ -718,6 +720,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all logical cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time sat_video with every block torch.compile'd")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
+                        help="precisions of the DiT sections (a CPU without bf16 instructions emulates bf16 matmuls "
+                             "at a fraction of a GFLOP/s: measure fp32 only there)")
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", "tools/bench.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
@@ -726,10 +731,11 @@ def main(argv=None) -> int:
     info = machine(device)
 
     gemm_sizes = preset.gemm_sizes + ((8192,) if device.type == "cuda" else ())
-    peaks = {label: gemm_peak(dtype, device, gemm_sizes, preset.reps) for label, dtype in DTYPES.items()}
+    dtypes = {label: DTYPES[label] for label in args.dtypes}
+    peaks = {label: gemm_peak(dtype, device, gemm_sizes, preset.reps) for label, dtype in dtypes.items()}
     print("GEMM peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s (n={n})" for k, (v, n) in peaks.items()), flush=True)
-    dits, checkpointing = dit_section(preset, device, {k: v for k, (v, _) in peaks.items()}, args.compile)
-    profile = profile_section(preset, device)
+    dits, checkpointing = dit_section(preset, device, {k: v for k, (v, _) in peaks.items()}, args.compile, dtypes)
+    profile = profile_section(preset, device, dtypes)
     with tempfile.TemporaryDirectory(prefix="sat_video_bench_") as tmp:
         workdir = Path(tmp)
         assets = make_train_assets(preset, workdir)

@@ -5,6 +5,7 @@
         data.sources=[/data/my_videos] train.save=runs/my_sft [key=value ...]
     python tools/train_video.py --base configs/cogvideox_2b.yaml configs/tiny.yaml configs/tiny_train.yaml ...
 
+Split each sample's video tokens over S processes (long clips; W = D x S) with ``parallel.sequence_parallel_size=S``.
 Continue a run exactly where it stopped with ``train.resume=latest``. Exit status: 0 done, 1 the run
 stopped (non-finite steps; a checkpoint was saved), 2 bad configuration, data, or run folder, 3 the watchdog
 ended a run that made no progress (stacks in ``<save>/hang-rank<r>.txt``).

@@ -40,14 +40,15 @@ def communication_share(step, device: torch.device) -> float:
 
 def measure(args: dict) -> dict:
     """Build the model of ``args``, split it over this job's processes (when more than one), time it."""
-    import sat_video
+    from sat_video.config.loader import load_config
+    from sat_video.model.build import build_dit
     from sat_video.model.config import DiTConfig
 
-    cfg = sat_video.load_config([args["config"]], args["overrides"])
+    cfg = load_config([args["config"]], args["overrides"])
     split = int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.get("device", "cpu"))
     torch.manual_seed(0)
-    dit = sat_video.build_dit(cfg)
+    dit = build_dit(cfg)
     if split > 1:
         from sat_video.training.distributed import init_distributed
         from sat_video.training.sequence_parallel import SequenceParallelGroups

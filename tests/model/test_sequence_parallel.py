@@ -89,4 +89,4 @@ def test_split_over_two_ranks_every_variant_matches_one_process_forward_backward
     assert sorted(results) == sorted(VARIANTS)
     for r in results.values():
         assert r["video_tokens"] % 2 == 1 and r["tokens_per_rank"] == (r["video_tokens"] + 1) // 2, r  # padded split
-        assert r["output"] <= 1e-5 and r["gradient"] <= 1e-5 and r["latents"] <= 1e-5, r
+        assert max(r["output"], r["gradient"], r["gradient_checkpointed"], r["latents"]) <= 1e-5, r

@@ -1,5 +1,6 @@
 """Training and sampling with the video tokens split over two processes (parallel.sequence_parallel_size=2, torchrun,
-DeepSpeed ZeRO-2): the same losses, weights and videos as one process, and an exact resume."""
+DeepSpeed ZeRO-2): the same losses, weights and videos as one process, from video and from the latent cache, with
+validation sampling, and an exact resume."""
 
 import filecmp
 import json
@@ -20,10 +21,9 @@ SPLIT = "parallel.sequence_parallel_size=2"
 
 def command(variant, assets, save, *overrides, nproc=1, tool="train_video.py"):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    configs = [str(ROOT / "configs" / name) for name in (f"{variant}.yaml", "tiny.yaml", "tiny_train.yaml")]
     run_keys = [f"data.sources=[{assets / 'data'}]", f"train.save={save}", "train.tensorboard=false",
                 "train.train_iters=10", "train.save_interval=5", "train.micro_batch_size=1"] if tool == "train_video.py" else []
-    return [*launcher, str(ROOT / "tools" / tool), "--base", *configs, f"model.text_encoder.path={assets / 't5'}",
+    return [*launcher, str(ROOT / "tools" / tool), "--base", *map(str, configs(variant)), f"model.text_encoder.path={assets / 't5'}",
             *run_keys, *overrides]
 
 
@@ -53,17 +53,32 @@ def assert_same_run(a, b, steps):
         assert torch.allclose(wa[name], wb[name], rtol=1e-5, atol=1e-6), name
 
 
+def configs(variant):
+    return [ROOT / "configs" / name for name in (f"{variant}.yaml", "tiny.yaml", "tiny_train.yaml")]
+
+
 def test_two_sequence_ranks_train_sample_and_resume_as_one_process(train_assets, tmp_path):
-    # The one-process references run side by side (one core each).
-    finish(start("cogvideox_5b", train_assets, tmp_path / "one_5b"), start("cogvideox_5b_i2v", train_assets, tmp_path / "one_i2v"))
-    finish(start("cogvideox_5b", train_assets, tmp_path / "split_5b", SPLIT, nproc=2))
+    from sat_video import load_config
+    from tools.precompute_latents import encode
+
+    # One-process references, side by side: 5B from video, and 5B-I2V from a latent cache encoded here meanwhile.
+    one_5b = start("cogvideox_5b", train_assets, tmp_path / "one_5b")
+    cache = tmp_path / "i2v_latents"
+    encode(load_config(configs("cogvideox_5b_i2v"), [f"data.sources=[{train_assets / 'data'}]",
+                                                     f"model.text_encoder.path={train_assets / 't5'}"]), cache, 2, False)
+    from_cache = f"data.latent_cache={cache}"
+    finish(one_5b, start("cogvideox_5b_i2v", train_assets, tmp_path / "one_i2v", from_cache))
+    # Validation sampling (split too) draws from its own generators: training is unchanged.
+    validation = ["train.validation.interval=5", "train.validation.prompts=[a red circle]", "train.validation.steps=2"]
+    finish(start("cogvideox_5b", train_assets, tmp_path / "split_5b", SPLIT, *validation, nproc=2))
     assert_same_run(tmp_path / "one_5b", tmp_path / "split_5b", range(1, 11))
+    assert (tmp_path / "split_5b" / "samples" / "10" / "000_a_red_circle.mp4").is_file()
 
     # Resumed at checkpoint 5 under the same layout: steps 6-10 and the final weights are those of the straight run.
     finish(start("cogvideox_5b", train_assets, tmp_path / "resumed", SPLIT, f"train.resume={tmp_path / 'split_5b' / '5'}", nproc=2))
     assert_same_run(tmp_path / "split_5b", tmp_path / "resumed", range(6, 11))
 
-    finish(start("cogvideox_5b_i2v", train_assets, tmp_path / "split_i2v", SPLIT, nproc=2))
+    finish(start("cogvideox_5b_i2v", train_assets, tmp_path / "split_i2v", SPLIT, from_cache, nproc=2))
     assert_same_run(tmp_path / "one_i2v", tmp_path / "split_i2v", range(1, 11))
 
     # Sampling split over two processes writes the video of one process.
