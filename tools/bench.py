@@ -86,7 +86,9 @@ class Preset:
     """A long video (many latent frames, thousands of tokens) at a small width, for the sequence-parallel row."""
 
 
-def _dit(name, variant, batch, hidden, layers, heads, latent_hw, frames, text, text_hidden, flops_target=False, **more) -> DiTSize:
+def _dit(
+    name, variant, batch, hidden, layers, heads, latent_hw, frames, text, text_hidden, flops_target=False, **more
+) -> DiTSize:
     keys = dict(hidden_size=hidden, num_layers=layers, num_attention_heads=heads, latent_height=latent_hw[0],
                 latent_width=latent_hw[1], num_frames=frames, text_length=text, text_hidden_size=text_hidden, **more)
     return DiTSize(name, variant, tuple(f"model.dit.{k}={v}" for k, v in keys.items()), batch, flops_target)

@@ -20,16 +20,21 @@ SPLIT = "parallel.sequence_parallel_size=2"
 
 
 def command(variant, assets, save, *overrides, nproc=1, tool="train_video.py"):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     run_keys = [f"data.sources=[{assets / 'data'}]", f"train.save={save}", "train.tensorboard=false",
-                "train.train_iters=10", "train.save_interval=5", "train.micro_batch_size=1"] if tool == "train_video.py" else []
-    return [*launcher, str(ROOT / "tools" / tool), "--base", *map(str, configs(variant)), f"model.text_encoder.path={assets / 't5'}",
-            *run_keys, *overrides]
+                "train.train_iters=10", "train.save_interval=5", "train.micro_batch_size=1"]
+    if nproc == 1:
+        launcher = [sys.executable]
+    if tool != "train_video.py":
+        run_keys = []
+    return [*launcher, str(ROOT / "tools" / tool), "--base", *map(str, configs(variant)),
+            f"model.text_encoder.path={assets / 't5'}", *run_keys, *overrides]
 
 
 def start(*args, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command(*args, **kwargs), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command(*args, **kwargs), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def finish(*procs):
@@ -75,7 +80,8 @@ def test_two_sequence_ranks_train_sample_and_resume_as_one_process(train_assets,
     assert (tmp_path / "split_5b" / "samples" / "10" / "000_a_red_circle.mp4").is_file()
 
     # Resumed at checkpoint 5 under the same layout: steps 6-10 and the final weights are those of the straight run.
-    finish(start("cogvideox_5b", train_assets, tmp_path / "resumed", SPLIT, f"train.resume={tmp_path / 'split_5b' / '5'}", nproc=2))
+    resume = f"train.resume={tmp_path / 'split_5b' / '5'}"
+    finish(start("cogvideox_5b", train_assets, tmp_path / "resumed", SPLIT, resume, nproc=2))
     assert_same_run(tmp_path / "split_5b", tmp_path / "resumed", range(6, 11))
 
     finish(start("cogvideox_5b_i2v", train_assets, tmp_path / "split_i2v", SPLIT, from_cache, nproc=2))
@@ -83,7 +89,8 @@ def test_two_sequence_ranks_train_sample_and_resume_as_one_process(train_assets,
 
     # Sampling split over two processes writes the video of one process.
     sample = ["--ckpt", str(tmp_path / "split_5b"), "--prompt", "a red circle", "--steps", "3"]
-    finish(start("cogvideox_5b", train_assets, None, *sample, "--out", str(tmp_path / "one"), tool="sample_video.py"),
-           start("cogvideox_5b", train_assets, None, *sample, "--out", str(tmp_path / "two"), SPLIT, nproc=2, tool="sample_video.py"))
+    tool = "sample_video.py"
+    finish(start("cogvideox_5b", train_assets, None, *sample, "--out", str(tmp_path / "one"), tool=tool),
+           start("cogvideox_5b", train_assets, None, *sample, "--out", str(tmp_path / "two"), SPLIT, nproc=2, tool=tool))
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["000_a_red_circle.mp4", "contact_sheet.png"]
     assert filecmp.cmp(tmp_path / "one" / "000_a_red_circle.mp4", tmp_path / "two" / "000_a_red_circle.mp4", shallow=False)
