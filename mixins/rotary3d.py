@@ -132,16 +132,21 @@ class Rotary3DMixin(Mixin):
         rotation = self.rotation(ctx.grid, ctx.num_condition_tokens, q.device, ctx.shard)  # broadcast over batch and heads
         return apply_rotation(q, rotation), apply_rotation(k, rotation), v
 
-    def add_position(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        grid, train = ctx.grid, self.train_grid
+    def check_grid(self, grid: TokenGrid, num_condition_tokens: int) -> None:
+        train = getattr(self, "train_grid", None)
+        if train is None:
+            return  # RoPE alone extrapolates to any grid
         if (
             (grid.height, grid.width) != (train.height, train.width)
             or grid.frames > train.frames
-            or ctx.num_condition_tokens != self.dit_config.text_length
+            or num_condition_tokens != self.dit_config.text_length
         ):
             raise ValueError(
                 f"the learned position table covers {self.dit_config.text_length} text tokens and a "
-                f"{train.frames}x{train.height}x{train.width} grid; this input has {ctx.num_condition_tokens} text "
+                f"{train.frames}x{train.height}x{train.width} grid; this input has {num_condition_tokens} text "
                 f"tokens and a {grid.frames}x{grid.height}x{grid.width} grid (only fewer frames are possible)"
             )
+
+    def add_position(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        self.check_grid(ctx.grid, ctx.num_condition_tokens)
         return hidden + self.pos_embedding[:, : hidden.shape[1]]

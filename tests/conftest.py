@@ -101,3 +101,33 @@ def write_hostile_videos(folder, huge_size=(4096, 4608)):
     (folder / "hours.mkv").write_bytes(data)
     return {"huge.mp4": "exceeds data.max_source_pixels", "hours.mkv": "inconsistent stream: the header declares 10,800.0 s",
             "sparse.mp4": "fps is outside"}
+
+
+BUCKETS = [[9, 64, 112], [17, 64, 112], [9, 48, 64], [9, 112, 64], [1, 64, 112]]
+# folder -> (frames, height, width) of its clips and the bucket they belong in (None: too short for any)
+BUCKET_CLIPS = {
+    "wide_short": ((16, 72, 128), "9x64x112"),   # 16:9, 2 s at 8 fps: fills 9 frames, not 17
+    "wide_long": ((32, 72, 128), "17x64x112"),   # 16:9, 4 s: the longer bucket
+    "four_three": ((16, 96, 128), "9x48x64"),    # 4:3
+    "tall": ((16, 128, 80), "9x112x64"),         # 9:16-ish portrait
+    "too_short": ((4, 72, 128), None),           # half a second: no 16:9 bucket is that short
+}
+
+
+@pytest.fixture(scope="session")
+def bucket_clips(tmp_path_factory):
+    """Two captioned mp4 clips per folder of BUCKET_CLIPS, plus an SFT folder with two 16:9 images."""
+    import numpy as np
+    from PIL import Image
+
+    from sat_video.fixtures.synthetic import make_moving_shapes
+
+    root = tmp_path_factory.mktemp("bucket_clips")
+    for seed, (name, ((frames, height, width), _)) in enumerate(BUCKET_CLIPS.items()):
+        make_moving_shapes(root / name, 2, frames, height, width, 8, seed)
+    (root / "images" / "videos").mkdir(parents=True)
+    (root / "images" / "labels").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((90, 160, 3), 40 * i, np.uint8)).save(root / "images" / "videos" / f"still_{i}.png")
+        (root / "images" / "labels" / f"still_{i}.txt").write_text(f"a still picture {i}")
+    return root

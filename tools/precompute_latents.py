@@ -19,9 +19,11 @@ import torch
 
 from sat_video.common.errors import OutputExistsError
 from sat_video.config.cli import add_config_arguments, config_from_arguments, run_tool
-from sat_video.data.clips import ClipSpec
+from sat_video.data.buckets import assign_buckets, parse_buckets
+from sat_video.data.clips import ClipSpec, source_shape
 from sat_video.data.sources import discover
 from sat_video.model.config import DiTConfig
+from sat_video.model.stages import SPATIAL_COMPRESSION
 
 
 def encode(cfg, out: Path, samples_per_shard: int, overwrite: bool) -> int:
@@ -50,8 +52,19 @@ def encode(cfg, out: Path, samples_per_shard: int, overwrite: bool) -> int:
         barrier()
         writer = CacheWriter(staging, env.rank, samples_per_shard)
         mine = list(enumerate(refs))[env.rank::env.world_size]
-        loader = torch.utils.data.DataLoader(ClipsToEncode(mine, spec), batch_size=None, num_workers=cfg.data.num_workers)
-        for index, ref, video, caption, reason in tqdm(loader, desc="encode", disable=not env.is_main, dynamic_ncols=True):
+        buckets = None
+        if cfg.data.buckets:  # each clip at its bucket's size; those that fit none are listed as skipped
+            choices = parse_buckets(cfg.data.buckets, SPATIAL_COMPRESSION * dit_config.patch_size)
+            assigned, skipped = assign_buckets([ref for _, ref in mine], choices, lambda ref: source_shape(ref, spec),
+                                               cfg.data.max_upscale, spec.min_frames)
+            writer.skipped.extend(skipped)
+            bucket_of = {id(ref): bucket for ref, bucket in assigned}
+            mine = [(index, ref) for index, ref in mine if id(ref) in bucket_of]
+            buckets = [bucket_of[id(ref)] for _, ref in mine]
+        loader = torch.utils.data.DataLoader(ClipsToEncode(mine, spec, buckets), batch_size=None,
+                                             num_workers=cfg.data.num_workers)
+        for item, (index, ref, video, caption, reason) in enumerate(
+                tqdm(loader, desc="encode", disable=not env.is_main, dynamic_ncols=True)):
             if reason is not None:
                 logging.getLogger("sat_video.data").warning("skipping %s: %s", ref.path, reason)
                 writer.skipped.append((str(ref.path), reason))
@@ -64,7 +77,7 @@ def encode(cfg, out: Path, samples_per_shard: int, overwrite: bool) -> int:
                 tensors["latent_std"] = std[0]
             if image_condition:
                 tensors["first_frame"] = video[0, :, :1]
-            writer.add(index, ref, caption, tensors)
+            writer.add(index, ref, caption, tensors, bucket=buckets[item].name if buckets is not None else None)
         writer.write_part()
         barrier()
         if env.is_main:

@@ -22,8 +22,10 @@ from omegaconf.errors import OmegaConfBaseException
 from sat_video.common.constraints import field_problems
 from sat_video.common.errors import ConfigError, UnknownMixinError, did_you_mean
 from sat_video.config.schema import Config
+from sat_video.data.buckets import parse_buckets
 from sat_video.model.build import build_dit, import_plugins, mixin_class, stage_class
 from sat_video.model.config import DiTConfig
+from sat_video.model.stages import SPATIAL_COMPRESSION
 from sat_video.training.optim import check_schedule
 
 
@@ -224,5 +226,29 @@ def load_config(paths: str | Path | dict | Sequence[str | Path | dict], override
     DiTConfig.from_config(cfg).validate()
     _check_across_sections(cfg)
     with torch.device("meta"):  # mixins check the sizes they need (RoPE's head dim, ...) as they are built
-        build_dit(cfg)
+        dit = build_dit(cfg)
+    _check_buckets(cfg, dit)
     return cfg
+
+
+def _check_buckets(cfg: DictConfig, dit) -> None:
+    """``data.buckets`` well formed, runnable by every mixin, and ``data.bucket_weights`` naming them."""
+    data, dit_config = cfg.data, DiTConfig.from_config(cfg)
+    buckets = parse_buckets(data.buckets, SPATIAL_COMPRESSION * dit_config.patch_size)
+    names = [bucket.name for bucket in buckets]
+    for bucket in buckets:
+        grid = dit_config.token_grid(bucket.frames, bucket.height // SPATIAL_COMPRESSION, bucket.width // SPATIAL_COMPRESSION)
+        for name, mixin in dit.mixins.items():
+            try:
+                mixin.check_grid(grid, dit_config.text_length)
+            except ValueError as err:
+                raise ConfigError(f"data.buckets: bucket {bucket.name} cannot run on mixin model.dit.mixins.{name} "
+                                  f"({type(mixin).__name__}): {err}") from None
+    for name, weight in data.bucket_weights.items():
+        if name not in names:
+            raise ConfigError(f"data.bucket_weights: '{name}' is not a bucket{did_you_mean(name, names)} "
+                              f"(data.buckets: {', '.join(names) or 'none'})")
+        if weight < 0:
+            raise ConfigError(f"data.bucket_weights.{name}: weights must be >= 0, found {weight}")
+    if data.bucket_weights and not any(weight > 0 for weight in data.bucket_weights.values()):
+        raise ConfigError("data.bucket_weights: at least one weight must be positive")

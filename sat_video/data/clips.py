@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sat_video.common.errors import DataError, UnusableSample
+from sat_video.data.buckets import Bucket, SourceShape, usable_frames
 from sat_video.data.config import DEFAULT_MAX_SOURCE_PIXELS, DataConfig
 from sat_video.data.sources import SampleRef
 from sat_video.data.video_probe import check_consistent, check_declared, probe_video
@@ -116,10 +117,10 @@ def _short(err: Exception, path: Path) -> str:
     return f"{type(err).__name__}: {lines[0][:160] if lines else ''}"
 
 
-def _read_video(path: Path, spec: ClipSpec) -> np.ndarray:
-    """uint8 ``[T, H, W, 3]``: ``num_frames`` frames at ``spec.fps``, fewer (at least ``min_frames``) if the video is short."""
+def _open_video(path: Path, max_source_pixels: int):
+    """``(reader, frames, fps, declared header)`` of a video that passed every check made before decoding."""
     declared = probe_video(path)
-    check_declared(path, declared, spec.max_source_pixels)
+    check_declared(path, declared, max_source_pixels)
     # decord indexes every packet when opening, so truncated files already fail here.
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
@@ -129,6 +130,12 @@ def _read_video(path: Path, spec: ClipSpec) -> np.ndarray:
     check_consistent(path, declared, total, source_fps)
     if not source_fps > 0:
         raise UnusableSample(path, f"unknown frame rate ({source_fps})")
+    return reader, total, source_fps, declared
+
+
+def _read_video(path: Path, spec: ClipSpec) -> np.ndarray:
+    """uint8 ``[T, H, W, 3]``: ``num_frames`` frames at ``spec.fps``, fewer (at least ``min_frames``) if the video is short."""
+    reader, total, source_fps, _ = _open_video(path, spec.max_source_pixels)
     stride = source_fps / spec.fps
     wanted = (spec.skip_frames + math.floor(i * stride + 0.5) for i in range(spec.num_frames))
     indices = [index for index in wanted if index < total - spec.skip_frames]
@@ -145,14 +152,17 @@ def _read_video(path: Path, spec: ClipSpec) -> np.ndarray:
         raise UnusableSample(path, f"decoding failed ({_short(err, path)})") from None
 
 
-def _read_image(path: Path, max_pixels: int) -> np.ndarray:
-    """uint8 ``[1, H, W, 3]``; an image declaring more than ``max_pixels`` is refused before it is decoded."""
+def _read_image(path: Path, max_pixels: int, decode: bool = True) -> np.ndarray | tuple[int, int]:
+    """uint8 ``[1, H, W, 3]`` (``decode=False``: only ``(width, height)``); an image declaring more than
+    ``max_pixels`` is refused before it is decoded."""
     try:
         with Image.open(path) as image:  # reads the header only
             pixels = image.width * image.height
             if pixels > max_pixels:
                 raise UnusableSample(path, f"declared image size {image.width}x{image.height} ({pixels:,} pixels) "
                                            f"exceeds data.max_source_pixels={max_pixels:,}")
+            if not decode:
+                return image.width, image.height
             return np.array(image.convert("RGB"))[None]  # a writable copy, as torch.from_numpy wants
     except PIL_ERRORS as err:
         raise UnusableSample(path, f"not a readable image ({_short(err, path)})") from None
@@ -190,6 +200,37 @@ def _to_clip(frames: np.ndarray, height: int, width: int, num_frames: int = 1) -
     return clip
 
 
+def bucket_spec(spec: ClipSpec, bucket: Bucket) -> ClipSpec:
+    """``spec`` at ``bucket``'s size."""
+    min_frames = None if spec.min_frames is None else min(spec.min_frames, bucket.frames)
+    return dataclasses.replace(spec, num_frames=bucket.frames, height=bucket.height, width=bucket.width, min_frames=min_frames)
+
+
+def _check_file(ref: SampleRef) -> None:
+    if ref.path.is_symlink() and not ref.path.exists():
+        raise UnusableSample(ref.path, f"broken link to {os.readlink(ref.path)} (is that storage mounted?)")
+    if not ref.path.is_file():
+        raise UnusableSample(ref.path, "file not found")
+    if ref.path.stat().st_size == 0:
+        raise UnusableSample(ref.path, "empty file (0 bytes)")
+
+
+def source_shape(ref: SampleRef, spec: ClipSpec) -> SourceShape:
+    """A file's frame size and how many frames it gives at ``spec.fps`` after ``spec.skip_frames``, from its header and
+    decord's index (nothing is decoded): what bucket assignment needs.
+
+    Raises:
+        UnusableSample: what :func:`load_clip` would refuse before decoding (a caption missing included).
+    """
+    _check_file(ref)
+    _read_caption(ref)
+    if ref.is_image:
+        width, height = _read_image(ref.path, spec.max_source_pixels, decode=False)
+        return SourceShape(width, height, 1, True)
+    _, total, source_fps, declared = _open_video(ref.path, spec.max_source_pixels)
+    return SourceShape(declared.width, declared.height, usable_frames(total, source_fps, spec.fps, spec.skip_frames), False)
+
+
 def load_clip(ref: SampleRef, spec: ClipSpec) -> tuple[torch.Tensor, str]:
     """Decode one sample.
 
@@ -200,12 +241,7 @@ def load_clip(ref: SampleRef, spec: ClipSpec) -> tuple[torch.Tensor, str]:
     Raises:
         UnusableSample: missing, empty or undecodable file, too few frames, missing or empty caption.
     """
-    if ref.path.is_symlink() and not ref.path.exists():
-        raise UnusableSample(ref.path, f"broken link to {os.readlink(ref.path)} (is that storage mounted?)")
-    if not ref.path.is_file():
-        raise UnusableSample(ref.path, "file not found")
-    if ref.path.stat().st_size == 0:
-        raise UnusableSample(ref.path, "empty file (0 bytes)")
+    _check_file(ref)
     caption = _read_caption(ref)
     if ref.is_image:
         return _to_clip(_read_image(ref.path, spec.max_source_pixels), spec.height, spec.width), caption
@@ -233,6 +269,7 @@ class Sample:
     path: str
     position: tuple[int, int]
     skipped: tuple[tuple[str, str], ...] = ()
+    bucket: str | None = None
 
 
 @dataclass
@@ -244,6 +281,7 @@ class Batch:
         captions, paths: one per sample.
         position: ``(epoch, batch index in the epoch)``; resume with ``start=(epoch, batch index + 1)``.
         skipped: ``(path, reason)`` of every file skipped while producing this batch.
+        bucket: the bucket all its clips were cut for (``"FxHxW"``), ``None`` without ``data.buckets``.
     """
 
     video: torch.Tensor
@@ -251,6 +289,7 @@ class Batch:
     paths: list[str]
     position: tuple[int, int]
     skipped: list[tuple[str, str]]
+    bucket: str | None = None
 
     def pin_memory(self) -> Batch:
         """Called by ``DataLoader(pin_memory=True)``."""
@@ -267,25 +306,41 @@ class VideoDataset(torch.utils.data.Dataset):
     :class:`ClipBatchSampler`.
 
     An unusable file is logged (logger ``sat_video.data``) and replaced by the next usable sample of the same
-    kind (image or video, so batch shapes still match), wrapping around the list.
+    kind (image or video, or the same bucket, so batch shapes still match), wrapping around the list.
 
     Args:
         refs: from :func:`discover`.
         spec: how clips are cut.
+        buckets: with ``data.buckets``, the bucket of each ref (:func:`sat_video.data.buckets.assign_bucket`): its clip
+            is cut at that size instead of ``spec``'s.
     """
 
-    def __init__(self, refs: Sequence[SampleRef], spec: ClipSpec):
+    def __init__(self, refs: Sequence[SampleRef], spec: ClipSpec, buckets: Sequence[Bucket] | None = None):
         if not refs:
             raise DataError("VideoDataset needs at least one sample")
+        if buckets is not None and len(buckets) != len(refs):
+            raise ValueError(f"one bucket per sample: {len(refs)} samples, {len(buckets)} buckets")
         self.refs = list(refs)
         self.spec = spec
+        self.buckets = list(buckets) if buckets is not None else None
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def _try_load(self, ref: SampleRef, failures: list[tuple[str, str]]) -> tuple[torch.Tensor, str] | None:
+    @property
+    def kinds(self) -> list:
+        """What a batch must not mix, per sample (:class:`ClipBatchSampler`): its bucket, or whether it is an image."""
+        return list(self.buckets) if self.buckets is not None else [ref.is_image for ref in self.refs]
+
+    def spec_for(self, index: int) -> ClipSpec:
+        """How sample ``index`` is cut: at its bucket's size, or ``spec``."""
+        if self.buckets is None:
+            return self.spec
+        return bucket_spec(self.spec, self.buckets[index])
+
+    def _try_load(self, index: int, failures: list[tuple[str, str]]) -> tuple[torch.Tensor, str] | None:
         try:
-            return load_clip(ref, self.spec)
+            return load_clip(self.refs[index], self.spec_for(index))
         except UnusableSample as err:
             logger.warning("skipping %s: %s", err.path, err.reason)
             failures.append((err.path, err.reason))
@@ -293,16 +348,20 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int, int]) -> Sample:
         index, epoch, batch_index = item
-        is_image = self.refs[index].is_image
+        kinds = self.kinds
         failures: list[tuple[str, str]] = []
         for offset in range(len(self.refs)):
-            ref = self.refs[(index + offset) % len(self.refs)]
-            if ref.is_image != is_image:
+            candidate = (index + offset) % len(self.refs)
+            if kinds[candidate] != kinds[index]:
                 continue
-            loaded = self._try_load(ref, failures)
+            loaded = self._try_load(candidate, failures)
             if loaded is not None:
-                return Sample(loaded[0], loaded[1], str(ref.path), (epoch, batch_index), tuple(failures))
-        kind = "image" if is_image else "video"
+                bucket = self.buckets[candidate].name if self.buckets is not None else None
+                return Sample(loaded[0], loaded[1], str(self.refs[candidate].path), (epoch, batch_index),
+                              tuple(failures), bucket)
+        kind = "image" if self.refs[index].is_image else "video"
+        if self.buckets is not None:
+            kind = f"{kind} of bucket {kinds[index].name}"
         raise DataError(f"no usable {kind}: all {len(failures)} {kind} files failed, e.g. {_examples(failures)}")
 
     def first_usable(self) -> int:
@@ -313,8 +372,8 @@ class VideoDataset(torch.utils.data.Dataset):
             DataError: no sample loads; the message names the folders and the first failures.
         """
         failures: list[tuple[str, str]] = []
-        for index, ref in enumerate(self.refs):
-            if self._try_load(ref, failures) is not None:
+        for index in range(len(self.refs)):
+            if self._try_load(index, failures) is not None:
                 return index
         folders = sorted({str(ref.path.parent) for ref in self.refs})
         where = ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else "")
@@ -333,4 +392,5 @@ def collate(samples: list[Sample]) -> Batch:
         paths=[sample.path for sample in samples],
         position=samples[0].position,
         skipped=[failure for sample in samples for failure in sample.skipped],
+        bucket=samples[0].bucket,
     )

@@ -33,6 +33,15 @@ class DataConfig:
     """Videos and images whose header declares larger frames are skipped (and named in ``skipped_files.txt``)
     before anything is decoded. Headers are also checked for absurd frame rates, durations and frame counts
     (:mod:`sat_video.data.video_probe`)."""
+    buckets: list[list[int]] = field(default_factory=list)
+    """``[frames, height, width]`` clip sizes in pixels (frames 4k+1, 1 for images; sides multiples of 8 x
+    ``model.dit.patch_size``). Each clip is cut at the bucket that fits it (:mod:`sat_video.data.buckets`) and a batch
+    holds one bucket. Empty: every clip at ``model.dit.num_frames`` x ``data.height`` x ``data.width``."""
+    bucket_weights: dict[str, float] = field(default_factory=dict)
+    """``{"FxHxW": weight}``: draw each batch's bucket with these relative weights (buckets left out: never) instead
+    of in proportion to the buckets' batches."""
+    max_upscale: float = field(default=1.0, metadata=at_least(1))
+    """A clip goes to a bucket only if covering it needs at most this upscaling (1: never upscale)."""
     num_workers: int = field(default=2, metadata=at_least(0))
     """Data-loader processes per rank (0 decodes in the training process)."""
     latent_cache: str | None = None

@@ -35,7 +35,8 @@ from safetensors.torch import save_file
 
 from sat_video.common.errors import CacheError, UnusableSample
 from sat_video.common.files import atomic_write
-from sat_video.data.clips import ClipSpec, load_clip
+from sat_video.data.buckets import Bucket
+from sat_video.data.clips import ClipSpec, bucket_spec, load_clip
 from sat_video.data.config import DataConfig
 from sat_video.data.sources import SampleRef
 
@@ -66,6 +67,9 @@ def cache_settings(model: DictConfig, data: DataConfig) -> dict[str, Any]:
         "data.skip_frames": spec.skip_frames,
         "data.min_frames": spec.min_frames,
     }
+    if data.buckets:  # clips are cut at their buckets' sizes
+        settings["data.buckets"] = [list(map(int, bucket)) for bucket in data.buckets]
+        settings["data.max_upscale"] = float(data.max_upscale)
     if first_stage.path is None:  # a randomly initialised VAE is defined by its architecture and seed
         settings["model.first_stage.architecture"] = _plain(first_stage.architecture)
         settings["model.first_stage.init_seed"] = first_stage.init_seed
@@ -94,6 +98,7 @@ class CachedSample:
     caption: str
     path: str
     position: tuple[int, int]
+    bucket: str | None = None
 
 
 @dataclass
@@ -106,6 +111,7 @@ class CachedBatch:
         text: T5 embeddings ``[B, L, D]``.
         first_frame: I2V only, the clip's first frame ``[B, 3, 1, H, W]`` in ``[-1, 1]``.
         position: ``(epoch, batch index)``, as for raw clips.
+        bucket: the bucket its clips were cut for (``"FxHxW"``), ``None`` without ``data.buckets``.
     """
 
     latent_mean: torch.Tensor
@@ -116,6 +122,7 @@ class CachedBatch:
     paths: list[str]
     position: tuple[int, int]
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    bucket: str | None = None
 
     def _map_tensors(self, fn) -> CachedBatch:
         return dataclasses.replace(
@@ -175,8 +182,11 @@ class LatentCache(torch.utils.data.Dataset):
         return len(self.samples)
 
     @property
-    def kinds(self) -> list[bool]:
-        """``is_image`` per sample, for :class:`sat_video.data.ClipBatchSampler`."""
+    def kinds(self) -> list:
+        """What a batch must not mix, per sample, for :class:`sat_video.data.ClipBatchSampler`: its bucket (a cache made
+        with ``data.buckets``) or whether it is an image, as :attr:`sat_video.data.VideoDataset.kinds`."""
+        if all("bucket" in entry for entry in self.samples):
+            return [Bucket(*map(int, entry["bucket"].split("x"))) for entry in self.samples]
         return [bool(entry["is_image"]) for entry in self.samples]
 
     def check_compatible(self, model: DictConfig, data: DataConfig) -> None:
@@ -220,6 +230,7 @@ class LatentCache(torch.utils.data.Dataset):
             caption=entry["caption"],
             path=entry["path"],
             position=(epoch, batch_index),
+            bucket=entry.get("bucket"),
         )
 
     def __getstate__(self):  # safetensors handles do not pickle; workers reopen their own
@@ -237,6 +248,7 @@ def collate_cached(samples: list[CachedSample]) -> CachedBatch:
         captions=[s.caption for s in samples],
         paths=[s.path for s in samples],
         position=samples[0].position,
+        bucket=samples[0].bucket,
     )
 
 
@@ -244,18 +256,25 @@ def collate_cached(samples: list[CachedSample]) -> CachedBatch:
 
 
 class ClipsToEncode(torch.utils.data.Dataset):
-    """Decodes this rank's files in data-loader workers; an unusable file becomes its reason."""
+    """Decodes this rank's files in data-loader workers; an unusable file becomes its reason.
 
-    def __init__(self, refs: list[tuple[int, SampleRef]], spec: ClipSpec):
-        self.refs, self.spec = refs, spec
+    Args:
+        refs: ``(index in the data set, ref)``.
+        spec: how clips are cut; with ``buckets`` (one per ref), at each ref's bucket size instead.
+    """
+
+    def __init__(self, refs: list[tuple[int, SampleRef]], spec: ClipSpec, buckets: list[Bucket] | None = None):
+        self.refs, self.spec, self.buckets = refs, spec, buckets
 
     def __len__(self) -> int:
         return len(self.refs)
 
     def __getitem__(self, item: int):
         index, ref = self.refs[item]
+        bucket = self.buckets[item] if self.buckets is not None else None
+        spec = self.spec if bucket is None else bucket_spec(self.spec, bucket)
         try:
-            video, caption = load_clip(ref, self.spec)
+            video, caption = load_clip(ref, spec)
             return index, ref, video, caption, None
         except UnusableSample as err:
             return index, ref, None, None, err.reason
@@ -275,7 +294,7 @@ class CacheWriter:
     def _shard_name(self) -> str:
         return f"shard-{self.rank:03d}-{self._shard_index:05d}.safetensors"
 
-    def add(self, index: int, ref: SampleRef, caption: str, tensors: dict[str, torch.Tensor]) -> None:
+    def add(self, index: int, ref: SampleRef, caption: str, tensors: dict[str, torch.Tensor], bucket: str | None = None) -> None:
         key = self._count
         for name, tensor in tensors.items():
             self._tensors[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
@@ -289,6 +308,7 @@ class CacheWriter:
                 "key": key,
                 "tensors": sorted(tensors),
                 "latent_shape": list(tensors["latent_mean"].shape),
+                **({"bucket": bucket} if bucket is not None else {}),
             }
         )
         self._count += 1

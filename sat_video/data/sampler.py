@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from sat_video.common.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +39,23 @@ class ClipBatchSampler:
     same number of times) until the larger kind fills one (ranks then see overlapping samples). A kind with fewer than
     ``world_size * batch_size`` samples (after that repetition) gets no batch at all; a warning says so.
 
+    With ``data.buckets`` the kinds are the samples' buckets (:attr:`sat_video.data.VideoDataset.kinds`): everything
+    above holds per bucket, so no batch mixes buckets and all ranks draw the same bucket at every position. With
+    ``weights`` (``data.bucket_weights``) each position draws its kind with those relative weights instead, cycling
+    through that kind's batches of the epoch (the epoch keeps its number of positions).
+
     Args:
-        kinds: ``is_image`` of every sample (``[ref.is_image for ref in refs]``).
+        kinds: what a batch must not mix, per sample: ``is_image`` (``[ref.is_image for ref in refs]``) or a bucket.
         batch_size: samples per batch (per rank).
         rank, world_size: this rank among the data-parallel ranks.
         seed: shuffling seed; must be the same on every rank.
         start: ``(epoch, batch index)`` of the first batch to yield; to resume after the batch at position
             ``(e, b)``, pass ``(e, b + 1)`` (past the end of an epoch moves on to the next one).
+        weights: relative weight per kind; kinds not listed are never drawn.
     """
 
-    def __init__(self, kinds: Sequence[bool], batch_size: int, rank: int, world_size: int, seed: int,
-                 start: tuple[int, int] = (0, 0)):
+    def __init__(self, kinds: Sequence[Hashable], batch_size: int, rank: int, world_size: int, seed: int,
+                 start: tuple[int, int] = (0, 0), weights: Mapping[Hashable, float] | None = None):
         if not kinds:
             raise ValueError("ClipBatchSampler needs at least one sample")
         if batch_size < 1:
@@ -55,19 +64,21 @@ class ClipBatchSampler:
             raise ValueError(f"rank must be in [0, world_size={world_size}), found {rank}")
         if seed < 0 or min(start) < 0:
             raise ValueError(f"seed and start must be non-negative, found seed={seed}, start={start}")
-        self.kinds = [bool(kind) for kind in kinds]
+        self.kinds = list(kinds)
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
         self.start = (int(start[0]), int(start[1]))
-        self._by_kind = {is_image: [index for index, kind in enumerate(self.kinds) if kind == is_image]
-                         for is_image in (True, False)}
+        self.weights = dict(weights) if weights is not None else None
+        # A fixed order of kinds (images before videos), so that every rank makes the same draws.
+        groups = sorted(set(self.kinds), key=lambda kind: (0, not kind) if isinstance(kind, bool) else (1, kind))
+        self._by_kind = {group: [index for index, kind in enumerate(self.kinds) if kind == group] for group in groups}
         per_position = batch_size * world_size  # samples of one kind that one position takes from all ranks
         self._repeats = max(1, -(-per_position // max(map(len, self._by_kind.values()))))  # ceil: the tiny-data-set case
-        for is_image, indices in self._by_kind.items():
-            if indices and len(indices) * self._repeats < per_position:
-                name = "image" if is_image else "video"
+        for group, indices in self._by_kind.items():
+            if len(indices) * self._repeats < per_position:
+                name = ("image" if group else "video") if isinstance(group, bool) else f"bucket {group.name}"
                 logger.warning("%d %s sample(s) cannot fill a batch of %d on each of %d ranks at the same step "
                                "(needs %d); no %s batch is drawn", len(indices), name, batch_size, world_size,
                                per_position, name)
@@ -77,16 +88,25 @@ class ClipBatchSampler:
         mixed_seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0])
         generator = torch.Generator().manual_seed(mixed_seed)
         per_position = self.batch_size * self.world_size
-        batches: dict[bool, list[list[int]]] = {}
-        for is_image in (True, False):  # images first, then videos: a fixed order of draws from the generator
-            indices = self._by_kind[is_image]
+        batches: dict[Hashable, list[list[int]]] = {}
+        for group, indices in self._by_kind.items():  # in the fixed order of kinds: the same draws on every rank
             shuffled = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()] * self._repeats
             count = len(shuffled) // per_position
             mine = shuffled[self.rank:count * per_position:self.world_size]  # this rank's share of the full batches
-            batches[is_image] = [mine[b * self.batch_size:(b + 1) * self.batch_size] for b in range(count)]
-        sequence = [True] * len(batches[True]) + [False] * len(batches[False])
-        next_of_kind = {is_image: iter(kind_batches) for is_image, kind_batches in batches.items()}
-        return [next(next_of_kind[sequence[i]]) for i in torch.randperm(len(sequence), generator=generator).tolist()]
+            batches[group] = [mine[b * self.batch_size:(b + 1) * self.batch_size] for b in range(count)]
+        sequence = [group for group, group_batches in batches.items() for _ in group_batches]
+        if self.weights is None:
+            order = [sequence[i] for i in torch.randperm(len(sequence), generator=generator).tolist()]
+        else:
+            drawn = [group for group in batches if batches[group] and self.weights.get(group, 0) > 0]
+            if not drawn:
+                raise DataError(f"no kind with a positive weight ({self.weights}) has a full batch of "
+                                f"{self.batch_size} on each of {self.world_size} rank(s)")
+            probabilities = torch.tensor([float(self.weights[group]) for group in drawn], dtype=torch.float64)
+            picks = torch.multinomial(probabilities, len(sequence), replacement=True, generator=generator).tolist()
+            order = [drawn[i] for i in picks]
+        next_of_kind = {group: itertools.cycle(group_batches) for group, group_batches in batches.items() if group_batches}
+        return [next(next_of_kind[group]) for group in order]
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         epoch, first = self.start

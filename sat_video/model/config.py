@@ -74,6 +74,15 @@ class DiTConfig:
     def latent_frames(self) -> int:
         return (self.num_frames - 1) // self.temporal_compression_ratio + 1
 
+    def token_grid(self, num_frames: int, latent_height: int, latent_width: int):
+        """The :class:`~sat_video.model.context.TokenGrid` of a clip of ``num_frames`` pixel frames at this latent size
+        (CogVideoX 1.5's leading padding frames included)."""
+        from sat_video.model.context import TokenGrid
+
+        patch_t = self.patch_size_t or 1
+        latent_frames = (num_frames - 1) // self.temporal_compression_ratio + 1
+        return TokenGrid(-(-latent_frames // patch_t), latent_height // self.patch_size, latent_width // self.patch_size)
+
     def validate(self) -> None:
         """Field constraints and the rules between sizes (:func:`load_config` runs this; so does :func:`build_dit` for
         a ``DiTConfig`` made in code)."""

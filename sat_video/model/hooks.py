@@ -37,7 +37,7 @@ from sat_video.common.constraints import check_fields
 
 if TYPE_CHECKING:
     from sat_video.model.config import DiTConfig
-    from sat_video.model.context import ForwardContext
+    from sat_video.model.context import ForwardContext, TokenGrid
     from sat_video.model.transformer import MLP, SelfAttention, TransformerLayer
 
 
@@ -155,6 +155,10 @@ class Mixin(nn.Module):
 
     def reset_parameters(self) -> None:
         """Initialise this mixin's parameters as for training from scratch (no-op by default)."""
+
+    def check_grid(self, grid: TokenGrid, num_condition_tokens: int) -> None:
+        """Raise ``ValueError`` (saying why) if this mixin cannot run on inputs of ``grid``; by default any grid runs.
+        The config loader asks this of every bucket of ``data.buckets`` before anything is built for real."""
 
     # ------------------------------------------------------------------ hook catalogue
 

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sat_video.common.errors import CheckpointError, RunStopped
+from sat_video.common.errors import CheckpointError, DataError, RunStopped
 from sat_video.common.files import atomic_write
-from sat_video.data.clips import ClipSpec, VideoDataset, collate, load_image
+from sat_video.data.buckets import assign_buckets, bucket_table, parse_buckets
+from sat_video.data.clips import ClipSpec, VideoDataset, collate, load_image, source_shape
 from sat_video.data.latent_cache import LatentCache, collate_cached
 from sat_video.data.sampler import ClipBatchSampler
 from sat_video.data.sources import discover
@@ -35,6 +36,7 @@ from sat_video.diffusion.schedule import NoiseSchedule, sample_timesteps, timest
 from sat_video.formats.sat_checkpoint import MODEL_STATES, load_checkpoint
 from sat_video.model.build import build_dit, build_frozen_stages
 from sat_video.model.config import DiTConfig
+from sat_video.model.stages import SPATIAL_COMPRESSION
 from sat_video.training.deepspeed_setup import deepspeed_config, frozen_stage_dtype
 from sat_video.training.distributed import DistributedEnv, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
 from sat_video.training.optim import FiniteAdamW, lr_lambda, parameter_groups, select_trainable
@@ -108,6 +110,7 @@ class Trainer:
         self.state = LoopState()
         self._writer = None
         self._startup_s: float | None = None
+        self._bucket: str | None = None
         self._build()
 
     # ------------------------------------------------------------------ construction
@@ -143,9 +146,15 @@ class Trainer:
             self.state.skipped_files = list(self.dataset.skipped)
         else:
             refs = discover(list(cfg.data.sources))
-            self.dataset = VideoDataset(refs, self.clip_spec)
+            buckets = self._assign_buckets(refs) if cfg.data.buckets else None
+            if buckets is not None:
+                refs = [ref for ref, _ in buckets]
+                if not refs:
+                    reasons = "; ".join(f"{path}: {reason}" for path, reason in self.state.skipped_files[:3])
+                    raise DataError(f"no clip fits data.buckets, e.g. {reasons}")
+            self.dataset = VideoDataset(refs, self.clip_spec, None if buckets is None else [b for _, b in buckets])
             self.dataset.first_usable()
-            self.kinds, self.collate = [ref.is_image for ref in refs], collate
+            self.kinds, self.collate = self.dataset.kinds, collate
 
         # The same initial weights on every rank; afterwards each data-parallel group draws its own timesteps and
         # noise, the same on all ranks of a sequence-parallel group (they train on one sample together).
@@ -199,6 +208,27 @@ class Trainer:
 
         if resume_from is not None:
             self._load(resume_from)
+
+    def _assign_buckets(self, refs: list) -> list:
+        """Each clip's bucket, from headers only; the ranks share the files. Writes ``buckets.json`` and logs the table;
+        clips that fit no bucket join the skipped files."""
+        cfg, env = self.cfg, self.env
+        buckets = parse_buckets(cfg.data.buckets, SPATIAL_COMPRESSION * cfg.model.dit.patch_size)
+        mine = list(range(env.rank, len(refs), env.world_size))
+        assigned, skipped = assign_buckets([refs[i] for i in mine], buckets, lambda ref: source_shape(ref, self.clip_spec),
+                                           cfg.data.max_upscale, self.clip_spec.min_frames)
+        bucket_of = {str(ref.path): bucket for ref, bucket in assigned}
+        merged_buckets, merged_skipped = {}, set()
+        for part_buckets, part_skipped in gather_objects((bucket_of, skipped)):
+            merged_buckets.update(part_buckets)
+            merged_skipped.update(map(tuple, part_skipped))
+        self.state.skipped_files.extend(sorted(merged_skipped))  # in skipped_files.txt at the end of the run
+        result = [(ref, merged_buckets[str(ref.path)]) for ref in refs if str(ref.path) in merged_buckets]
+        table = {b.name: [str(ref.path) for ref, rb in result if rb == b] for b in sorted(buckets)}
+        if env.is_main:
+            atomic_write(self.run_folder.path / "buckets.json", lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
+            logger.info("clips per bucket (%d fit none):\n%s", len(merged_skipped), bucket_table(table))
+        return result
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -321,6 +351,7 @@ class Trainer:
         batch = next(batches)
         self.watchdog.enter("forward/backward")
         self.state.data_position = (batch.position[0], batch.position[1] + 1)
+        self._bucket = getattr(batch, "bucket", None)
         self.state.skipped_files.extend(item for item in batch.skipped if item not in self.state.skipped_files)
         if self.cached:
             inputs = self.inputs.prepare_cached(batch.to(self.env.device), self.generator)
@@ -422,6 +453,8 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps,
             **_memory_stats(self.env.device),
         }
+        if self._bucket is not None:  # of the window's last step
+            record["bucket"] = self._bucket
         if self._startup_s is not None:  # once: in the first record after this process's first step
             record["startup_s"], self._startup_s = self._startup_s, None
         self._log(record)
