@@ -23,10 +23,13 @@ from sat_video.common.constraints import field_problems
 from sat_video.common.errors import ConfigError, UnknownMixinError, did_you_mean
 from sat_video.config.schema import Config
 from sat_video.data.buckets import parse_buckets
+from sat_video.data.config import DataConfig
 from sat_video.model.build import build_dit, import_plugins, mixin_class, stage_class
 from sat_video.model.config import DiTConfig
 from sat_video.model.stages import SPATIAL_COMPRESSION
+from sat_video.training.config import TrainConfig
 from sat_video.training.optim import check_schedule
+from sat_video.training.progressive import plan_stages, staged_lr_lambda
 
 
 def _check_known_keys(data: Any, schema: type, path: str, source: str) -> None:
@@ -228,7 +231,23 @@ def load_config(paths: str | Path | dict | Sequence[str | Path | dict], override
     with torch.device("meta"):  # mixins check the sizes they need (RoPE's head dim, ...) as they are built
         dit = build_dit(cfg)
     _check_buckets(cfg, dit)
+    _check_stages(cfg, dit, layers)
     return cfg
+
+
+def _check_stages(cfg: DictConfig, dit, layers) -> None:
+    """Each stage of ``train.stages``: keys that may change, in order, and its config as valid as the run's."""
+    stages = plan_stages(cfg)
+    if not cfg.train.stages:
+        return
+    for stage in stages:
+        try:
+            _check_section(stage.cfg.data, DataConfig, "data", [])
+            _check_section(stage.cfg.train, TrainConfig, "train", [])
+            _check_buckets(stage.cfg, dit)
+        except ConfigError as err:
+            raise ConfigError(f"train.stages[{stage.index}]: {str(err).removeprefix('default: ')}") from None
+    staged_lr_lambda(cfg, stages)
 
 
 def _check_buckets(cfg: DictConfig, dit) -> None:

@@ -44,6 +44,17 @@ class ValidationConfig:
 
 
 @dataclass
+class StageConfig:
+    """One entry of ``train.stages`` (:mod:`sat_video.training.progressive`)."""
+
+    until: int = field(default=1, metadata=at_least(1))
+    """The last iteration of this stage (the last stage's is ``train.train_iters``)."""
+    set: dict[str, Any] = field(default_factory=dict)
+    """``{dotted.key: value}`` applied to the run's config for this stage: data keys, ``train.micro_batch_size``,
+    ``train.optimizer.lr``, ``train.lr_schedule.warmup_iters``."""
+
+
+@dataclass
 class TrainConfig:
     """``train``: the loop, its checkpoints and its logs."""
 
@@ -99,6 +110,9 @@ class TrainConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    """Progressive training in one run: ``[{until: <iteration>, set: {dotted.key: value}}, ...]`` switches data,
+    batch size and LR at those iterations (:mod:`sat_video.training.progressive`); empty: one stage."""
 
 
 @dataclass

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sat_video.common.errors import CheckpointError, DataError, RunStopped
 from sat_video.common.files import atomic_write
-from sat_video.data.buckets import assign_buckets, bucket_table, parse_buckets
+from sat_video.data.buckets import Bucket, assign_buckets, bucket_table, parse_buckets
 from sat_video.data.clips import ClipSpec, VideoDataset, collate, load_image, source_shape
 from sat_video.data.latent_cache import LatentCache, collate_cached
 from sat_video.data.sampler import ClipBatchSampler
@@ -39,7 +39,8 @@ from sat_video.model.config import DiTConfig
 from sat_video.model.stages import SPATIAL_COMPRESSION
 from sat_video.training.deepspeed_setup import deepspeed_config, frozen_stage_dtype
 from sat_video.training.distributed import DistributedEnv, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
-from sat_video.training.optim import FiniteAdamW, lr_lambda, parameter_groups, select_trainable
+from sat_video.training.optim import FiniteAdamW, parameter_groups, select_trainable
+from sat_video.training.progressive import TrainingStage, plan_stages, stage_of, staged_lr_lambda
 from sat_video.training.run_folder import RunFolder, trainer_state_file
 from sat_video.training.sequence_parallel import ParallelLayout, SequenceParallelGroups
 from sat_video.training.watchdog import Watchdog
@@ -60,6 +61,8 @@ class LoopState:
     nonfinite_streak: int = 0
     skipped_steps: int = 0
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    stage: int = 0
+    """Index of the ``train.stages`` entry ``data_position`` belongs to."""
 
 
 def _memory_stats(device: torch.device) -> dict:
@@ -137,24 +140,9 @@ class Trainer:
         barrier()
 
         # Data first: a dataset without a usable sample fails before any model is built.
-        self.clip_spec = ClipSpec.from_config(cfg.data, cfg.model.dit)
+        self.training_stages = plan_stages(cfg)
         self.cached = bool(cfg.data.latent_cache)
-        if self.cached:
-            self.dataset = LatentCache(cfg.data.latent_cache)
-            self.dataset.check_compatible(cfg.model, cfg.data)
-            self.kinds, self.collate = self.dataset.kinds, collate_cached
-            self.state.skipped_files = list(self.dataset.skipped)
-        else:
-            refs = discover(list(cfg.data.sources))
-            buckets = self._assign_buckets(refs) if cfg.data.buckets else None
-            if buckets is not None:
-                refs = [ref for ref, _ in buckets]
-                if not refs:
-                    reasons = "; ".join(f"{path}: {reason}" for path, reason in self.state.skipped_files[:3])
-                    raise DataError(f"no clip fits data.buckets, e.g. {reasons}")
-            self.dataset = VideoDataset(refs, self.clip_spec, None if buckets is None else [b for _, b in buckets])
-            self.dataset.first_usable()
-            self.kinds, self.collate = self.dataset.kinds, collate
+        self._build_data(self.training_stages[0])
 
         # The same initial weights on every rank; afterwards each data-parallel group draws its own timesteps and
         # noise, the same on all ranks of a sequence-parallel group (they train on one sample together).
@@ -195,7 +183,7 @@ class Trainer:
         module = DiffusionLoss(dit, schedule, ofs=diffusion.ofs)
         self.optimizer = FiniteAdamW(parameter_groups(dit, train.optimizer.weight_decay), train.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(train.lr_schedule, train.optimizer.lr, train.train_iters)
+            self.optimizer, staged_lr_lambda(cfg, self.training_stages)
         )
         self.engine, _, _, _ = deepspeed.initialize(
             model=module,
@@ -208,11 +196,35 @@ class Trainer:
 
         if resume_from is not None:
             self._load(resume_from)
+            if self.state.stage != self.stage.index:
+                self._build_data(self.training_stages[self.state.stage])
 
-    def _assign_buckets(self, refs: list) -> list:
+    def _build_data(self, stage: TrainingStage) -> None:
+        """The data set, clip settings and sampler kinds of ``stage`` (collective with ``data.buckets``)."""
+        cfg = stage.cfg
+        self.stage = stage
+        self.clip_spec = ClipSpec.from_config(cfg.data, cfg.model.dit)
+        if self.cached:
+            self.dataset = LatentCache(cfg.data.latent_cache)
+            self.dataset.check_compatible(cfg.model, cfg.data)
+            self.kinds, self.collate = self.dataset.kinds, collate_cached
+            self.state.skipped_files.extend(item for item in self.dataset.skipped if item not in self.state.skipped_files)
+            return
+        refs = discover(list(cfg.data.sources))
+        buckets = self._assign_buckets(refs, cfg) if cfg.data.buckets else None
+        if buckets is not None:
+            refs = [ref for ref, _ in buckets]
+            if not refs:
+                reasons = "; ".join(f"{path}: {reason}" for path, reason in self.state.skipped_files[:3])
+                raise DataError(f"no clip fits data.buckets, e.g. {reasons}")
+        self.dataset = VideoDataset(refs, self.clip_spec, None if buckets is None else [b for _, b in buckets])
+        self.dataset.first_usable()
+        self.kinds, self.collate = self.dataset.kinds, collate
+
+    def _assign_buckets(self, refs: list, cfg: DictConfig) -> list:
         """Each clip's bucket, from headers only; the ranks share the files. Writes ``buckets.json`` and logs the table;
         clips that fit no bucket join the skipped files."""
-        cfg, env = self.cfg, self.env
+        env = self.env
         buckets = parse_buckets(cfg.data.buckets, SPATIAL_COMPRESSION * cfg.model.dit.patch_size)
         mine = list(range(env.rank, len(refs), env.world_size))
         assigned, skipped = assign_buckets([refs[i] for i in mine], buckets, lambda ref: source_shape(ref, self.clip_spec),
@@ -222,11 +234,13 @@ class Trainer:
         for part_buckets, part_skipped in gather_objects((bucket_of, skipped)):
             merged_buckets.update(part_buckets)
             merged_skipped.update(map(tuple, part_skipped))
-        self.state.skipped_files.extend(sorted(merged_skipped))  # in skipped_files.txt at the end of the run
+        # in skipped_files.txt at the end of the run
+        self.state.skipped_files.extend(item for item in sorted(merged_skipped) if item not in self.state.skipped_files)
         result = [(ref, merged_buckets[str(ref.path)]) for ref in refs if str(ref.path) in merged_buckets]
         table = {b.name: [str(ref.path) for ref, rb in result if rb == b] for b in sorted(buckets)}
         if env.is_main:
-            atomic_write(self.run_folder.path / "buckets.json", lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
+            name = "buckets.json" if len(self.training_stages) == 1 else f"buckets-stage{self.stage.index}.json"
+            atomic_write(self.run_folder.path / name, lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
             logger.info("clips per bucket (%d fit none):\n%s", len(merged_skipped), bucket_table(table))
         return result
 
@@ -258,6 +272,7 @@ class Trainer:
             nonfinite_streak=loop["nonfinite_streak"],
             skipped_steps=loop["skipped_steps"],
             skipped_files=[tuple(item) for item in loop["skipped_files"]],
+            stage=loop.get("stage", 0),
         )
         if self.env.is_main:
             self._truncate_metrics(self.state.iteration)
@@ -286,6 +301,7 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps,
             "skipped_files": [list(item) for item in self.state.skipped_files],
             "layout": [self.layout.data_size, self.layout.sequence_size],
+            "stage": self.state.stage,
         }
         torch.save({"rng": _rng_state(self.generator), "loop": loop}, trainer_state_file(staging, self.env.rank))
         barrier()
@@ -333,11 +349,12 @@ class Trainer:
             self.dataset,
             batch_sampler=ClipBatchSampler(
                 self.kinds,
-                self.cfg.train.micro_batch_size,
+                self.stage.cfg.train.micro_batch_size,
                 self.layout.data_rank,
                 self.layout.data_size,
                 self.cfg.train.seed,
                 start=self.state.data_position,
+                weights=self._bucket_weights(),
             ),
             num_workers=self.cfg.data.num_workers,
             collate_fn=self.collate,
@@ -345,6 +362,19 @@ class Trainer:
             persistent_workers=self.cfg.data.num_workers > 0,
         )
         return iter(loader)
+
+    def _bucket_weights(self) -> dict | None:
+        weights = self.stage.cfg.data.bucket_weights
+        return {Bucket(*map(int, name.split("x"))): float(w) for name, w in weights.items()} if weights else None
+
+    def _enter_stage(self, stage: TrainingStage):
+        """Switch to ``stage`` at its first iteration: its data from the start, a new loader."""
+        self.state.stage, self.state.data_position = stage.index, (0, 0)
+        self._build_data(stage)
+        if self.env.is_main:
+            logger.info("stage %d from iteration %d: %s", stage.index, stage.start + 1,
+                        ", ".join(f"{k}={v}" for k, v in self.cfg.train.stages[stage.index].set.items()) or "run config")
+        return self._loader()
 
     def _micro_step(self, batches, first: bool) -> torch.Tensor:
         self.watchdog.enter("data loading", slow=first)  # the first step also starts the loader workers and compiles
@@ -371,7 +401,6 @@ class Trainer:
     def run(self) -> LoopState:
         """Train until ``train.train_iters``; returns the final loop state."""
         env, train = self.env, self.cfg.train
-        global_batch = train.micro_batch_size * train.gradient_accumulation_steps * self.layout.data_size
         batches = self._loader()
         progress = None
         if env.is_main and train.progress_bar:
@@ -382,6 +411,9 @@ class Trainer:
         try:
             start = self.state.iteration
             while self.state.iteration < train.train_iters:
+                if self.state.iteration >= self.stage.until:
+                    batches = self._enter_stage(stage_of(self.training_stages, self.state.iteration + 1))
+                global_batch = self.stage.cfg.train.micro_batch_size * train.gradient_accumulation_steps * self.layout.data_size
                 step_start = time.perf_counter()
                 lr = self.engine.get_lr()[0]
                 self.optimizer.last_step_skipped = False

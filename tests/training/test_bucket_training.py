@@ -65,3 +65,34 @@ def test_bucketed_training_with_two_processes_resumes_exactly_and_trains_the_sam
     cached = train(train_assets, bucket_clips, tmp_path / "cached", f"data.latent_cache={tmp_path / 'cache'}")
     assert [r["bucket"] for r in cached] == [r["bucket"] for r in straight]
     assert all(abs(a["loss"] - b["loss"]) <= 1e-5 for a, b in zip(cached, straight))
+
+
+def test_a_staged_run_crosses_its_boundary_and_resumes_in_the_second_stage_exactly(train_assets, bucket_clips, tmp_path):
+    """Low resolution and short clips of two folders, then every folder at more sizes with a new LR and batch."""
+    stages = {"train": {"train_iters": 6, "save_interval": 2, "stages": [
+        {"until": 3, "set": {"data.sources": [str(bucket_clips / "wide_short"), str(bucket_clips / "four_three")],
+                             "data.buckets": [[9, 48, 64], [9, 64, 112]]}},
+        {"until": 6, "set": {"train.optimizer.lr": 5e-4, "train.micro_batch_size": 2}}]}}
+    layer = tmp_path / "stages.yaml"
+    layer.write_text(json.dumps(stages))  # JSON is YAML
+
+    def run(save, *overrides):
+        sources = ",".join(sorted(str(p) for p in bucket_clips.iterdir() if p.name != "images"))
+        command = [sys.executable, str(ROOT / "tools" / "train_video.py"), "--base", *CONFIGS, str(layer),
+                   f"data.sources=[{sources}]", f"model.text_encoder.path={train_assets / 't5'}", f"train.save={save}",
+                   "train.tensorboard=false", "train.micro_batch_size=1",
+                   f"data.buckets={json.dumps(BUCKETS[:4])}".replace(" ", ""), *overrides]
+        proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc.stderr, [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+
+    log, straight = run(tmp_path / "straight")
+    assert "stage 1 from iteration 4" in log
+    assert {r["bucket"] for r in straight[:3]} <= {"9x48x64", "9x64x112"}  # stage 0: its two folders, its two sizes
+    assert [r["lr"] for r in straight] == pytest.approx([5e-4, 1e-3, 1e-3, 2.5e-4, 5e-4, 5e-4])  # warm-up again
+    assert json.loads((tmp_path / "straight" / "buckets-stage0.json").read_text()).keys() == {"9x48x64", "9x64x112"}
+    _, resumed = run(tmp_path / "resumed", f"train.resume={tmp_path / 'straight' / '4'}")
+    assert [(r["step"], r["bucket"]) for r in resumed] == [(r["step"], r["bucket"]) for r in straight[4:]]
+    assert all(abs(a["loss"] - b["loss"]) <= 1e-6 for a, b in zip(resumed, straight[4:]))
+    assert same_weights(tmp_path / "resumed" / "6", tmp_path / "straight" / "6")
