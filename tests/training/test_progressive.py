@@ -21,7 +21,8 @@ def test_each_stage_is_the_run_config_with_its_own_keys_set():
     first, second = plan_stages(cfg)
     assert (first.start, first.until, second.start, second.until) == (0, 2, 2, 6)
     assert first.cfg.data.fps == 4.0 and first.cfg.data.buckets == [[9, 48, 64]] and first.cfg.train.micro_batch_size == 1
-    assert second.cfg.data.fps == 8.0 and second.cfg.data.buckets == [] and second.cfg.train.micro_batch_size == 3  # not cumulative
+    # not cumulative: the second stage is the run config with only its own keys set
+    assert second.cfg.data.fps == 8.0 and second.cfg.data.buckets == [] and second.cfg.train.micro_batch_size == 3
     assert [stage_of([first, second], i).index for i in range(1, 7)] == [0, 0, 1, 1, 1, 1]
     assert [s.until for s in plan_stages(tiny_config("cogvideox_5b", "train.train_iters=7"))] == [7]  # no stages: one
 
