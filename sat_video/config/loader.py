@@ -215,6 +215,8 @@ def load_config(paths: str | Path | dict | Sequence[str | Path | dict], override
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{source}: {err.msg if hasattr(err, 'msg') else err} (key '{err.full_key}')") from None
+        except TypeError as err:  # a mapping where a list belongs (train.stages.0=... on the command line), or the reverse
+            raise ConfigError(f"{source}: {err}: a mapping given where the config has a list, or the reverse") from None
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
@@ -251,18 +253,22 @@ def _check_stages(cfg: DictConfig, dit, layers) -> None:
 
 
 def _check_buckets(cfg: DictConfig, dit) -> None:
-    """``data.buckets`` well formed, runnable by every mixin, and ``data.bucket_weights`` naming them."""
+    """``data.buckets`` and ``train.validation.sizes`` well formed and runnable by every mixin, and
+    ``data.bucket_weights`` naming buckets."""
     data, dit_config = cfg.data, DiTConfig.from_config(cfg)
-    buckets = parse_buckets(data.buckets, SPATIAL_COMPRESSION * dit_config.patch_size)
+    multiple = SPATIAL_COMPRESSION * dit_config.patch_size
+    buckets = parse_buckets(data.buckets, multiple)
+    validation_sizes = parse_buckets(cfg.train.validation.sizes, multiple, "train.validation.sizes")
+    for key, sizes in (("data.buckets", buckets), ("train.validation.sizes", validation_sizes)):
+        for bucket in sizes:
+            grid = dit_config.token_grid(bucket.frames, bucket.height // SPATIAL_COMPRESSION, bucket.width // SPATIAL_COMPRESSION)
+            for name, mixin in dit.mixins.items():
+                try:
+                    mixin.check_grid(grid, dit_config.text_length)
+                except ValueError as err:
+                    raise ConfigError(f"{key}: {bucket.name} cannot run on mixin model.dit.mixins.{name} "
+                                      f"({type(mixin).__name__}): {err}") from None
     names = [bucket.name for bucket in buckets]
-    for bucket in buckets:
-        grid = dit_config.token_grid(bucket.frames, bucket.height // SPATIAL_COMPRESSION, bucket.width // SPATIAL_COMPRESSION)
-        for name, mixin in dit.mixins.items():
-            try:
-                mixin.check_grid(grid, dit_config.text_length)
-            except ValueError as err:
-                raise ConfigError(f"data.buckets: bucket {bucket.name} cannot run on mixin model.dit.mixins.{name} "
-                                  f"({type(mixin).__name__}): {err}") from None
     for name, weight in data.bucket_weights.items():
         if name not in names:
             raise ConfigError(f"data.bucket_weights: '{name}' is not a bucket{did_you_mean(name, names)} "

@@ -41,6 +41,9 @@ class ValidationConfig:
     """Sampling steps (fewer than ``sample.steps`` to keep validation cheap)."""
     image: str | None = None
     """First frame for image-to-video models (required by them when validation is on)."""
+    sizes: list[list[int]] = field(default_factory=list)
+    """``[frames, height, width]`` in pixels to sample each prompt at (e.g. the training buckets), each into
+    ``samples/<iteration>/<FxHxW>/``; empty: the training clip size, into ``samples/<iteration>/``."""
 
 
 @dataclass

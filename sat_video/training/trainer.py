@@ -501,8 +501,9 @@ class Trainer:
         """
         self.watchdog.enter("validation", slow=True)
         cfg, dit_config = self.cfg, self.engine.module.dit.dit_config
-        height, width = self.clip_spec.height, self.clip_spec.width
-        image = load_image(cfg.train.validation.image, height, width) if cfg.train.validation.image else None
+        validation = cfg.train.validation
+        sizes = [tuple(size) for size in validation.sizes] or [(dit_config.num_frames, self.clip_spec.height,
+                                                                 self.clip_spec.width)]
         generator = VideoGenerator(
             self.engine.module.dit,
             self.stages,
@@ -510,29 +511,29 @@ class Trainer:
             num_train_timesteps=cfg.model.diffusion.num_train_timesteps,
             ofs=cfg.model.diffusion.ofs,
         )
-        videos = generator.generate(
-            list(cfg.train.validation.prompts),
-            cfg.sample,
-            num_frames=dit_config.num_frames,
-            height=height,
-            width=width,
-            image=image,
-            steps=cfg.train.validation.steps,
-        )
+        folder = self.run_folder.path / "samples" / str(self.state.iteration)
+        for frames, height, width in sizes:
+            image = load_image(validation.image, height, width) if validation.image else None
+            videos = generator.generate(list(validation.prompts), cfg.sample, num_frames=frames, height=height,
+                                        width=width, image=image, steps=validation.steps)
+            if self.env.is_main:  # one folder per size when several are asked for
+                target = folder / f"{frames}x{height}x{width}" if validation.sizes else folder
+                written = write_samples(target, videos, cfg.sample.fps or cfg.data.fps, overwrite=True)
+                self._log_sheet(written[-1], "" if not validation.sizes else f"_{frames}x{height}x{width}")
         self.watchdog.completed(f"validation at iteration {self.state.iteration}")
         if not self.env.is_main:
             return None
-        folder = self.run_folder.path / "samples" / str(self.state.iteration)
-        written = write_samples(folder, videos, cfg.sample.fps or cfg.data.fps, overwrite=True)
+        logger.info("validation samples in %s", folder)
+        return folder
+
+    def _log_sheet(self, sheet_file: Path, suffix: str) -> None:
         writer = self._tensorboard()
         if writer is not None:
             from PIL import Image
 
-            sheet = np.asarray(Image.open(written[-1]).convert("RGB"))
-            writer.add_image("validation/contact_sheet", sheet, self.state.iteration, dataformats="HWC")
+            sheet = np.asarray(Image.open(sheet_file).convert("RGB"))
+            writer.add_image(f"validation/contact_sheet{suffix}", sheet, self.state.iteration, dataformats="HWC")
             writer.flush()
-        logger.info("validation samples in %s", folder)
-        return folder
 
     def _report_skipped_files(self) -> None:
         self.watchdog.enter("collective (gathering skipped files)")

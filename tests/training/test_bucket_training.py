@@ -87,8 +87,12 @@ def test_a_staged_run_crosses_its_boundary_and_resumes_in_the_second_stage_exact
         assert proc.returncode == 0, proc.stderr[-4000:]
         return proc.stderr, [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
 
-    log, straight = run(tmp_path / "straight")
+    validation = ["train.validation.interval=6", "train.validation.prompts=[a red circle]", "train.validation.steps=2",
+                  "train.validation.sizes=[[9,48,64],[5,64,112]]"]
+    log, straight = run(tmp_path / "straight", *validation)
     assert "stage 1 from iteration 4" in log
+    for size in ("9x48x64", "5x64x112"):  # validation at every asked size, without changing what training draws
+        assert (tmp_path / "straight" / "samples" / "6" / size / "000_a_red_circle.mp4").is_file()
     assert {r["bucket"] for r in straight[:3]} <= {"9x48x64", "9x64x112"}  # stage 0: its two folders, its two sizes
     assert [r["lr"] for r in straight] == pytest.approx([5e-4, 1e-3, 1e-3, 2.5e-4, 5e-4, 5e-4])  # warm-up again
     assert json.loads((tmp_path / "straight" / "buckets-stage0.json").read_text()).keys() == {"9x48x64", "9x64x112"}

@@ -49,3 +49,14 @@ def test_lr_follows_the_run_schedule_unless_a_stage_sets_lr_or_warmup():
     multiplier = staged_lr_lambda(restarted, plan_stages(restarted))
     base = restarted.train.optimizer.lr
     assert [round(multiplier(i) * base, 12) for i in range(6)] == [base / 2, base, base, 2.5e-4, 5e-4, 5e-4]
+
+
+def test_the_shipped_progressive_recipe_loads_with_two_stages():
+    from sat_video import load_config
+
+    cfg = load_config([ROOT / "configs" / n for n in ("cogvideox_5b.yaml", "sft.yaml", "recipes/progressive.yaml")],
+                      ["data.sources=[/data/hq]"])
+    low, high = plan_stages(cfg)
+    assert (low.until, high.until) == (6000, 10000) and low.cfg.data.sources == ["/data/lq_videos"]
+    assert low.cfg.data.buckets[0] == [17, 256, 384] and high.cfg.data.buckets[0] == [49, 480, 720]
+    assert high.cfg.data.sources == ["/data/hq"] and high.cfg.train.lr_schedule.warmup_iters == 100
