@@ -101,7 +101,8 @@ def test_a_batch_of_one_bucket_collates(bucket_clips):
 def test_every_variant_runs_on_two_bucket_grids(variant):
     buckets = "data.buckets=[[13,64,64],[9,48,80]]"
     if variant == "cogvideox_5b_i2v":  # its learned position table exists only for the native grid: refused at load
-        with pytest.raises(ConfigError, match=r"data.buckets: 9x48x80 cannot run on mixin .*Rotary3DMixin.*learned position table"):
+        refusal = r"data.buckets: 9x48x80 cannot run on mixin .*Rotary3DMixin.*learned position table"
+        with pytest.raises(ConfigError, match=refusal):
             tiny_config(variant, buckets)
         buckets = "data.buckets=[[13,64,64],[5,64,64]]"  # fewer frames at the native size are fine
     cfg = tiny_config(variant, buckets)
