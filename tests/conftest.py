@@ -38,6 +38,16 @@ def tiny_inputs(cfg, batch=2, frames=4, height=None, width=None, seed=0):
     return x, timesteps, context, ofs
 
 
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """Code run in the test process (a tool's ``encode``, say) may join a one-process group, which sets RANK,
+    MASTER_PORT, ... in ``os.environ``; later subprocesses must not inherit that rendezvous."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(params=VARIANTS)
 def variant(request):
     return request.param

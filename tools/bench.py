@@ -15,6 +15,7 @@ Sections (each a function below; DiT figures are medians over interleaved repeti
 * The full training step through ``tools/train_video.py`` (trainer, DeepSpeed, engine) from raw video and from
   the latent cache of ``tools/precompute_latents.py``.
 * Data loading: clips/s through ``VideoDataset`` (decord) and the DataLoader with 0..N workers.
+* Mixed sizes: training steps on clips of three aspect ratios, at one size vs with a bucket per aspect ratio.
 * Sequence parallelism: the DiT step in one process vs split over two (torchrun, DeepSpeed-Ulysses), per-rank
   activation memory and the share of the step spent in collectives.
 """
@@ -33,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -272,16 +272,18 @@ def make_train_assets(preset: Preset, workdir: Path) -> TrainAssets:
     return TrainAssets(workdir / "train_clips", workdir / "t5")
 
 
-def train_steps(assets: TrainAssets, preset: Preset, workdir: Path, label: str, overrides: tuple[str, ...] = ()) -> dict:
+def train_steps(assets: TrainAssets, preset: Preset, workdir: Path, label: str, overrides: tuple[str, ...] = (),
+                sources: list[Path] | None = None) -> dict:
     """Median step time of ``tools/train_video.py`` (data, frozen stages, DiT, DeepSpeed update), read from the
-    run's metrics.jsonl; the first quarter of the steps is warm-up."""
+    run's metrics.jsonl; the first quarter of the steps is warm-up. Also the video tokens per second of the timed
+    steps (each step's bucket decides its tokens)."""
     save = workdir / f"run-{len(list(workdir.glob('run-*')))}"
     command = [
         sys.executable,
         str(ROOT / "tools" / "train_video.py"),
         "--base",
         *map(str, assets.base),
-        f"data.sources=[{assets.clips}]",
+        f"data.sources=[{','.join(map(str, sources or [assets.clips]))}]",
         f"model.text_encoder.path={assets.t5}",
         f"train.save={save}",
         f"train.train_iters={preset.train_iters}",
@@ -295,9 +297,47 @@ def train_steps(assets: TrainAssets, preset: Preset, workdir: Path, label: str, 
     if proc.returncode:
         raise RuntimeError(f"{shlex.join(command)} failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
-    times = [r["step_time_s"] for r in records[max(1, len(records) // 4) :]]
-    batch = OmegaConf.load(save / "config.yaml").train.micro_batch_size
-    return {"input": label, "batch": batch, "steps": len(times), "time": median(times), "samples_per_s": batch / median(times)}
+    timed = records[max(1, len(records) // 4) :]
+    times = [r["step_time_s"] for r in timed]
+    import sat_video
+
+    cfg = sat_video.load_config(save / "config.yaml")
+    batch = cfg.train.micro_batch_size
+    tokens = [batch * _video_tokens(r.get("bucket"), cfg) for r in timed]
+    return {"input": label, "batch": batch, "steps": len(times), "time": median(times), "samples_per_s": batch / median(times),
+            "tokens_per_s": sum(tokens) / sum(times)}
+
+
+def _video_tokens(bucket: str | None, cfg) -> int:
+    """Video tokens of one sample of ``bucket`` (``"FxHxW"``), or of the config's single clip size."""
+    from sat_video.model.config import DiTConfig
+
+    dit = DiTConfig.from_config(cfg)
+    frames, height, width = (map(int, bucket.split("x")) if bucket else
+                             (dit.num_frames, cfg.data.height or dit.latent_height * 8, cfg.data.width or dit.latent_width * 8))
+    return dit.token_grid(frames, height // 8, width // 8).num_tokens
+
+
+BUCKET_CLIPS = {"wide": (72, 128), "four_three": (96, 128), "tall": (128, 80)}
+"""Folder -> clip height, width of the bucket comparison: 16:9, 4:3 and portrait."""
+BUCKETS = "data.buckets=[[13,64,112],[13,48,64],[13,112,64]]"
+
+
+def bucket_section(assets: TrainAssets, preset: Preset, workdir: Path) -> list[dict]:
+    """The same clips of three aspect ratios trained at one size (cropped to the square default) and with a bucket
+    per aspect ratio."""
+    from sat_video.fixtures.synthetic import make_moving_shapes
+
+    folders = []
+    for seed, (name, (height, width)) in enumerate(BUCKET_CLIPS.items()):
+        make_moving_shapes(workdir / "bucket_clips" / name, preset.train_videos, 16, height, width, 8, seed)
+        folders.append(workdir / "bucket_clips" / name)
+    rows = [train_steps(assets, preset, workdir, "one size (64 x 64, cropped)", sources=folders),
+            train_steps(assets, preset, workdir, "3 buckets (64 x 112, 48 x 64, 112 x 64)", (BUCKETS,), sources=folders)]
+    for row in rows:
+        print(f"training step, {row['input']}: {row['samples_per_s']:.2f} samples/s, {row['tokens_per_s']:.0f} tokens/s",
+              flush=True)
+    return rows
 
 
 def precompute_latents(assets: TrainAssets, workdir: Path) -> Path:
@@ -397,7 +437,8 @@ def _reduction(row: dict, mode: str = "on") -> float:
     return row["off"]["activations"] / on if on > 0 else float("inf")
 
 
-def targets(dits: list[dict], checkpointing: list[dict], training: list[dict], split: list[dict]) -> list[list]:
+def targets(dits: list[dict], checkpointing: list[dict], training: list[dict], split: list[dict],
+            buckets: list[dict]) -> list[list]:
     rows = []
     for row in dits:
         ours, theirs = row["sat_video"], row["diffusers"]
@@ -433,6 +474,10 @@ def targets(dits: list[dict], checkpointing: list[dict], training: list[dict], s
             rows.append(
                 [f"training step from {row['input']} >= 3x faster than from raw video", f"{speedup:.1f}x", _met(speedup >= 3)]
             )
+    if len(buckets) == 2:
+        per_token = buckets[0]["tokens_per_s"] / buckets[1]["tokens_per_s"]  # bucketed time per token / one size's
+        rows.append(["buckets: time per video token <= 1.05x one size (same clips)", f"{per_token:.2f}x",
+                     _met(per_token <= 1.05)])
     if len(split) == 2:
         ratio = split[1]["activations"] / split[0]["activations"]
         rows.append([f"sequence parallelism: activations per rank <= 0.6x one process (S=2, {split[0]['size']})",
@@ -519,6 +564,7 @@ def report(
     training: list[dict],
     data: list[dict],
     split: list[dict],
+    buckets: list[dict],
     preset: Preset,
 ) -> str:
     out = [
@@ -534,7 +580,7 @@ def report(
         "",
         "## Targets (issue #6)",
         "",
-        _table(["target", "measured", "met"], targets(dits, checkpointing, training, split)),
+        _table(["target", "measured", "met"], targets(dits, checkpointing, training, split, buckets)),
         "",
         "Every figure comes from the sections below; *Where the time goes* shows what dominates the DiT step, and so "
         "what a missed step-time or checkpointing target is made of.",
@@ -686,6 +732,17 @@ def report(
             [[r["input"], r["batch"], r["steps"], f"{r['time']:.3f}", f"{r['samples_per_s']:.2f}"] for r in training],
         ),
         "",
+        "## Mixed sizes: buckets vs one size (tools/train_video.py)",
+        "",
+        f"{3 * preset.train_videos} clips of 16 frames, a third each at 72 x 128 (16:9), 96 x 128 (4:3) and 128 x 80 "
+        "(portrait), trained as in the previous section: once at the one 13 x 64 x 64 size (each clip resized to cover "
+        f"it and center-cropped), once with `{BUCKETS}` (each clip at its aspect ratio). Video tokens/s counts each "
+        "step's tokens from its bucket; no bucket is padded.",
+        "",
+        _table(["clip sizes", "micro-batch", "steps timed", "step (s)", "samples/s", "video tokens/s"],
+               [[r["input"], r["batch"], r["steps"], f"{r['time']:.3f}", f"{r['samples_per_s']:.2f}",
+                 f"{r['tokens_per_s']:.0f}"] for r in buckets]),
+        "",
         "## Data loading (decord + DataLoader workers)",
         "",
         f"Clips of {preset.clip[0]} frames at {preset.clip[1]}x{preset.clip[2]} (8 fps) from {preset.clip_videos} "
@@ -747,6 +804,7 @@ def main(argv=None) -> int:
         )
         for row in training:
             print(f"training step from {row['input']}: {row['time']:.3f}s, {row['samples_per_s']:.2f} samples/s", flush=True)
+        buckets = bucket_section(assets, preset, workdir)
         data = data_section(preset, workdir)
     split = sequence_parallel_section(preset, device, args.threads)
     if hasattr(os, "getloadavg"):
@@ -754,7 +812,7 @@ def main(argv=None) -> int:
             f"{x:.2f}" for x in os.getloadavg()
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(args, info, peaks, dits, checkpointing, profile, training, data, split, preset) + "\n")
+    args.out.write_text(report(args, info, peaks, dits, checkpointing, profile, training, data, split, buckets, preset) + "\n")
     print(f"wrote {args.out}")
     return 0
 

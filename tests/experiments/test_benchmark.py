@@ -29,6 +29,7 @@ def test_bench_tiny_writes_every_section(tmp_path):
         "## Training step through the engine",
         "## Data loading",
         "## Sequence parallelism",
+        "## Mixed sizes: buckets vs one size",
     ):
         assert heading in report
     assert "| torch threads | 1 |" in report
@@ -39,6 +40,9 @@ def test_bench_tiny_writes_every_section(tmp_path):
     assert re.search(r"^\| raw video \| 2 \| 3 \| [\d.]+ \| [\d.]+ \|$", report, re.M)
     assert re.search(r"^\| latent cache \| 2 \| 3 \| [\d.]+ \| [\d.]+ \|$", report, re.M)
     assert re.search(r"^\| training step from latent cache >= 3x faster than from raw video \| [\d.]+x \|", report, re.M)
+    assert re.search(r"^\| one size \(64 x 64, cropped\) \| 2 \| \d+ \| [\d.]+ \| [\d.]+ \| \d+ \|$", report, re.M)
+    assert re.search(r"^\| 3 buckets \(64 x 112, 48 x 64, 112 x 64\) \| 2 \| \d+ \| [\d.]+ \| [\d.]+ \| \d+ \|$", report, re.M)
+    assert re.search(r"^\| buckets: time per video token <= 1.05x one size \(same clips\) \| [\d.]+x \|", report, re.M)
     split = re.findall(r"^\| ([12]) \| 512 \| (\d+) \| [\d.]+ \| \d+ \| ([\d.]+)x \| \d+% \|$", report, re.M)
     assert split == [("1", "512", "1.00"), ("2", "256", split[1][2])], split  # 8 x 8 x 8 tokens, half per rank
     workers = [int(w) for w in re.findall(r"^\| (\d+) \| [\d.]+ \|$", report, re.M)]  # data loading: 0, 1, ... workers

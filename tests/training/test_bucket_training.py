@@ -61,7 +61,10 @@ def test_bucketed_training_with_two_processes_resumes_exactly_and_trains_the_sam
     sources = ",".join(sorted(str(p) for p in bucket_clips.iterdir() if p.name != "images"))
     cfg = load_config(CONFIGS, [f"data.sources=[{sources}]", f"model.text_encoder.path={train_assets / 't5'}",
                                 f"data.buckets={json.dumps(BUCKETS[:4])}".replace(" ", "")])
+    environment = dict(os.environ)
     encode(cfg, tmp_path / "cache", 4, False)
+    os.environ.clear()  # encode joined a one-process group here (RANK, MASTER_PORT, ...): the run below must not
+    os.environ.update(environment)
     cached = train(train_assets, bucket_clips, tmp_path / "cached", f"data.latent_cache={tmp_path / 'cache'}")
     assert [r["bucket"] for r in cached] == [r["bucket"] for r in straight]
     assert all(abs(a["loss"] - b["loss"]) <= 1e-5 for a, b in zip(cached, straight))
