@@ -1,6 +1,7 @@
 """The latent cache: tools/precompute_latents.py writes it (one process or torchrun), training reads it and draws
 exactly what training from the videos draws, and mismatched or broken caches are refused by name."""
 
+import itertools
 import json
 import os
 import shutil
@@ -156,6 +157,43 @@ def test_i2v_inputs_from_the_cache_equal_those_from_the_clips(train_assets, tmp_
     torch.testing.assert_close(b.text, a.text, atol=1e-5, rtol=0)
     torch.testing.assert_close(b.image_latents, a.image_latents, atol=1e-5, rtol=0)
     assert b.latents.abs().max() > 0.1 and b.image_latents[:, 0].abs().max() > 0.01
+
+
+def test_with_buckets_the_cache_holds_each_clip_at_its_bucket_and_draws_what_the_clips_draw(train_assets, bucket_clips,
+                                                                                             tmp_path):
+    """In-process: precompute with data.buckets, then the same buckets per sample and the same training inputs."""
+    from sat_video.data.buckets import assign_buckets, parse_buckets
+    from sat_video.data.clips import source_shape
+    from tools.precompute_latents import encode
+
+    sources = ",".join(sorted(str(p) for p in bucket_clips.iterdir() if p.name != "images"))
+    cfg = tiny_config("cogvideox_5b", f"data.sources=[{sources}]", f"model.text_encoder.path={train_assets / 't5'}",
+                      "data.buckets=[[9,64,112],[17,64,112],[9,48,64],[9,112,64]]", "data.skip_frames=0",
+                      "data.num_workers=0", "model.first_stage.path=null", "deepspeed.precision=fp32",
+                      "model.first_stage.architecture.block_out_channels=[8,8,16,16]",
+                      "model.first_stage.architecture.layers_per_block=1",
+                      "model.first_stage.architecture.norm_num_groups=4")
+    assert encode(cfg, tmp_path / "cache", samples_per_shard=4, overwrite=False) == 0
+    cache = LatentCache(tmp_path / "cache")
+    cache.check_compatible(cfg.model, cfg.data)
+    assert len(cache.skipped) == 2 and all("fits no bucket" in reason for _, reason in cache.skipped)
+    spec = ClipSpec.from_config(cfg.data, cfg.model.dit)
+    assigned, _ = assign_buckets(discover(list(cfg.data.sources)), parse_buckets(cfg.data.buckets, 16),
+                                 lambda ref: source_shape(ref, spec), 1.0)
+    clips = VideoDataset([ref for ref, _ in assigned], spec, [bucket for _, bucket in assigned])
+    assert cache.kinds == clips.kinds and [s["path"] for s in cache.samples] == [str(ref.path) for ref, _ in assigned]
+    for entry, (_, bucket) in zip(cache.samples, assigned):  # latents [C, F, h, w] at the bucket's size
+        assert entry["latent_shape"][1:] == [(bucket.frames - 1) // 4 + 1, bucket.height // 8, bucket.width // 8]
+
+    frozen = _frozen(cfg, train_assets / "t5")
+    for batch_items in itertools.islice(ClipBatchSampler(cache.kinds, 2, 0, 1, seed=0), 4):  # an epoch: one per bucket
+        raw = collate([clips[item] for item in batch_items])
+        cached = collate_cached([cache[item] for item in batch_items])
+        assert raw.paths == cached.paths and raw.bucket == cached.bucket
+        a = frozen.prepare(raw.video, raw.captions, torch.Generator().manual_seed(3))
+        b = frozen.prepare_cached(cached, torch.Generator().manual_seed(3))
+        torch.testing.assert_close(b.latents, a.latents, atol=1e-5, rtol=0)
+        torch.testing.assert_close(b.text, a.text, atol=1e-5, rtol=0)
 
 
 def test_a_missing_or_broken_cache_is_refused_by_name(tmp_path):
