@@ -3,7 +3,7 @@
 
     python tools/bench.py                       # default sizes, fp32 and bf16
     python tools/bench.py --sizes tiny --out /tmp/bench.md    # seconds; what the CI test runs
-    python tools/bench.py --compile --dtypes fp32   # also torch.compile'd blocks; 11.5 minutes on a 2-core AVX2 CPU
+    python tools/bench.py --compile --dtypes fp32   # also torch.compile'd blocks; 10 minutes on a 2-core AVX2 CPU
 
 Sections (each a function below; DiT figures are medians over interleaved repetitions after warm-up):
 
