@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from sat_video.common.constraints import divisors
 from sat_video.common.errors import ConfigError
 from sat_video.model.context import ForwardContext, SequenceShard
 from sat_video.model.hooks import Mixin, wraps_previous
@@ -117,7 +118,3 @@ class _GatherSequence(torch.autograd.Function):
         dist.all_reduce(grad, group=ctx.group)
         start = dist.get_rank(ctx.group) * ctx.size
         return grad[:, start : start + ctx.size], None
-
-
-def divisors(count: int) -> list[int]:
-    return [d for d in range(1, count + 1) if count % d == 0]

@@ -30,7 +30,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import torch
@@ -310,10 +310,11 @@ def train_steps(assets: TrainAssets, preset: Preset, workdir: Path, label: str, 
 
 def _video_tokens(bucket: str | None, cfg) -> int:
     """Video tokens of one sample of ``bucket`` (``"FxHxW"``), or of the config's single clip size."""
+    from sat_video.data.buckets import Bucket
     from sat_video.model.config import DiTConfig
 
     dit = DiTConfig.from_config(cfg)
-    frames, height, width = (map(int, bucket.split("x")) if bucket else
+    frames, height, width = (astuple(Bucket.from_name(bucket)) if bucket else
                              (dit.num_frames, cfg.data.height or dit.latent_height * 8, cfg.data.width or dit.latent_width * 8))
     return dit.token_grid(frames, height // 8, width // 8).num_tokens
 

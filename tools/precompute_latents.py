@@ -23,7 +23,6 @@ from sat_video.data.buckets import assign_buckets, parse_buckets
 from sat_video.data.clips import ClipSpec, source_shape
 from sat_video.data.sources import discover
 from sat_video.model.config import DiTConfig
-from sat_video.model.stages import SPATIAL_COMPRESSION
 
 
 def encode(cfg, out: Path, samples_per_shard: int, overwrite: bool) -> int:
@@ -54,13 +53,13 @@ def encode(cfg, out: Path, samples_per_shard: int, overwrite: bool) -> int:
         mine = list(enumerate(refs))[env.rank::env.world_size]
         buckets = None
         if cfg.data.buckets:  # each clip at its bucket's size; those that fit none are listed as skipped
-            choices = parse_buckets(cfg.data.buckets, SPATIAL_COMPRESSION * dit_config.patch_size)
+            choices = parse_buckets(cfg.data.buckets, dit_config.patch_size)
             assigned, skipped = assign_buckets([ref for _, ref in mine], choices, lambda ref: source_shape(ref, spec),
                                                cfg.data.max_upscale, spec.min_frames)
             writer.skipped.extend(skipped)
-            bucket_of = {id(ref): bucket for ref, bucket in assigned}
-            mine = [(index, ref) for index, ref in mine if id(ref) in bucket_of]
-            buckets = [bucket_of[id(ref)] for _, ref in mine]
+            bucket_of = dict(assigned)
+            mine = [(index, ref) for index, ref in mine if ref in bucket_of]
+            buckets = [bucket_of[ref] for _, ref in mine]
         loader = torch.utils.data.DataLoader(ClipsToEncode(mine, spec, buckets), batch_size=None,
                                              num_workers=cfg.data.num_workers)
         for item, (index, ref, video, caption, reason) in enumerate(

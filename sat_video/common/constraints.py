@@ -77,3 +77,8 @@ def field_problems(schema: type, values: Mapping[str, Any]) -> list[tuple[str, s
             if problem:
                 problems.append((spec.name, problem))
     return problems
+
+
+def divisors(count: int) -> list[int]:
+    """The values that divide ``count`` evenly: what a size that must divide it may be (error messages list them)."""
+    return [d for d in range(1, count + 1) if count % d == 0]

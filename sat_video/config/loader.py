@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sat_video.common.constraints import field_problems
+from sat_video.common.constraints import divisors, field_problems
 from sat_video.common.errors import ConfigError, UnknownMixinError, did_you_mean
 from sat_video.config.schema import Config
 from sat_video.data.buckets import parse_buckets
@@ -159,9 +159,8 @@ def _check_sequence_parallel(cfg: DictConfig) -> None:
         return
     heads = dit.num_attention_heads
     if heads % size:
-        allowed = [s for s in range(1, heads + 1) if heads % s == 0]
         raise ConfigError(f"parallel.sequence_parallel_size={size} must divide model.dit.num_attention_heads={heads}: "
-                          f"Ulysses gives each rank whole heads (allowed: {allowed})")
+                          f"Ulysses gives each rank whole heads (allowed: {divisors(heads)})")
     for name, entry in dit.mixins.items():
         if not mixin_class(entry.type, dit.mixin_modules).runs_sharded:
             raise ConfigError(
@@ -256,9 +255,8 @@ def _check_buckets(cfg: DictConfig, dit) -> None:
     """``data.buckets`` and ``train.validation.sizes`` well formed and runnable by every mixin, and
     ``data.bucket_weights`` naming buckets."""
     data, dit_config = cfg.data, DiTConfig.from_config(cfg)
-    multiple = SPATIAL_COMPRESSION * dit_config.patch_size
-    buckets = parse_buckets(data.buckets, multiple)
-    validation_sizes = parse_buckets(cfg.train.validation.sizes, multiple, "train.validation.sizes")
+    buckets = parse_buckets(data.buckets, dit_config.patch_size)
+    validation_sizes = parse_buckets(cfg.train.validation.sizes, dit_config.patch_size, "train.validation.sizes")
     for key, sizes in (("data.buckets", buckets), ("train.validation.sizes", validation_sizes)):
         for bucket in sizes:
             grid = dit_config.token_grid(bucket.frames, bucket.height // SPATIAL_COMPRESSION, bucket.width // SPATIAL_COMPRESSION)

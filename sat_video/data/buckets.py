@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sat_video.common.errors import ConfigError, UnusableSample
+from sat_video.model.stages import SPATIAL_COMPRESSION
 
 ASPECT_TOLERANCE = 1e-3
 """Buckets whose aspect ratios differ by less than this (relative) count as one aspect ratio."""
@@ -27,6 +28,11 @@ class Bucket:
     frames: int
     height: int
     width: int
+
+    @classmethod
+    def from_name(cls, name: str) -> Bucket:
+        """The bucket ``"FxHxW"`` (its :attr:`name`)."""
+        return cls(*map(int, name.split("x")))
 
     @property
     def name(self) -> str:
@@ -41,8 +47,10 @@ class Bucket:
         return self.frames * self.height * self.width
 
 
-def parse_buckets(values: Sequence[Sequence[int]], multiple: int, key: str = "data.buckets") -> list[Bucket]:
-    """``[[frames, height, width], ...]`` -> buckets, refusing malformed ones (naming the entry and the rule)."""
+def parse_buckets(values: Sequence[Sequence[int]], patch_size: int, key: str = "data.buckets") -> list[Bucket]:
+    """``[[frames, height, width], ...]`` -> buckets, refusing malformed ones (naming the entry and the rule); sides
+    must give whole patches of ``patch_size`` latents."""
+    multiple = SPATIAL_COMPRESSION * patch_size
     buckets = []
     for i, value in enumerate(values):
         where = f"{key}[{i}] = {list(value)}"

@@ -186,7 +186,7 @@ class LatentCache(torch.utils.data.Dataset):
         """What a batch must not mix, per sample, for :class:`sat_video.data.ClipBatchSampler`: its bucket (a cache made
         with ``data.buckets``) or whether it is an image, as :attr:`sat_video.data.VideoDataset.kinds`."""
         if all("bucket" in entry for entry in self.samples):
-            return [Bucket(*map(int, entry["bucket"].split("x"))) for entry in self.samples]
+            return [Bucket.from_name(entry["bucket"]) for entry in self.samples]
         return [bool(entry["is_image"]) for entry in self.samples]
 
     def check_compatible(self, model: DictConfig, data: DataConfig) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from sat_video.common.constraints import divisors
 from sat_video.common.errors import CheckpointError, ConfigError
 from sat_video.model.dit import DiffusionTransformer
 
@@ -32,7 +33,7 @@ class ParallelLayout:
         if world_size % sequence_parallel_size:
             raise ConfigError(
                 f"parallel.sequence_parallel_size={sequence_parallel_size} must divide the number of processes "
-                f"({world_size}): W = D x S (allowed here: {[s for s in range(1, world_size + 1) if world_size % s == 0]})"
+                f"({world_size}): W = D x S (allowed here: {divisors(world_size)})"
             )
         return cls(rank // sequence_parallel_size, world_size // sequence_parallel_size,
                    rank % sequence_parallel_size, sequence_parallel_size)

@@ -36,7 +36,6 @@ from sat_video.diffusion.schedule import NoiseSchedule, sample_timesteps, timest
 from sat_video.formats.sat_checkpoint import MODEL_STATES, load_checkpoint
 from sat_video.model.build import build_dit, build_frozen_stages
 from sat_video.model.config import DiTConfig
-from sat_video.model.stages import SPATIAL_COMPRESSION
 from sat_video.training.deepspeed_setup import deepspeed_config, frozen_stage_dtype
 from sat_video.training.distributed import DistributedEnv, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
 from sat_video.training.optim import FiniteAdamW, parameter_groups, select_trainable
@@ -225,7 +224,7 @@ class Trainer:
         """Each clip's bucket, from headers only; the ranks share the files. Writes ``buckets.json`` and logs the table;
         clips that fit no bucket join the skipped files."""
         env = self.env
-        buckets = parse_buckets(cfg.data.buckets, SPATIAL_COMPRESSION * cfg.model.dit.patch_size)
+        buckets = parse_buckets(cfg.data.buckets, cfg.model.dit.patch_size)
         mine = list(range(env.rank, len(refs), env.world_size))
         assigned, skipped = assign_buckets([refs[i] for i in mine], buckets, lambda ref: source_shape(ref, self.clip_spec),
                                            cfg.data.max_upscale, self.clip_spec.min_frames)
@@ -365,7 +364,7 @@ class Trainer:
 
     def _bucket_weights(self) -> dict | None:
         weights = self.stage.cfg.data.bucket_weights
-        return {Bucket(*map(int, name.split("x"))): float(w) for name, w in weights.items()} if weights else None
+        return {Bucket.from_name(name): float(w) for name, w in weights.items()} if weights else None
 
     def _enter_stage(self, stage: TrainingStage):
         """Switch to ``stage`` at its first iteration: its data from the start, a new loader."""
@@ -517,9 +516,9 @@ class Trainer:
             videos = generator.generate(list(validation.prompts), cfg.sample, num_frames=frames, height=height,
                                         width=width, image=image, steps=validation.steps)
             if self.env.is_main:  # one folder per size when several are asked for
-                target = folder / f"{frames}x{height}x{width}" if validation.sizes else folder
-                written = write_samples(target, videos, cfg.sample.fps or cfg.data.fps, overwrite=True)
-                self._log_sheet(written[-1], "" if not validation.sizes else f"_{frames}x{height}x{width}")
+                size = Bucket(frames, height, width).name if validation.sizes else ""
+                written = write_samples(folder / size, videos, cfg.sample.fps or cfg.data.fps, overwrite=True)
+                self._log_sheet(written[-1], size and f"_{size}")
         self.watchdog.completed(f"validation at iteration {self.state.iteration}")
         if not self.env.is_main:
             return None

@@ -22,12 +22,12 @@ def expected_bucket(path) -> str | None:
 
 
 def test_buckets_are_checked_when_parsed():
-    assert parse_buckets([[9, 64, 112], [1, 32, 32]], 16) == [Bucket(9, 64, 112), Bucket(1, 32, 32)]
+    assert parse_buckets([[9, 64, 112], [1, 32, 32]], 2) == [Bucket(9, 64, 112), Bucket(1, 32, 32)]
     for bad, message in (([[8, 64, 64]], r"\[8, 64, 64\]: frames must be of the form 4k\+1"),
                          ([[9, 60, 64]], r"multiples of 16"), ([[9, 64]], r"expected \[frames, height, width\]"),
                          ([[9, 64, 64], [9, 64, 64]], "listed twice")):
         with pytest.raises(ConfigError, match=message):
-            parse_buckets(bad, 16)
+            parse_buckets(bad, 2)
 
 
 @pytest.mark.parametrize("total, source_fps, fps, skip", [(16, 8, 8, 0), (100, 30, 8, 3), (49, 24, 8, 0), (5, 30, 8, 3)])
@@ -38,7 +38,7 @@ def test_usable_frames_counts_the_frames_a_clip_reads(total, source_fps, fps, sk
 
 
 def test_assignment_prefers_the_nearest_aspect_then_the_largest_bucket_that_fits():
-    buckets = parse_buckets(BUCKETS, 16)
+    buckets = parse_buckets(BUCKETS, 2)
     wide = SourceShape(1280, 720, 40, False)
     assert assign_bucket("a.mp4", wide, buckets, 1.0).name == "17x64x112"
     assert assign_bucket("a.mp4", SourceShape(1280, 720, 12, False), buckets, 1.0).name == "9x64x112"
@@ -56,7 +56,7 @@ def test_assignment_prefers_the_nearest_aspect_then_the_largest_bucket_that_fits
 def test_clips_land_in_their_buckets_from_headers_and_the_short_one_is_named(bucket_clips):
     refs = discover(sorted(str(p) for p in bucket_clips.iterdir()))
     spec = ClipSpec(9, 64, 64, fps=8.0)
-    assigned, skipped = assign_buckets(refs, parse_buckets(BUCKETS, 16), lambda ref: source_shape(ref, spec), 1.0)
+    assigned, skipped = assign_buckets(refs, parse_buckets(BUCKETS, 2), lambda ref: source_shape(ref, spec), 1.0)
     assert {str(ref.path): b.name for ref, b in assigned} == {
         str(ref.path): expected_bucket(ref.path) for ref in refs if expected_bucket(ref.path)}
     assert sorted(path for path, _ in skipped) == sorted(str(r.path) for r in refs if r.path.parents[1].name == "too_short")

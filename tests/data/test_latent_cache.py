@@ -178,7 +178,7 @@ def test_with_buckets_the_cache_holds_each_clip_at_its_bucket_and_draws_what_the
     cache.check_compatible(cfg.model, cfg.data)
     assert len(cache.skipped) == 2 and all("fits no bucket" in reason for _, reason in cache.skipped)
     spec = ClipSpec.from_config(cfg.data, cfg.model.dit)
-    assigned, _ = assign_buckets(discover(list(cfg.data.sources)), parse_buckets(cfg.data.buckets, 16),
+    assigned, _ = assign_buckets(discover(list(cfg.data.sources)), parse_buckets(cfg.data.buckets, 2),
                                  lambda ref: source_shape(ref, spec), 1.0)
     clips = VideoDataset([ref for ref, _ in assigned], spec, [bucket for _, bucket in assigned])
     assert cache.kinds == clips.kinds and [s["path"] for s in cache.samples] == [str(ref.path) for ref, _ in assigned]
