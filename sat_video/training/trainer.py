@@ -141,7 +141,7 @@ class Trainer:
         # Data first: a dataset without a usable sample fails before any model is built.
         self.training_stages = plan_stages(cfg)
         self.cached = bool(cfg.data.latent_cache)
-        self._build_data(self.training_stages[0])
+        self._build_data(self.training_stages[self._saved_stage(resume_from)])
 
         # The same initial weights on every rank; afterwards each data-parallel group draws its own timesteps and
         # noise, the same on all ranks of a sequence-parallel group (they train on one sample together).
@@ -195,8 +195,6 @@ class Trainer:
 
         if resume_from is not None:
             self._load(resume_from)
-            if self.state.stage != self.stage.index:
-                self._build_data(self.training_stages[self.state.stage])
 
     def _build_data(self, stage: TrainingStage) -> None:
         """The data set, clip settings and sampler kinds of ``stage`` (collective with ``data.buckets``)."""
@@ -244,6 +242,14 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ checkpoints
+
+    def _saved_stage(self, folder: Path | None) -> int:
+        """The stage a checkpoint was written in, read before the data is built so that only its data is; 0 for a fresh
+        start (a missing state file is reported by :meth:`_load`)."""
+        state_file = trainer_state_file(folder, self.env.rank) if folder is not None else None
+        if state_file is None or not state_file.is_file():
+            return 0
+        return torch.load(state_file, map_location="cpu", weights_only=True)["loop"].get("stage", 0)
 
     def _load(self, folder: Path) -> None:
         state_file = trainer_state_file(folder, self.env.rank)
