@@ -201,9 +201,12 @@ class VideoVAEMixin(FrozenStage):
             (1.15258426 for CogVideoX-2B, 0.7 for the 5B models).
         sample_posterior (`bool`, defaults to `True`): encode by sampling the posterior (SAT's training);
             ``False`` takes its mean.
+        tile_size (`tuple[int, int]`): ``(height, width)`` pixels of a tile when tiling is on (:meth:`set_tiling`).
+        tile_overlap (`tuple[float, float]`): share of a tile blended with its neighbour, ``(height, width)``.
     """
 
-    def __init__(self, vae: AutoencoderKLCogVideoX, scale_factor: float, sample_posterior: bool = True):
+    def __init__(self, vae: AutoencoderKLCogVideoX, scale_factor: float, sample_posterior: bool = True,
+                 tile_size: tuple[int, int] = (240, 360), tile_overlap: tuple[float, float] = (1 / 6, 1 / 5)):
         super().__init__()
         # diffusers encodes 8 frames at a time (the causal conv cache carries across chunks), which is not
         # SAT's whole-clip encode for more than 9 frames: a chunk longer than any clip makes it one pass.
@@ -212,6 +215,7 @@ class VideoVAEMixin(FrozenStage):
         self.vae = vae
         self.scale_factor = scale_factor
         self.sample_posterior = sample_posterior
+        self.tile_size, self.tile_overlap = tuple(tile_size), tuple(tile_overlap)
 
     @classmethod
     def from_config(cls, cfg: FirstStageConfig) -> VideoVAEMixin:
@@ -224,7 +228,7 @@ class VideoVAEMixin(FrozenStage):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.init_seed)
                 vae = _autoencoder_class()(**architecture)
-            return cls(vae, cfg.scale_factor, cfg.sample_posterior)
+            return cls(vae, cfg.scale_factor, cfg.sample_posterior, cfg.tile_size, cfg.tile_overlap)
         path = Path(cfg.path).expanduser()
         if path.is_dir():
             vae = _load_diffusers_folder(path, architecture)
@@ -243,7 +247,19 @@ class VideoVAEMixin(FrozenStage):
             )
         else:
             raise ConfigError(f"model.first_stage.path: not found: {path}")
-        return cls(vae, cfg.scale_factor, cfg.sample_posterior)
+        return cls(vae, cfg.scale_factor, cfg.sample_posterior, cfg.tile_size, cfg.tile_overlap)
+
+    def set_tiling(self, enabled: bool) -> None:
+        """diffusers' spatial tiling (each tile whole in time, neighbours blended linearly over the overlap), or
+        SAT's exact whole-frame passes."""
+        self.tiling = enabled
+        if not enabled:
+            self.vae.disable_tiling()
+            return
+        height, width = self.tile_size
+        self.vae.enable_tiling(tile_sample_min_height=height, tile_sample_min_width=width)
+        # set directly: enable_tiling takes a zero overlap for "keep the default"
+        self.vae.tile_overlap_factor_height, self.vae.tile_overlap_factor_width = self.tile_overlap
 
     @torch.no_grad()
     def encode_moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

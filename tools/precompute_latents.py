@@ -42,7 +42,7 @@ def encode(cfg, out: Path, samples_per_shard: int, overwrite: bool) -> int:
         dit_config = DiTConfig.from_config(cfg)
         settings = cache_settings(cfg.model, cfg.data)
         dtype = frozen_stage_dtype(cfg.deepspeed.precision)
-        stages = build_frozen_stages(cfg.model).to(env.device, dtype)
+        stages = build_frozen_stages(cfg.model, tiled=cfg.data.vae_tiling).to(env.device, dtype)
         image_condition = dit_config.in_channels > dit_config.out_channels
 
         staging = staging_folder(out)

@@ -151,6 +151,20 @@ def _check_across_sections(cfg: DictConfig) -> None:
         raise ConfigError("train.validation.image: an image-to-video model needs a first frame to validate with")
     check_schedule(cfg.train.lr_schedule, cfg.train.optimizer.lr)
     _check_sequence_parallel(cfg)
+    _check_tiling(cfg)
+
+
+def _check_tiling(cfg: DictConfig) -> None:
+    first_stage = cfg.model.first_stage
+    size, overlap = list(first_stage.tile_size), list(first_stage.tile_overlap)
+    if len(size) != 2 or any(side <= 0 or side % SPATIAL_COMPRESSION for side in size):
+        raise ConfigError(f"model.first_stage.tile_size: expected [height, width], positive multiples of "
+                          f"{SPATIAL_COMPRESSION} pixels, found {size}")
+    if len(overlap) != 2 or not all(0 <= share < 1 for share in overlap):
+        raise ConfigError(f"model.first_stage.tile_overlap: expected [height, width] shares in [0, 1), found {overlap}")
+    tiling = [key for key, on in (("sample.vae_tiling", cfg.sample.vae_tiling), ("data.vae_tiling", cfg.data.vae_tiling)) if on]
+    if tiling and first_stage.type != "video_vae":
+        raise ConfigError(f"{tiling[0]}: only the video_vae first stage tiles; model.first_stage.type is {first_stage.type}")
 
 
 def _check_sequence_parallel(cfg: DictConfig) -> None:

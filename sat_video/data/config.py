@@ -44,6 +44,10 @@ class DataConfig:
     """A clip goes to a bucket only if covering it needs at most this upscaling (1: never upscale)."""
     num_workers: int = field(default=2, metadata=at_least(0))
     """Data-loader processes per rank (0 decodes in the training process)."""
+    vae_tiling: bool = False
+    """Encode training clips (and ``tools/precompute_latents.py``'s) in overlapping spatial tiles of
+    ``model.first_stage.tile_size`` (diffusers' tiling): less VAE memory for large clips, slightly different latents
+    near tile seams than SAT's exact encode. Clips no larger than a tile are encoded whole either way."""
     latent_cache: str | None = None
     """A folder written by ``tools/precompute_latents.py``: train from its latents and text embeddings instead
     of decoding ``sources`` (no video decoding, VAE or T5 per step; I2V still encodes its noisy first frame).

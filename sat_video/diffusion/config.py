@@ -47,3 +47,11 @@ class SampleConfig:
     """The noise of prompt ``i`` is drawn from a generator seeded with ``seed + i``."""
     fps: float | None = field(default=None, metadata=at_least(0, exclusive=True))
     """Frame rate of written videos; ``null``: ``data.fps``."""
+    offload: str = field(default="none", metadata=one_of("none", "model", "sequential"))
+    """Where weights wait while another model runs (``tools/sample_video.py``; the same videos in every mode):
+    ``none`` keeps T5, the DiT and the VAE on the accelerator together; ``model`` brings each in only while it runs;
+    ``sequential`` brings in one DiT block (one T5 / VAE layer) at a time, for the smallest GPUs."""
+    vae_tiling: bool = False
+    """Decode (and encode the I2V image) in overlapping spatial tiles of ``model.first_stage.tile_size``, blended
+    (diffusers' tiling): far less VAE memory, slightly different pixels near tile seams. ``false``: SAT's exact
+    decode."""

@@ -8,7 +8,8 @@ sampled by diffusers from the same noise and embeddings gives the same latents (
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,8 @@ from torch import nn
 from sat_video.common.errors import OutputExistsError, UsageError
 from sat_video.diffusion.conditioning import leading_pad_frames
 from sat_video.diffusion.config import SCHEDULER_NAMES, SampleConfig
+from sat_video.diffusion.memory import MemoryMonitor
+from sat_video.diffusion.offload import WeightPlacement
 from sat_video.diffusion.schedule import scheduler_config
 from sat_video.model.stages import SPATIAL_COMPRESSION, FrozenStages
 
@@ -120,18 +123,28 @@ class VideoGenerator:
     """Prompts (and an image for I2V) -> videos, with the frozen stages of training.
 
     Args:
-        dit: the trained DiT (any dtype / device).
+        dit: the trained DiT, in its sampling dtype.
         stages: the frozen stages: a text encoder and a first stage (which encodes the I2V image and decodes).
         snr_shift_scale: the schedule the model was trained with (``model.diffusion.snr_shift_scale``).
         ofs: fed to models with an ofs embedding (CogVideoX 1.5 I2V).
+        device: where the models compute (default: where the DiT's weights are).
+        offload: ``sample.offload``: where weights wait while another model runs (:mod:`~sat_video.diffusion.offload`).
+            The generator moves the models as that mode says, now and while it runs; every mode gives the same videos.
+
+    After :meth:`generate`, ``memory`` holds the peak memory of each stage (:class:`~sat_video.diffusion.memory.MemoryMonitor`).
     """
 
-    def __init__(
-        self, dit: nn.Module, stages: FrozenStages, *, snr_shift_scale: float, num_train_timesteps: int = 1000, ofs: float = 2.0
-    ):
+    def __init__(self, dit: nn.Module, stages: FrozenStages, *, snr_shift_scale: float, num_train_timesteps: int = 1000,
+                 ofs: float = 2.0, device: torch.device | str | None = None, offload: str = "none"):
         self.dit, self.stages = dit, stages
         self.snr_shift_scale, self.num_train_timesteps = snr_shift_scale, num_train_timesteps
         self.ofs = ofs if dit.dit_config.ofs_embed_dim else None
+        self.device = torch.device(device) if device is not None else next(dit.parameters()).device
+        self.placement = WeightPlacement(offload, self.device)
+        for name, module in (("text_encoder", stages.text_encoder), ("first_stage", stages.first_stage), ("dit", dit)):
+            if module is not None:
+                self.placement.add(name, module)
+        self.memory = MemoryMonitor(self.device, lambda: self.placement.loaded_bytes)
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
         """``(frames, pad, C, h, w)``: latent frames incl. ``pad`` leading frames for 1.5's temporal patches."""
@@ -139,6 +152,11 @@ class VideoGenerator:
         frames = (num_frames - 1) // dit_config.temporal_compression_ratio + 1
         pad = leading_pad_frames(frames, dit_config)
         return frames + pad, pad, dit_config.out_channels, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION
+
+    @contextmanager
+    def _stage(self, report_as: str, model: str) -> Iterator[None]:
+        with self.memory.measure(report_as), self.placement.running(model):
+            yield
 
     @torch.no_grad()
     def generate(
@@ -155,38 +173,45 @@ class VideoGenerator:
     ) -> list[GeneratedVideo]:
         """One video per prompt; the noise of prompt ``i`` comes from a generator seeded ``settings.seed + i``.
 
-        ``image``: ``[3, H, W]`` in [-1, 1], required by I2V models (``in_channels > out_channels``).
+        ``image``: ``[3, H, W]`` in [-1, 1], required by I2V models (``in_channels > out_channels``). Each model runs
+        once for all prompts (T5, then the DiT, then the VAE), so offloading moves each model once.
         """
         dit_config = self.dit.dit_config
         if (dit_config.in_channels > dit_config.out_channels) != (image is not None):
             raise UsageError("an image-to-video model needs an image (--image), a text-to-video model takes none")
         frames, pad, channels, h, w = self.latent_shape(num_frames, height, width)
-        device = next(self.dit.parameters()).device
+        device, vae_dtype = self.device, module_dtype(self.stages.first_stage)
+        with self._stage("T5", "text_encoder"):  # once per prompt; the unconditional embedding is zeros, not T5's
+            texts = [self.stages.encode_text([prompt]).to(device) for prompt in prompts]
         image_latents = None
         if image is not None:  # the clean encoded image, then zero latents (as training and diffusers' I2V pipeline)
-            encoded = self.stages.encode(image[None, :, None].to(device, module_dtype(self.stages.first_stage)))
+            with self._stage("VAE encode", "first_stage"), self.stages.tiling(settings.vae_tiling):
+                encoded = self.stages.encode(image[None, :, None].to(device, vae_dtype))
             encoded = encoded.permute(0, 2, 1, 3, 4).float()  # [1, 1, C, h, w]
             image_latents = torch.cat([encoded, torch.zeros(1, frames - 1, channels, h, w, device=device)], dim=1)
+        latents = []
+        with self._stage("DiT steps", "dit"):
+            for index, text in enumerate(texts):
+                generator = torch.Generator().manual_seed(settings.seed + index)
+                noise = torch.randn(1, frames, channels, h, w, generator=generator).to(device)
+                latents.append(denoise(
+                    self.dit,
+                    noise,
+                    text,
+                    settings,
+                    snr_shift_scale=self.snr_shift_scale,
+                    num_train_timesteps=self.num_train_timesteps,
+                    steps=steps,
+                    image_latents=image_latents,
+                    ofs=self.ofs,
+                    generator=generator,
+                    progress=progress,
+                )[:, pad:])
         results = []
-        for index, prompt in enumerate(prompts):
-            generator = torch.Generator().manual_seed(settings.seed + index)
-            noise = torch.randn(1, frames, channels, h, w, generator=generator).to(device)
-            text = self.stages.encode_text([prompt]).to(device)
-            latents = denoise(
-                self.dit,
-                noise,
-                text,
-                settings,
-                snr_shift_scale=self.snr_shift_scale,
-                num_train_timesteps=self.num_train_timesteps,
-                steps=steps,
-                image_latents=image_latents,
-                ofs=self.ofs,
-                generator=generator,
-                progress=progress,
-            )[:, pad:]
-            video = self.stages.decode(latents.permute(0, 2, 1, 3, 4).to(module_dtype(self.stages.first_stage)))[0]
-            results.append(GeneratedVideo(prompt, to_uint8_frames(video), latents[0].cpu()))
+        with self._stage("VAE decode", "first_stage"), self.stages.tiling(settings.vae_tiling):
+            for prompt, latent in zip(prompts, latents):
+                video = self.stages.decode(latent.permute(0, 2, 1, 3, 4).to(vae_dtype))[0]
+                results.append(GeneratedVideo(prompt, to_uint8_frames(video), latent[0].cpu()))
         return results
 
 

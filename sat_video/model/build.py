@@ -86,11 +86,14 @@ def build_text_encoder(text_encoder: TextEncoderConfig, dit: DiTConfig) -> Froze
     return cls.from_config(text_encoder, dit.text_length, dit.text_hidden_size)
 
 
-def build_frozen_stages(model: DictConfig, *, first_stage: bool = True, text_encoder: bool = True) -> FrozenStages:
-    """The frozen stages of the ``model`` section, under SAT's names; leave out what a run does not need."""
+def build_frozen_stages(model: DictConfig, *, first_stage: bool = True, text_encoder: bool = True,
+                        tiled: bool = False) -> FrozenStages:
+    """The frozen stages of the ``model`` section, under SAT's names; leave out what a run does not need. ``tiled``:
+    the first stage encodes and decodes in tiles (``data.vae_tiling``)."""
     stages = FrozenStages()
     if first_stage:
         stages.add_stage(FIRST_STAGE_NAME, build_first_stage(model.first_stage))
+        stages.first_stage.set_tiling(tiled)
     if text_encoder:
         stages.add_stage(TEXT_ENCODER_NAME, build_text_encoder(model.text_encoder, DiTConfig.from_config(model.dit)))
     return stages

@@ -131,6 +131,11 @@ class FirstStageConfig:
     """Training encodes by sampling the posterior (as SAT); ``false`` takes its mean."""
     init_seed: int = field(default=0, metadata=at_least(0))
     """Seed of the random weights when ``path`` is null (the same on every rank)."""
+    tile_size: list[int] = field(default_factory=lambda: [240, 360])
+    """Tiles of ``[height, width]`` pixels when tiling is on (``sample.vae_tiling``, ``data.vae_tiling``); diffusers'
+    default for 480x720 videos. Larger tiles blend fewer seams and need more memory."""
+    tile_overlap: list[float] = field(default_factory=lambda: [1 / 6, 1 / 5])
+    """Share of a tile that overlaps its neighbour, ``[height, width]``, blended linearly (diffusers' defaults)."""
 
 
 @dataclass

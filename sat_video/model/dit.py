@@ -153,6 +153,12 @@ class DiffusionTransformer(nn.Module):
         for layer in self.transformer.layers:
             layer.compile()
 
+    def block_groups(self) -> list[tuple[nn.Module, list[nn.Module]]]:
+        """Per transformer block: the block and every module only it uses (its own, its mixins' per-block modules),
+        which sequential offload brings to the accelerator just before the block runs."""
+        return [(layer, [layer, *(module for mixin in self.mixins.values() for module in mixin.block_modules(index))])
+                for index, layer in enumerate(self.transformer.layers)]
+
     def derived_checkpoint_keys(self) -> set[str]:
         """Entries that official checkpoints hold but this model derives or never uses."""
         keys = set(UNUSED_CHECKPOINT_KEYS)

@@ -160,6 +160,13 @@ class Mixin(nn.Module):
         """Raise ``ValueError`` (saying why) if this mixin cannot run on inputs of ``grid``; by default any grid runs.
         The config loader asks this of every bucket of ``data.buckets`` before anything is built for real."""
 
+    def block_modules(self, layer_idx: int) -> list[nn.Module]:
+        """This mixin's modules that only block ``layer_idx`` uses; sequential offload moves them to the accelerator
+        with that block and everything else of the mixin stays there throughout. By default: entry ``layer_idx`` of
+        every ``nn.ModuleList`` with one entry per block (SAT's layout: ``adaLN_modulations``, LoRA's ``layers``)."""
+        num_layers = self.dit_config.num_layers
+        return [child[layer_idx] for child in self.children() if isinstance(child, nn.ModuleList) and len(child) == num_layers]
+
     # ------------------------------------------------------------------ hook catalogue
 
     def embed(self, x: torch.Tensor, encoder_hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

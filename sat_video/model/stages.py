@@ -13,14 +13,15 @@ once, here: every module or parameter attached to it stops requiring gradients a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from sat_video.common.errors import HookConflictError, MissingHookError
+from sat_video.common.errors import HookConflictError, MissingHookError, UsageError
 
 SPATIAL_COMPRESSION = 8
 """Pixels per latent along height and width, for every first stage (CogVideoX's VAE: 8x8)."""
@@ -74,6 +75,8 @@ class FrozenStage(nn.Module):
     """
 
     scale_factor: float = 1.0
+    tiling: bool = False
+    """First stage: encoding and decoding run in overlapping spatial tiles (:meth:`set_tiling`)."""
     config_type: ClassVar[str] = ""  # set by @register_stage
 
     def __init__(self) -> None:
@@ -94,6 +97,12 @@ class FrozenStage(nn.Module):
     def provided_hooks(self) -> list[str]:
         """Catalogue hooks this stage overrides, in catalogue order."""
         return [spec.name for spec in STAGE_HOOKS if getattr(type(self), spec.name) is not getattr(FrozenStage, spec.name)]
+
+    def set_tiling(self, enabled: bool) -> None:
+        """First stage: encode and decode in overlapping spatial tiles (less memory, seams blended) or whole (exact).
+        A stage that cannot tile refuses ``True``."""
+        if enabled:
+            raise UsageError(f"{type(self).__name__} cannot encode or decode in tiles")
 
     # ------------------------------------------------------------------ catalogue
 
@@ -185,6 +194,17 @@ class FrozenStages(nn.Module):
             who = f"{name} ({type(self.stages[name]).__name__})" if name else "(none)"
             lines.append(f"{spec.name:<{width}}  {spec.role:<12}  {who}")
         return "\n".join(lines)
+
+    @contextmanager
+    def tiling(self, enabled: bool) -> Iterator[None]:
+        """Inside this block the first stage tiles (``enabled``) or not; its setting is restored after."""
+        stage = self._require("decode_latents")
+        previous = stage.tiling
+        stage.set_tiling(enabled)
+        try:
+            yield
+        finally:
+            stage.set_tiling(previous)
 
     def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self._require("encode_moments").encode(video, generator)

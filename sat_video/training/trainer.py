@@ -171,7 +171,7 @@ class Trainer:
         sampling = bool(train.validation.interval)
         self.stages = build_frozen_stages(
             cfg.model, first_stage=not self.cached or sampling or dit_config.in_channels > dit_config.out_channels,
-            text_encoder=not self.cached or sampling).to(env.device, frozen_dtype)
+            text_encoder=not self.cached or sampling, tiled=cfg.data.vae_tiling).to(env.device, frozen_dtype)
         self.inputs = TrainingInputBuilder(dit_config, cfg.model.diffusion, self.stages,
                                            scale_factor=cfg.model.first_stage.scale_factor)
 
@@ -505,16 +505,18 @@ class Trainer:
         its own seeded generators, so validation never changes what training draws.
         """
         self.watchdog.enter("validation", slow=True)
+        started = time.perf_counter()
         cfg, dit_config = self.cfg, self.engine.module.dit.dit_config
         validation = cfg.train.validation
         sizes = [tuple(size) for size in validation.sizes] or [(dit_config.num_frames, self.clip_spec.height,
                                                                  self.clip_spec.width)]
-        generator = VideoGenerator(
+        generator = VideoGenerator(  # the engine's DiT as it is: under ZeRO-3 each block is gathered as it runs
             self.engine.module.dit,
             self.stages,
             snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
             num_train_timesteps=cfg.model.diffusion.num_train_timesteps,
             ofs=cfg.model.diffusion.ofs,
+            device=self.env.device,
         )
         folder = self.run_folder.path / "samples" / str(self.state.iteration)
         for frames, height, width in sizes:
@@ -528,7 +530,8 @@ class Trainer:
         self.watchdog.completed(f"validation at iteration {self.state.iteration}")
         if not self.env.is_main:
             return None
-        logger.info("validation samples in %s", folder)
+        logger.info("validation at iteration %d took %.1f s; samples in %s\n%s", self.state.iteration,
+                    time.perf_counter() - started, folder, generator.memory.describe())
         return folder
 
     def _log_sheet(self, sheet_file: Path, suffix: str) -> None:
