@@ -217,6 +217,12 @@ class VideoVAEMixin(FrozenStage):
         self.sample_posterior = sample_posterior
         self.tile_size, self.tile_overlap = tuple(tile_size), tuple(tile_overlap)
 
+    @staticmethod
+    def network(architecture: Any) -> AutoencoderKLCogVideoX:
+        """An ``AutoencoderKLCogVideoX`` of ``model.first_stage.architecture`` (checked), randomly initialised (or
+        shapes only, under ``torch.device("meta")``)."""
+        return _autoencoder_class()(**_checked_architecture(architecture))
+
     @classmethod
     def from_config(cls, cfg: FirstStageConfig) -> VideoVAEMixin:
         """Build ``model.first_stage``: random weights (``path: null``), a diffusers folder, or SAT's ``.pt``.
@@ -227,7 +233,7 @@ class VideoVAEMixin(FrozenStage):
         if cfg.path is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.init_seed)
-                vae = _autoencoder_class()(**architecture)
+                vae = cls.network(architecture)
             return cls(vae, cfg.scale_factor, cfg.sample_posterior, cfg.tile_size, cfg.tile_overlap)
         path = Path(cfg.path).expanduser()
         if path.is_dir():

@@ -34,10 +34,12 @@ class LiveTensorPeak(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self._live = {key: entry for key, entry in self._live.items() if not entry[0].expired()}
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor) and tensor.device.type == self.device_type:
                 storage = tensor.untyped_storage()
-                self._live.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
+                if storage._cdata not in inputs:  # a view or in-place result of an input allocates nothing
+                    self._live.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
         self.live_bytes = sum(nbytes for _, nbytes in self._live.values())
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         return out

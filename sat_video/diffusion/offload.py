@@ -37,14 +37,17 @@ class _Weights:
             for name, buffer in module.named_buffers(recurse=False):
                 if buffer is not None:
                     self.slots.append((module, name, False, hosts.setdefault(id(buffer), buffer)))
-        self.nbytes = sum(host.nbytes for *_, host in self.slots)
+        self.nbytes = sum(host.nbytes for host in {id(host): host for *_, host in self.slots}.values())
 
     def _assign(self, make) -> None:
+        made: dict[int, torch.Tensor] = {}  # one copy of a tied weight
         for module, name, is_parameter, host in self.slots:
+            if id(host) not in made:
+                made[id(host)] = make(host)
             if is_parameter:
-                getattr(module, name).data = make(host)
+                getattr(module, name).data = made[id(host)]
             else:
-                module._buffers[name] = make(host)
+                module._buffers[name] = made[id(host)]
 
     def bring_in(self, device: torch.device) -> None:
         self._assign(lambda host: host.to(device, copy=True))
@@ -59,6 +62,20 @@ class _Weights:
 def _modules_with_weights(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if any(True for _ in m.parameters(recurse=False)) or any(
         b is not None for b in m.buffers(recurse=False))]
+
+
+def streamed_units(module: nn.Module) -> tuple[list[tuple[nn.Module, list[nn.Module]]], list[nn.Module]]:
+    """How ``sequential`` splits ``module``: ``(units, resident)``. Each unit is ``(hooked, members)``: the weights of
+    ``members`` are on the device only while ``hooked`` runs; ``resident`` modules' weights stay for the whole stage.
+    The DiT streams its blocks (:meth:`~sat_video.model.dit.DiffusionTransformer.block_groups`), any other model
+    every module that holds weights."""
+    with_weights = _modules_with_weights(module)
+    if not hasattr(module, "block_groups"):
+        return [(m, [m]) for m in with_weights], []
+    units = [(hooked, [m for member in members for m in _modules_with_weights(member)])
+             for hooked, members in module.block_groups()]
+    streamed = {id(m) for _, members in units for m in members}
+    return units, [m for m in with_weights if id(m) not in streamed]
 
 
 class WeightPlacement:
@@ -91,14 +108,10 @@ class WeightPlacement:
         if self.mode == "model":
             self._stage_weights[name] = self._managed(_modules_with_weights(module))
             return module
-        blocks = module.block_groups() if hasattr(module, "block_groups") else [
-            (m, [m]) for m in _modules_with_weights(module)]
-        streamed: set[int] = set()
-        for hooked, members in blocks:
-            group = [m for member in members for m in _modules_with_weights(member)]
-            streamed.update(id(m) for m in group)
-            self._stream(hooked, self._managed(group))
-        self._stage_weights[name] = self._managed([m for m in _modules_with_weights(module) if id(m) not in streamed])
+        units, resident = streamed_units(module)
+        for hooked, members in units:
+            self._stream(hooked, self._managed(members))
+        self._stage_weights[name] = self._managed(resident)
         return module
 
     def _managed(self, modules: list[nn.Module]) -> _Weights:
