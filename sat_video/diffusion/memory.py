@@ -4,7 +4,8 @@ On a GPU a stage's peak is CUDA's ``max_memory_allocated`` over the stage: every
 On a CPU there is no allocator to ask, so the peak is counted the same way from the tensors themselves: the weights
 the stage's device holds when it starts (:attr:`~sat_video.diffusion.offload.WeightPlacement.loaded_bytes`) plus the
 most bytes of tensors created during the stage that were alive at once (every op's outputs, tracked until their
-storage is freed). Scratch memory inside one kernel is not a tensor and is not counted.
+storage is freed, :class:`~sat_video.common.live_tensors.LiveTensorBytes`). Scratch memory inside one kernel is not a
+tensor and is not counted.
 """
 
 from __future__ import annotations
@@ -15,34 +16,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from sat_video.common.live_tensors import LiveTensorBytes
 
 GIB = 2**30
-
-
-class LiveTensorPeak(TorchDispatchMode):
-    """Inside this mode: the most bytes of storage on ``device_type``, created by ops run inside, alive at once."""
-
-    def __init__(self, device_type: str = "cpu"):
-        super().__init__()
-        self.device_type = device_type
-        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.live_bytes = self.peak_bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self._live = {key: entry for key, entry in self._live.items() if not entry[0].expired()}
-        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.device.type == self.device_type:
-                storage = tensor.untyped_storage()
-                if storage._cdata not in inputs:  # a view or in-place result of an input allocates nothing
-                    self._live.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
-        self.live_bytes = sum(nbytes for _, nbytes in self._live.values())
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        return out
 
 
 @dataclass
@@ -77,9 +54,9 @@ class MemoryMonitor:
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
             resident = self.resident_bytes()
-            with LiveTensorPeak(self.device.type) as tracker:
+            with LiveTensorBytes() as tracker:
                 yield
-            peak = resident + tracker.peak_bytes
+            peak = resident + tracker.peak
         self._record(StagePeak(stage, peak, time.perf_counter() - start))
 
     def _record(self, measured: StagePeak) -> None:

@@ -8,7 +8,7 @@ Peak of a stage = the weights on the device during it + its activations.
   streamed in at once (:func:`~sat_video.diffusion.offload.streamed_units`, the split the sampler uses).
 * **Activations** are measured, not modelled: each model runs once or twice at small sizes on the CPU in fp32 with
   its real widths (one DiT block, one T5 block: activations do not grow with depth under ``no_grad``), counted as
-  :class:`~sat_video.diffusion.memory.LiveTensorPeak` counts them, and extrapolated linearly. Measured linearities:
+  :class:`~sat_video.common.live_tensors.LiveTensorBytes` counts them, and extrapolated linearly. Measured linearities:
   a DiT step grows with its video tokens; VAE decoding with the latent frame's area at any frame count (diffusers
   decodes 2 latent frames at a time and carries a cache), which is also why tiling bounds it by the tile's area.
   Activations at bf16 are taken as half of fp32's.
@@ -17,6 +17,7 @@ Peak of a stage = the weights on the device during it + its activations.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from sat_video.common.errors import UsageError
+from sat_video.common.live_tensors import LiveTensorBytes
 from sat_video.diffusion.config import SampleConfig
-from sat_video.diffusion.memory import GIB, LiveTensorPeak
+from sat_video.diffusion.memory import GIB
 from sat_video.diffusion.offload import OFFLOAD_MODES, streamed_units
 from sat_video.diffusion.sampling import denoise
 from sat_video.model.build import build_dit
@@ -96,10 +98,10 @@ def _materialised(module: nn.Module) -> nn.Module:
     return module
 
 
-def _live_peak(run) -> int:
-    with torch.no_grad(), LiveTensorPeak() as tracker:
-        run()
-    return tracker.peak_bytes
+def _live_peak(run, *args) -> int:
+    with torch.no_grad(), LiveTensorBytes() as tracker:
+        run(*args)
+    return tracker.peak
 
 
 def _linear(points: list[tuple[float, int]], at: float) -> int:
@@ -178,7 +180,7 @@ class SamplingMemoryModel:
             t5 = self._t5(self._t5_config(num_layers=1))
         t5 = _materialised(t5)
         ids = torch.ones(1, self.dit_config.text_length, dtype=torch.long)
-        return round(_live_peak(lambda: t5(input_ids=ids)) * self._activation_scale)
+        return round(_live_peak(functools.partial(t5, input_ids=ids)) * self._activation_scale)
 
     def _probe_dit(self) -> int:
         dit_config = self.dit_config
@@ -197,8 +199,9 @@ class SamplingMemoryModel:
             image = torch.zeros_like(latent) if self.image_to_video else None
             text = torch.zeros(1, dit_config.text_length, dit_config.text_hidden_size)
             ofs = self.cfg.model.diffusion.ofs if dit_config.ofs_embed_dim else None
-            peak = _live_peak(lambda: denoise(dit, latent, text, settings, snr_shift_scale=1.0, image_latents=image,
-                                              ofs=ofs, generator=torch.Generator().manual_seed(0)))
+            run = functools.partial(denoise, dit, latent, text, settings, snr_shift_scale=1.0, image_latents=image, ofs=ofs,
+                                    generator=torch.Generator().manual_seed(0))
+            peak = _live_peak(run)
             points.append((side * side, peak))
         return round(_linear(points, target) * self._activation_scale)
 
@@ -212,10 +215,10 @@ class SamplingMemoryModel:
         decode, encode = [], []
         for h, w in PROBE_AREAS:
             latents = torch.zeros(1, vae.config.latent_channels, self.latent_frames, h, w)
-            decode.append((h * w, _live_peak(lambda: stage.decode(latents))))
+            decode.append((h * w, _live_peak(stage.decode, latents)))
             if self.image_to_video:
                 image = torch.zeros(1, 3, 1, h * SPATIAL_COMPRESSION, w * SPATIAL_COMPRESSION)
-                encode.append((h * w, _live_peak(lambda: stage.encode(image))))
+                encode.append((h * w, _live_peak(stage.encode, image)))
         self._decode_points, self._encode_points = decode, encode
         self.tile = [side // SPATIAL_COMPRESSION for side in first_stage.tile_size]
         self.overlap = list(first_stage.tile_overlap)
@@ -255,8 +258,9 @@ class SamplingMemoryModel:
 
     def describe(self, offload: str, vae_tiling: bool) -> str:
         rows = self.predict(offload, vae_tiling)
-        lines = [f"predicted peak memory, {self.num_frames}x{self.height}x{self.width}, {str(self.dtype).removeprefix('torch.')}, "
-                 f"offload {offload}, VAE tiling {'on' if vae_tiling else 'off'}:"]
+        dtype = str(self.dtype).removeprefix("torch.")
+        lines = [f"predicted peak memory, {self.num_frames}x{self.height}x{self.width}, {dtype}, offload {offload}, "
+                 f"VAE tiling {'on' if vae_tiling else 'off'}:"]
         lines += [f"  {row.stage:<12} {row.peak_bytes / GIB:8.2f} GiB  (weights {row.weights_bytes / GIB:.2f}, "
                   f"activations {row.activation_bytes / GIB:.2f})" for row in rows]
         lines.append(f"  {'peak':<12} {max(row.peak_bytes for row in rows) / GIB:8.2f} GiB")
