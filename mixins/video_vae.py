@@ -12,6 +12,7 @@ come from a diffusers folder or SAT's ``3d-vae.pt`` (keys renamed as diffusers'
 from __future__ import annotations
 
 import inspect
+import math
 import pickle
 import sys
 import warnings
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from sat_video.common.errors import CheckpointError, ConfigError
 from sat_video.model.config import FirstStageConfig
 from sat_video.model.registry import register_stage
-from sat_video.model.stages import FrozenStage
+from sat_video.model.stages import SPATIAL_COMPRESSION, FrozenStage
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLCogVideoX
@@ -103,6 +104,22 @@ def diffusers_vae_to_sat(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
             key = key.replace(old, new)
         renamed[key] = value
     return renamed
+
+
+def overlap_factor(tile: int, overlap: int) -> float:
+    """diffusers' ``tile_overlap_factor`` for tiles of ``tile`` pixels sharing ``overlap`` pixels (multiples of 8).
+
+    diffusers steps ``int(tile / 8 * (1 - factor))`` latents between tiles and crops each to ``tile - int(tile *
+    factor)`` pixels; the two agree only if both products land on whole numbers, which ``overlap / tile`` in floating
+    point can miss by a few ulps (a seam of duplicated or missing pixels). The nearest float that lands is taken.
+    """
+    latents, shared = tile // SPATIAL_COMPRESSION, overlap // SPATIAL_COMPRESSION
+    exact = overlap / tile
+    for ulps in sorted(range(-64, 65), key=abs):
+        factor = exact + ulps * math.ulp(exact)
+        if int(latents * (1 - factor)) == latents - shared and int(tile * factor) == overlap:
+            return factor
+    raise ValueError(f"diffusers' tiling cannot blend {overlap} of {tile} pixels exactly; choose another overlap")
 
 
 def _autoencoder_class() -> type[AutoencoderKLCogVideoX]:
@@ -202,11 +219,11 @@ class VideoVAEMixin(FrozenStage):
         sample_posterior (`bool`, defaults to `True`): encode by sampling the posterior (SAT's training);
             ``False`` takes its mean.
         tile_size (`tuple[int, int]`): ``(height, width)`` pixels of a tile when tiling is on (:meth:`set_tiling`).
-        tile_overlap (`tuple[float, float]`): share of a tile blended with its neighbour, ``(height, width)``.
+        tile_overlap (`tuple[int, int]`): pixels neighbouring tiles share and blend, ``(height, width)``.
     """
 
     def __init__(self, vae: AutoencoderKLCogVideoX, scale_factor: float, sample_posterior: bool = True,
-                 tile_size: tuple[int, int] = (240, 360), tile_overlap: tuple[float, float] = (1 / 6, 1 / 5)):
+                 tile_size: tuple[int, int] = (240, 360), tile_overlap: tuple[int, int] = (40, 72)):
         super().__init__()
         # diffusers encodes 8 frames at a time (the causal conv cache carries across chunks), which is not
         # SAT's whole-clip encode for more than 9 frames: a chunk longer than any clip makes it one pass.
@@ -265,7 +282,8 @@ class VideoVAEMixin(FrozenStage):
         height, width = self.tile_size
         self.vae.enable_tiling(tile_sample_min_height=height, tile_sample_min_width=width)
         # set directly: enable_tiling takes a zero overlap for "keep the default"
-        self.vae.tile_overlap_factor_height, self.vae.tile_overlap_factor_width = self.tile_overlap
+        self.vae.tile_overlap_factor_height, self.vae.tile_overlap_factor_width = (
+            overlap_factor(side, shared) for side, shared in zip(self.tile_size, self.tile_overlap))
 
     @torch.no_grad()
     def encode_moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

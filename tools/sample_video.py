@@ -9,9 +9,14 @@ Long videos across S processes (each denoising step split by sequence parallelis
 
     torchrun --nproc_per_node 2 tools/sample_video.py --base ... parallel.sequence_parallel_size=2 --ckpt ... --out ...
 
-Writes ``<out>/<i>_<prompt>.mp4`` (one per prompt) and ``<out>/contact_sheet.png``. The sampler, guidance and
-seed come from the config's ``sample`` section; the flags below override them. The VAE and T5 are the config's
-``model.first_stage`` / ``model.text_encoder``.
+On a small GPU: keep only the running model on it (``--offload model``) or one block at a time (``--offload
+sequential``), and decode in tiles (``--vae-tiling``). Predict the peak first, without sampling (seconds to a minute):
+
+    python tools/sample_video.py --base configs/cogvideox_5b.yaml --estimate-memory --dtype bf16
+
+Writes ``<out>/<i>_<prompt>.mp4`` (one per prompt) and ``<out>/contact_sheet.png``, and prints the peak memory of
+each stage. The sampler, guidance, seed, offload and tiling come from the config's ``sample`` section; the flags below
+override them. The VAE and T5 are the config's ``model.first_stage`` / ``model.text_encoder``.
 """
 
 import argparse
@@ -26,6 +31,7 @@ from sat_video.common.errors import UsageError
 from sat_video.config.cli import add_config_arguments, config_from_arguments, run_tool
 from sat_video.data.clips import ClipSpec, load_image
 from sat_video.diffusion.config import SCHEDULER_NAMES
+from sat_video.diffusion.offload import OFFLOAD_MODES
 from sat_video.diffusion.sampling import VideoGenerator, write_samples
 from sat_video.model.build import build_frozen_stages
 from sat_video.model.config import DiTConfig
@@ -49,36 +55,46 @@ def read_prompts(path: str) -> list[str]:
 def run(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--ckpt", required=True, help="SAT run folder, iteration folder, .pt or .safetensors")
-    prompts = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("--ckpt", help="SAT run folder, iteration folder, .pt or .safetensors")
+    prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     prompts.add_argument("--prompts", help="a text file, one prompt per line")
     parser.add_argument("--image", help="first frame for image-to-video models")
-    parser.add_argument("--out", required=True, help="output folder (existing files are never replaced)")
+    parser.add_argument("--out", help="output folder (existing files are never replaced)")
     parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="default: sample.scheduler")
     parser.add_argument("--steps", type=int, help="default: sample.steps")
     parser.add_argument("--guidance-scale", type=float, help="default: sample.guidance_scale")
     parser.add_argument("--seed", type=int, help="default: sample.seed")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--offload", choices=OFFLOAD_MODES, help="default: sample.offload")
+    parser.add_argument("--vae-tiling", action="store_true", default=None, help="decode in tiles (sample.vae_tiling)")
+    parser.add_argument("--estimate-memory", action="store_true",
+                        help="print the predicted peak memory per stage for this config, size, dtype, offload and "
+                             "tiling (and a table of every mode), then exit without sampling")
     args = parser.parse_args(argv)
+    if not args.estimate_memory and not (args.ckpt and args.out and (args.prompt or args.prompts)):
+        parser.error("sampling needs --ckpt, --out and --prompt or --prompts (or ask only for --estimate-memory)")
     overrides = [
         f"sample.{key}={getattr(args, key)}"
-        for key in ("scheduler", "steps", "guidance_scale", "seed")
+        for key in ("scheduler", "steps", "guidance_scale", "seed", "offload", "vae_tiling")
         if getattr(args, key) is not None
     ]  # checked like any config value
     args.overrides = [*args.overrides, *overrides]
     cfg = config_from_arguments(args)
-    texts = args.prompt or read_prompts(args.prompts)
     dtype = DTYPES[args.dtype]
     dit = DiTConfig.from_config(cfg)
+    spec = ClipSpec.from_config(cfg.data, cfg.model.dit)  # videos of the training clips' size and length
+    if args.estimate_memory:
+        print_memory_estimate(cfg, dit.num_frames, spec.height, spec.width, dtype)
+        return 0
+    texts = args.prompt or read_prompts(args.prompts)
     with torch.device("meta"):
         model = sat_video.build_dit(cfg)
     sat_video.load_checkpoint(model, args.ckpt)
     env = join_sequence_group(model, cfg.parallel.sequence_parallel_size)
     device = env.device if env else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device, dtype).eval()
-    stages = build_frozen_stages(cfg.model).to(device, dtype)
-    spec = ClipSpec.from_config(cfg.data, cfg.model.dit)  # videos of the training clips' size and length
+    model = model.to(dtype).eval()  # the generator places the weights as sample.offload says
+    stages = build_frozen_stages(cfg.model).to(dtype)
     image = load_image(args.image, spec.height, spec.width) if args.image else None
     generator = VideoGenerator(
         model,
@@ -86,6 +102,8 @@ def run(argv=None) -> int:
         snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
         num_train_timesteps=cfg.model.diffusion.num_train_timesteps,
         ofs=cfg.model.diffusion.ofs,
+        device=device,
+        offload=cfg.sample.offload,
     )
     videos = generator.generate(
         texts, cfg.sample, num_frames=dit.num_frames, height=spec.height, width=spec.width, image=image, progress=True
@@ -93,9 +111,23 @@ def run(argv=None) -> int:
     if env is None or env.is_main:  # every rank holds the same videos
         written = write_samples(args.out, videos, cfg.sample.fps or cfg.data.fps)
         print("\n".join(["sample_video: wrote", *(f"  {path}" for path in written)]))
+        print(f"offload {cfg.sample.offload}, VAE tiling {'on' if cfg.sample.vae_tiling else 'off'}; "
+              + generator.memory.describe())
     if env is not None:
         shutdown()
     return 0
+
+
+def print_memory_estimate(cfg, num_frames: int, height: int, width: int, dtype: torch.dtype) -> None:
+    """The predicted peak of every stage at the config's offload and tiling, then the peak of every mode."""
+    from sat_video.diffusion.memory_estimate import SamplingMemoryModel
+
+    estimate = SamplingMemoryModel(cfg, num_frames=num_frames, height=height, width=width, dtype=dtype)
+    print(estimate.describe(cfg.sample.offload, cfg.sample.vae_tiling))
+    print("peak by mode (GiB):\n  offload      tiling off  tiling on")
+    peaks = dict(((offload, tiled), gib) for offload, tiled, gib in estimate.table())
+    for offload in OFFLOAD_MODES:
+        print(f"  {offload:<12} {peaks[offload, False]:10.2f} {peaks[offload, True]:10.2f}")
 
 
 def join_sequence_group(model, sequence_parallel_size: int):

@@ -157,14 +157,32 @@ def _check_across_sections(cfg: DictConfig) -> None:
 def _check_tiling(cfg: DictConfig) -> None:
     first_stage = cfg.model.first_stage
     size, overlap = list(first_stage.tile_size), list(first_stage.tile_overlap)
-    if len(size) != 2 or any(side <= 0 or side % SPATIAL_COMPRESSION for side in size):
-        raise ConfigError(f"model.first_stage.tile_size: expected [height, width], positive multiples of "
-                          f"{SPATIAL_COMPRESSION} pixels, found {size}")
-    if len(overlap) != 2 or not all(0 <= share < 1 for share in overlap):
-        raise ConfigError(f"model.first_stage.tile_overlap: expected [height, width] shares in [0, 1), found {overlap}")
+    step = SPATIAL_COMPRESSION
+    if len(size) != 2 or any(side <= 0 or side % step for side in size):
+        raise ConfigError(f"model.first_stage.tile_size: expected [height, width], positive multiples of {step} "
+                          f"pixels, found {size}")
+    if len(overlap) != 2 or any(not 0 <= shared < side or shared % step for shared, side in zip(overlap, size)):
+        raise ConfigError(f"model.first_stage.tile_overlap: expected [height, width] pixels, multiples of {step} and "
+                          f"smaller than model.first_stage.tile_size {size}, found {overlap}")
+    for side, (pixels, shared) in zip(("height", "width"), zip(size, overlap)):
+        if not _blends_exactly(pixels, shared):
+            near = [o for o in range(max(0, shared - 4 * step), min(pixels, shared + 5 * step), step)
+                    if _blends_exactly(pixels, o)]
+            raise ConfigError(f"model.first_stage.tile_overlap: diffusers' tiling cannot blend {shared} of {pixels} pixels "
+                              f"along the {side} without a seam (floating point); nearby overlaps that work: {near}")
     tiling = [key for key, on in (("sample.vae_tiling", cfg.sample.vae_tiling), ("data.vae_tiling", cfg.data.vae_tiling)) if on]
     if tiling and first_stage.type != "video_vae":
         raise ConfigError(f"{tiling[0]}: only the video_vae first stage tiles; model.first_stage.type is {first_stage.type}")
+
+
+def _blends_exactly(tile: int, overlap: int) -> bool:
+    from mixins.video_vae import overlap_factor
+
+    try:
+        overlap_factor(tile, overlap)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_sequence_parallel(cfg: DictConfig) -> None:

@@ -110,12 +110,11 @@ def _linear(points: list[tuple[float, int]], at: float) -> int:
     return max(0, round(y0 + slope * (at - x0)))
 
 
-def _tiles(length: int, tile: int, overlap: float) -> list[int]:
-    """Latent lengths of diffusers' tiles along one side (its loop: a tile every ``int(tile * (1 - overlap))``)."""
+def _tiles(length: int, tile: int, overlap: int) -> list[int]:
+    """Latent lengths of diffusers' tiles along one side (its loop: a tile every ``tile - overlap`` latents)."""
     if length <= tile:
         return [length]
-    stride = int(tile * (1 - overlap))
-    return [min(tile, length - start) for start in range(0, length, stride)]
+    return [min(tile, length - start) for start in range(0, length, tile - overlap)]
 
 
 class SamplingMemoryModel:
@@ -221,7 +220,7 @@ class SamplingMemoryModel:
                 encode.append((h * w, _live_peak(stage.encode, image)))
         self._decode_points, self._encode_points = decode, encode
         self.tile = [side // SPATIAL_COMPRESSION for side in first_stage.tile_size]
-        self.overlap = list(first_stage.tile_overlap)
+        self.overlap = [shared // SPATIAL_COMPRESSION for shared in first_stage.tile_overlap]
 
     # ------------------------------------------------------------------ predictions
 

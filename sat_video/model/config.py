@@ -134,8 +134,9 @@ class FirstStageConfig:
     tile_size: list[int] = field(default_factory=lambda: [240, 360])
     """Tiles of ``[height, width]`` pixels when tiling is on (``sample.vae_tiling``, ``data.vae_tiling``); diffusers'
     default for 480x720 videos. Larger tiles blend fewer seams and need more memory."""
-    tile_overlap: list[float] = field(default_factory=lambda: [1 / 6, 1 / 5])
-    """Share of a tile that overlaps its neighbour, ``[height, width]``, blended linearly (diffusers' defaults)."""
+    tile_overlap: list[int] = field(default_factory=lambda: [40, 72])
+    """Pixels, ``[height, width]``, that neighbouring tiles share and blend linearly (multiples of 8; diffusers'
+    defaults: 1/6 and 1/5 of the default tile)."""
 
 
 @dataclass
