@@ -18,6 +18,8 @@ Sections (each a function below; DiT figures are medians over interleaved repeti
 * Mixed sizes: training steps on clips of three aspect ratios, at one size vs with a bucket per aspect ratio.
 * Sequence parallelism: the DiT step in one process vs split over two (torchrun, DeepSpeed-Ulysses), per-rank
   activation memory and the share of the step spent in collectives.
+* Sampling memory: VAE decode exact vs tiled (time, peak, PSNR, the estimate), and the predicted full-size peak of
+  each model per offload and tiling mode.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from sat_video.experiments.benchmark import (  # noqa: E402 (after the sys.path 
     saved_bytes,
     step_peak_bytes,
 )
+from sat_video.experiments.sampling_memory_bench import DecodeCase, full_size_rows, vae_decode_rows  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COMPILED = "sat_video + torch.compile"
@@ -84,6 +87,10 @@ class Preset:
     train_iters: int
     sequence_parallel: DiTSize
     """A long video (many latent frames, thousands of tokens) at a small width, for the sequence-parallel row."""
+    vae_decode: DecodeCase
+    """The VAE decode timed exactly and in tiles."""
+    full_size: bool
+    """Predict full-size sampling memory for the README's models (a minute of probes at their real widths)."""
 
 
 def _dit(
@@ -99,7 +106,9 @@ PRESETS = {
         dits=(_dit("tiny", "cogvideox_5b", 2, 64, 2, 2, (8, 8), 13, 8, 32),),
         checkpointing="tiny", gemm_sizes=(128, 256), warmup=1, reps=3,
         clip=(9, 64, 64), clip_videos=2, clip_batches=4, train_videos=2, train_iters=4,
-        sequence_parallel=_dit("tiny", "cogvideox_5b", 1, 64, 2, 2, (16, 16), 29, 8, 32)),
+        sequence_parallel=_dit("tiny", "cogvideox_5b", 1, 64, 2, 2, (16, 16), 29, 8, 32),
+        vae_decode=DecodeCase(9, 64, 96, (32, 48), (8, 8), ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml")),
+        full_size=False),
     "default": Preset(
         dits=(
             # 5B layout (3D RoPE), 4 x 16 x 16 latents -> 256 video + 64 text tokens
@@ -112,7 +121,10 @@ PRESETS = {
         checkpointing="mid", gemm_sizes=(1024, 2048, 4096), warmup=2, reps=9,
         clip=(49, 480, 720), clip_videos=4, clip_batches=12, train_videos=4, train_iters=20,
         # 5B layout, 8 x 32 x 32 latents -> 2048 video + 16 text tokens, 4 blocks of width 128
-        sequence_parallel=_dit("long", "cogvideox_5b", 1, 128, 4, 4, (32, 32), 29, 16, 64, time_embed_dim=64)),
+        sequence_parallel=_dit("long", "cogvideox_5b", 1, 128, 4, 4, (32, 32), 29, 16, 64, time_embed_dim=64),
+        # CogVideoX's VAE (random weights): 3 latent frames of 12 x 20, tiles of 8 x 12 latents sharing 2 x 3
+        vae_decode=DecodeCase(9, 96, 160, (64, 96), (16, 24), ("cogvideox_2b.yaml", "tiny.yaml")),
+        full_size=True),
 }
 
 
@@ -423,6 +435,18 @@ def sequence_parallel_section(preset: Preset, device: torch.device, threads: int
     return rows
 
 
+# ---------------------------------------------------------------------- sampling memory
+
+
+def sampling_memory_section(preset: Preset) -> tuple[list[dict], list[dict]]:
+    """VAE decode exact vs tiled (measured), then the predicted full-size peaks."""
+    decode = vae_decode_rows(preset.vae_decode, ROOT / "configs")
+    for row in decode:
+        print(f"VAE decode {row['mode']}: {row['seconds']:.1f}s, {row['peak'] / MIB:.0f} MiB "
+              f"(predicted {row['predicted'] / MIB:.0f})", flush=True)
+    return decode, full_size_rows(ROOT / "configs") if preset.full_size else []
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
@@ -566,6 +590,7 @@ def report(
     data: list[dict],
     split: list[dict],
     buckets: list[dict],
+    sampling: tuple[list[dict], list[dict]],
     preset: Preset,
 ) -> str:
     out = [
@@ -766,11 +791,45 @@ def report(
               f"{r['activations'] / split[0]['activations']:.2f}x", f"{r['communication']:.0%}"] for r in split],
         ),
         "",
+        *_sampling_memory_lines(*sampling, preset.vae_decode),
         "## How these figures are measured",
         "",
         METHOD.format(warmup=preset.warmup, reps=preset.reps),
     ]
     return "\n".join(out)
+
+
+def _sampling_memory_lines(decode: list[dict], full_size: list[dict], case: DecodeCase) -> list[str]:
+    lines = [
+        "## Sampling memory: VAE decode exact vs tiled",
+        "",
+        f"`{' + '.join(case.configs)}` first stage with random weights: {case.frames} frames at {case.height}x"
+        f"{case.width} decoded from the same random latents (fp32, one process) whole (SAT's exact decode) and in "
+        f"tiles of {case.tile[0]}x{case.tile[1]} pixels sharing {case.overlap[0]}x{case.overlap[1]} "
+        "(`sample.vae_tiling`). Peak: live tensors allocated by the decode (`sat_video/common/live_tensors.py`); "
+        "predicted: the estimate of `tools/sample_video.py --estimate-memory` for the same decode.",
+        "",
+        _table(["decode", "seconds", "peak (MiB)", "predicted (MiB)", "PSNR vs exact (dB)"],
+               [[r["mode"], f"{r['seconds']:.1f}", f"{r['peak'] / MIB:.0f}", f"{r['predicted'] / MIB:.0f}",
+                 f"{r['psnr']:.1f}" if "psnr" in r else ""] for r in decode]),
+        "",
+    ]
+    if full_size:
+        models = list(dict.fromkeys((r["model"], r["size"]) for r in full_size))
+        peak = {(r["model"], r["offload"], r["tiling"]): r["peak_gib"] for r in full_size}
+        lines += [
+            "### Predicted peak at full size (bf16, GiB; not measured on a GPU)",
+            "",
+            "From `SamplingMemoryModel` (`sat_video/diffusion/memory_estimate.py`): weights from parameter counts, "
+            "activations from fp32 probes on this CPU at the real widths, halved for bf16. T5 is T5 v1.1 XXL's encoder.",
+            "",
+            _table(["model", "size", *(f"{offload}{', tiled' if tiled else ''}" for offload in ("none", "model", "sequential")
+                                       for tiled in (False, True))],
+                   [[model, size, *(f"{peak[model, offload, tiled]:.1f}" for offload in ("none", "model", "sequential")
+                                    for tiled in (False, True))] for model, size in models]),
+            "",
+        ]
+    return lines
 
 
 def main(argv=None) -> int:
@@ -808,12 +867,14 @@ def main(argv=None) -> int:
         buckets = bucket_section(assets, preset, workdir)
         data = data_section(preset, workdir)
     split = sequence_parallel_section(preset, device, args.threads)
+    sampling = sampling_memory_section(preset)
     if hasattr(os, "getloadavg"):
         info["load average at end (1/5/15 min; this run's own threads included)"] = " / ".join(
             f"{x:.2f}" for x in os.getloadavg()
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(args, info, peaks, dits, checkpointing, profile, training, data, split, buckets, preset) + "\n")
+    text = report(args, info, peaks, dits, checkpointing, profile, training, data, split, buckets, sampling, preset)
+    args.out.write_text(text + "\n")
     print(f"wrote {args.out}")
     return 0
 

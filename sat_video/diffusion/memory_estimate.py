@@ -140,12 +140,16 @@ class SamplingMemoryModel:
         self.guided = cfg.sample.guidance_scale > 1 if guided is None else guided
         self.image_to_video = self.dit_config.in_channels > self.dit_config.out_channels
         self._activation_scale = self.itemsize / 4  # probes run in fp32
+        first_stage = cfg.model.first_stage
+        self.tile = [side // SPATIAL_COMPRESSION for side in first_stage.tile_size]
+        self.overlap = [shared // SPATIAL_COMPRESSION for shared in first_stage.tile_overlap]
+
+    @functools.cached_property
+    def weights(self) -> dict[str, ModelWeights]:
         with torch.device("meta"):
             dit, t5, vae = build_dit(self.dit_config), self._t5(self._t5_config()), self._vae()
-        self.weights = {"dit": model_weights(dit, self.itemsize), "text_encoder": model_weights(t5, self.itemsize),
-                        "first_stage": model_weights(vae, self.itemsize)}
-        self.activations = {"T5": self._probe_t5(), "DiT steps": self._probe_dit()}
-        self._probe_vae()
+        return {"dit": model_weights(dit, self.itemsize), "text_encoder": model_weights(t5, self.itemsize),
+                "first_stage": model_weights(vae, self.itemsize)}
 
     # ------------------------------------------------------------------ models
 
@@ -174,14 +178,16 @@ class SamplingMemoryModel:
 
     # ------------------------------------------------------------------ probes
 
-    def _probe_t5(self) -> int:
+    @functools.cached_property
+    def t5_activation(self) -> int:
         with torch.device("meta"):
             t5 = self._t5(self._t5_config(num_layers=1))
         t5 = _materialised(t5)
         ids = torch.ones(1, self.dit_config.text_length, dtype=torch.long)
         return round(_live_peak(functools.partial(t5, input_ids=ids)) * self._activation_scale)
 
-    def _probe_dit(self) -> int:
+    @functools.cached_property
+    def dit_activation(self) -> int:
         dit_config = self.dit_config
         patch, patch_t = dit_config.patch_size, dit_config.patch_size_t or 1
         frames = 4 * (patch_t - 1) + 1  # one temporal patch: latent frames = patch_t
@@ -204,7 +210,9 @@ class SamplingMemoryModel:
             points.append((side * side, peak))
         return round(_linear(points, target) * self._activation_scale)
 
-    def _probe_vae(self) -> None:
+    @functools.cached_property
+    def _vae_points(self) -> dict[str, list[tuple[int, int]]]:
+        """``(latent area, live peak)`` of the two VAE probes, decoding and (I2V) encoding one image."""
         from mixins.video_vae import VideoVAEMixin
 
         first_stage = self.cfg.model.first_stage
@@ -218,9 +226,7 @@ class SamplingMemoryModel:
             if self.image_to_video:
                 image = torch.zeros(1, 3, 1, h * SPATIAL_COMPRESSION, w * SPATIAL_COMPRESSION)
                 encode.append((h * w, _live_peak(stage.encode, image)))
-        self._decode_points, self._encode_points = decode, encode
-        self.tile = [side // SPATIAL_COMPRESSION for side in first_stage.tile_size]
-        self.overlap = [shared // SPATIAL_COMPRESSION for shared in first_stage.tile_overlap]
+        return {"decode": decode, "encode": encode}
 
     # ------------------------------------------------------------------ predictions
 
@@ -237,16 +243,19 @@ class SamplingMemoryModel:
         held = pixels * (sum(rows) * sum(cols) + self.latent_h * self.latent_w)
         return round((one_tile + held) * self._activation_scale)
 
+    def decode_activation(self, tiled: bool) -> int:
+        """Bytes the VAE decode of the whole video allocates (the VAE's probes alone)."""
+        return self._vae_activation(self._vae_points["decode"], self.latent_frames, tiled)
+
     def predict(self, offload: str = "none", vae_tiling: bool = False) -> list[StagePrediction]:
         """Per stage, in the order the sampler runs them."""
         if offload not in OFFLOAD_MODES:
             raise UsageError(f"offload: expected one of {', '.join(OFFLOAD_MODES)}, found {offload!r}")
-        stages = [("T5", "text_encoder", self.activations["T5"])]
+        stages = [("T5", "text_encoder", self.t5_activation)]
         if self.image_to_video:
-            stages.append(("VAE encode", "first_stage", self._vae_activation(self._encode_points, 1, vae_tiling)))
-        stages.append(("DiT steps", "dit", self.activations["DiT steps"]))
-        stages.append(("VAE decode", "first_stage", self._vae_activation(self._decode_points, self.latent_frames,
-                                                                         vae_tiling)))
+            stages.append(("VAE encode", "first_stage", self._vae_activation(self._vae_points["encode"], 1, vae_tiling)))
+        stages.append(("DiT steps", "dit", self.dit_activation))
+        stages.append(("VAE decode", "first_stage", self.decode_activation(vae_tiling)))
         everything = sum(weights.total for weights in self.weights.values())
         predictions = []
         for stage, model, activation in stages:

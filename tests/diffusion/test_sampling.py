@@ -1,6 +1,7 @@
 """Sampling: our loop against diffusers' schedulers stepping the exported transformer, the tool end to end."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_dynamic_guidance_follows_cogvideox():
     assert dynamic_guidance_scale(6.0, 50, 50) == pytest.approx(1.0)
 
 
-def test_sample_video_tool_writes_videos_and_a_contact_sheet(train_assets, tmp_path):
+def test_sample_video_tool_writes_videos_and_a_contact_sheet(train_assets, tmp_path, capsys):
     from tools.sample_video import main
 
     cfg = tiny_config("cogvideox_2b")
@@ -100,8 +101,19 @@ def test_sample_video_tool_writes_videos_and_a_contact_sheet(train_assets, tmp_p
         str(tmp_path / "out"),
         "--steps",
         "4",
+        "--offload",
+        "sequential",
+        "--vae-tiling",
     ]
+    assert main([*base, "model.first_stage.tile_size=[32,32]", "model.first_stage.tile_overlap=[8,8]",
+                 "--estimate-memory"]) == 0
+    estimate = capsys.readouterr().out
+    assert "predicted peak memory, 9x64x64, float32, offload none, VAE tiling off:" in estimate
+    assert re.search(r"^  sequential +[\d.]+ +[\d.]+$", estimate, re.M)
     assert main(args) == 0
+    report = capsys.readouterr().out
+    assert "offload sequential, VAE tiling on; peak memory per stage" in report
+    assert re.search(r"^  DiT steps +[\d.]+ GiB", report, re.M)
     import decord
 
     videos = sorted((tmp_path / "out").glob("*.mp4"))

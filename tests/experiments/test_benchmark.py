@@ -30,6 +30,7 @@ def test_bench_tiny_writes_every_section(tmp_path):
         "## Data loading",
         "## Sequence parallelism",
         "## Mixed sizes: buckets vs one size",
+        "## Sampling memory: VAE decode exact vs tiled",
     ):
         assert heading in report
     assert "| torch threads | 1 |" in report
@@ -45,5 +46,8 @@ def test_bench_tiny_writes_every_section(tmp_path):
     assert re.search(r"^\| buckets: time per video token <= 1.05x one size \(same clips\) \| [\d.]+x \|", report, re.M)
     split = re.findall(r"^\| ([12]) \| 512 \| (\d+) \| [\d.]+ \| \d+ \| ([\d.]+)x \| \d+% \|$", report, re.M)
     assert split == [("1", "512", "1.00"), ("2", "256", split[1][2])], split  # 8 x 8 x 8 tokens, half per rank
+    decode = re.findall(r"^\| (exact|tiled) \| [\d.]+ \| (\d+) \| (\d+) \| ([\d.]*) \|$", report, re.M)
+    assert [mode for mode, *_ in decode] == ["exact", "tiled"] and float(decode[1][3]) > 15, decode
+    assert int(decode[1][1]) < int(decode[0][1])  # tiles hold less than the whole frame
     workers = [int(w) for w in re.findall(r"^\| (\d+) \| [\d.]+ \|$", report, re.M)]  # data loading: 0, 1, ... workers
     assert workers[0] == 0 and len(workers) >= 2 and workers == sorted(set(workers))
