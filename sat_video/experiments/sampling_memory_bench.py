@@ -39,12 +39,12 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def vae_decode_rows(case: DecodeCase, config_folder, seed: int = 0) -> list[dict]:
     """Decode the same random latents exactly and in tiles: seconds, live-tensor peak, what the estimate predicts for
     that peak (fp32), and the PSNR of tiled against exact."""
-    import sat_video
+    from sat_video.config.loader import load_config
     from sat_video.model.build import build_frozen_stages
 
     overrides = [f"model.first_stage.tile_size=[{case.tile[0]},{case.tile[1]}]",
                  f"model.first_stage.tile_overlap=[{case.overlap[0]},{case.overlap[1]}]", "model.first_stage.path=null"]
-    cfg = sat_video.load_config([config_folder / name for name in case.configs], overrides)
+    cfg = load_config([config_folder / name for name in case.configs], overrides)
     stages = build_frozen_stages(cfg.model, text_encoder=False)
     latent_frames = (case.frames - 1) // 4 + 1
     latents = torch.randn(1, 16, latent_frames, case.height // SPATIAL_COMPRESSION, case.width // SPATIAL_COMPRESSION,
@@ -66,11 +66,11 @@ def vae_decode_rows(case: DecodeCase, config_folder, seed: int = 0) -> list[dict
 
 def full_size_rows(config_folder) -> list[dict]:
     """The predicted peak (bf16) of every model of :data:`FULL_SIZES` in every offload and tiling mode."""
-    import sat_video
+    from sat_video.config.loader import load_config
 
     rows = []
     for name, config, (frames, height, width) in FULL_SIZES:
-        cfg = sat_video.load_config([config_folder / f"{config}.yaml"])
+        cfg = load_config([config_folder / f"{config}.yaml"])
         estimate = SamplingMemoryModel(cfg, num_frames=frames, height=height, width=width, dtype=torch.bfloat16)
         for offload, tiled, gib in estimate.table():
             rows.append({"model": name, "size": f"{frames}x{height}x{width}", "offload": offload, "tiling": tiled,

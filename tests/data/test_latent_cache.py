@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from sat_video.common.errors import CacheError
 from sat_video.data.clips import ClipSpec, VideoDataset, collate
@@ -157,6 +158,9 @@ def test_i2v_inputs_from_the_cache_equal_those_from_the_clips(train_assets, tmp_
     torch.testing.assert_close(b.text, a.text, atol=1e-5, rtol=0)
     torch.testing.assert_close(b.image_latents, a.image_latents, atol=1e-5, rtol=0)
     assert b.latents.abs().max() > 0.1 and b.image_latents[:, 0].abs().max() > 0.01
+    # latents encoded whole are not those of a tiled encode: a run with data.vae_tiling refuses this cache
+    with pytest.raises(CacheError, match="data.vae_tiling: cache None, config True"):
+        cache.check_compatible(cfg.model, OmegaConf.merge(cfg.data, {"vae_tiling": True}))
 
 
 def test_with_buckets_the_cache_holds_each_clip_at_its_bucket_and_draws_what_the_clips_draw(train_assets, bucket_clips,
