@@ -12,7 +12,7 @@ Long videos across S processes (each denoising step split by sequence parallelis
 On a small GPU: keep only the running model on it (``--offload model``) or one block at a time (``--offload
 sequential``), and decode in tiles (``--vae-tiling``). Predict the peak first, without sampling (seconds to a minute):
 
-    python tools/sample_video.py --base configs/cogvideox_5b.yaml --estimate-memory --dtype bf16
+    python tools/sample_video.py --base configs/cogvideox_5b.yaml --estimate-memory --dtype bf16 --gpu-memory 24
 
 Writes ``<out>/<i>_<prompt>.mp4`` (one per prompt) and ``<out>/contact_sheet.png``, and prints the peak memory of
 each stage. The sampler, guidance, seed, offload and tiling come from the config's ``sample`` section; the flags below
@@ -71,6 +71,9 @@ def run(argv=None) -> int:
     parser.add_argument("--estimate-memory", action="store_true",
                         help="print the predicted peak memory per stage for this config, size, dtype, offload and "
                              "tiling (and a table of every mode), then exit without sampling")
+    parser.add_argument("--gpu-memory", type=float, metavar="GIB",
+                        help="with --estimate-memory: name the fastest offload and tiling predicted to fit a GPU of "
+                             "this many GiB")
     args = parser.parse_args(argv)
     if not args.estimate_memory and not (args.ckpt and args.out and (args.prompt or args.prompts)):
         parser.error("sampling needs --ckpt, --out and --prompt or --prompts (or ask only for --estimate-memory)")
@@ -85,7 +88,7 @@ def run(argv=None) -> int:
     dit = DiTConfig.from_config(cfg)
     spec = ClipSpec.from_config(cfg.data, cfg.model.dit)  # videos of the training clips' size and length
     if args.estimate_memory:
-        print_memory_estimate(cfg, dit.num_frames, spec.height, spec.width, dtype)
+        print_memory_estimate(cfg, dit.num_frames, spec.height, spec.width, dtype, args.gpu_memory)
         return 0
     texts = args.prompt or read_prompts(args.prompts)
     with torch.device("meta"):
@@ -118,9 +121,11 @@ def run(argv=None) -> int:
     return 0
 
 
-def print_memory_estimate(cfg, num_frames: int, height: int, width: int, dtype: torch.dtype) -> None:
-    """The predicted peak of every stage at the config's offload and tiling, then the peak of every mode."""
-    from sat_video.diffusion.memory_estimate import SamplingMemoryModel
+def print_memory_estimate(cfg, num_frames: int, height: int, width: int, dtype: torch.dtype,
+                          gpu_memory_gib: float | None = None) -> None:
+    """The predicted peak of every stage at the config's offload and tiling, then the peak of every mode, then (given a
+    GPU's memory) the fastest mode that fits it."""
+    from sat_video.diffusion.memory_estimate import USABLE_SHARE, SamplingMemoryModel
 
     estimate = SamplingMemoryModel(cfg, num_frames=num_frames, height=height, width=width, dtype=dtype)
     print(estimate.describe(cfg.sample.offload, cfg.sample.vae_tiling))
@@ -128,6 +133,17 @@ def print_memory_estimate(cfg, num_frames: int, height: int, width: int, dtype: 
     peaks = dict(((offload, tiled), gib) for offload, tiled, gib in estimate.table())
     for offload in OFFLOAD_MODES:
         print(f"  {offload:<12} {peaks[offload, False]:10.2f} {peaks[offload, True]:10.2f}")
+    if gpu_memory_gib is None:
+        return
+    fits = estimate.fastest_fitting(gpu_memory_gib)
+    budget = f"{USABLE_SHARE:.0%} of {gpu_memory_gib:g} GiB (the rest for CUDA's own use)"
+    if fits is None:
+        print(f"no mode is predicted to fit in {budget}: the smallest peak is {min(peaks.values()):.2f} GiB; "
+              "sample fewer frames or a smaller size")
+    else:
+        offload, tiled, gib = fits
+        print(f"fastest mode predicted to fit in {budget}: --offload {offload}{' --vae-tiling' if tiled else ''} "
+              f"({gib:.2f} GiB)")
 
 
 def join_sequence_group(model, sequence_parallel_size: int):

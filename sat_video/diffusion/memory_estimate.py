@@ -38,6 +38,9 @@ from sat_video.model.stages import SPATIAL_COMPRESSION
 T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
 """T5 v1.1 XXL's encoder (CogVideoX's text encoder), assumed when ``model.text_encoder.path`` names no folder."""
+USABLE_SHARE = 0.9
+"""Share of a GPU's memory a predicted peak may take: the rest is CUDA's context, cuDNN's workspaces and the caching
+allocator's fragmentation, which the prediction leaves out."""
 PROBE_AREAS = ((2, 2), (4, 4))
 """Latent ``h x w`` of the VAE probes (2 x 2 latents: 16 x 16 pixels)."""
 PROBE_PATCHES = (4, 8)
@@ -275,7 +278,13 @@ class SamplingMemoryModel:
         return "\n".join(lines)
 
     def table(self) -> list[tuple[str, bool, float]]:
-        """``(offload, tiling, peak GiB)`` for every mode."""
+        """``(offload, tiling, peak GiB)`` for every mode, fastest first (less offload first, then untiled: tiles
+        overlap, so a tiled decode computes more)."""
         return [(offload, tiled, max(row.peak_bytes for row in self.predict(offload, tiled)) / GIB)
                 for offload in OFFLOAD_MODES for tiled in (False, True)]
+
+    def fastest_fitting(self, memory_gib: float, usable: float = USABLE_SHARE) -> tuple[str, bool, float] | None:
+        """The fastest ``(offload, tiling, peak GiB)`` whose predicted peak fits in ``usable`` of ``memory_gib``, or
+        ``None`` when no mode does."""
+        return next(((offload, tiled, gib) for offload, tiled, gib in self.table() if gib <= usable * memory_gib), None)
 

@@ -106,10 +106,13 @@ def test_sample_video_tool_writes_videos_and_a_contact_sheet(train_assets, tmp_p
         "--vae-tiling",
     ]
     assert main([*base, "model.first_stage.tile_size=[32,32]", "model.first_stage.tile_overlap=[8,8]",
-                 "--estimate-memory"]) == 0
+                 "--estimate-memory", "--gpu-memory", "0.1"]) == 0
     estimate = capsys.readouterr().out
     assert "predicted peak memory, 9x64x64, float32, offload none, VAE tiling off:" in estimate
-    assert re.search(r"^  sequential +[\d.]+ +[\d.]+$", estimate, re.M)
+    peaks = {(mode, tiled): float(gib) for mode, *row in re.findall(r"^  (none|model|sequential) +([\d.]+) +([\d.]+)$",
+                                                                    estimate, re.M) for tiled, gib in zip((False, True), row)}
+    assert len(peaks) == 6 and peaks["sequential", True] < peaks["none", False]
+    assert "fastest mode predicted to fit in 90% of 0.1 GiB (the rest for CUDA's own use): --offload none (" in estimate
     assert main(args) == 0
     report = capsys.readouterr().out
     assert "offload sequential, VAE tiling on; peak memory per stage" in report

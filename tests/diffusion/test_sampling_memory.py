@@ -106,3 +106,9 @@ def test_memory_estimate_within_20_percent_of_the_measured_peak(train_assets):
             for row in rows:
                 assert row.peak_bytes == pytest.approx(measured[row.stage].peak_bytes, rel=0.2), (offload, frames, row)
             assert max(r.peak_bytes for r in rows) == pytest.approx(generator.memory.peak_bytes, rel=0.2)
+    # the fastest mode that fits a GPU: nothing offloaded when all fits, a slower mode below that, none below the least
+    table = {(offload, tiled): gib for offload, tiled, gib in predicted.table()}
+    assert predicted.fastest_fitting(1000.0)[:2] == ("none", False)
+    offload, tiled, gib = predicted.fastest_fitting(0.99 * table["none", False] / 0.9)
+    assert (offload, tiled) != ("none", False) and gib <= 0.99 * table["none", False]
+    assert predicted.fastest_fitting(0.99 * min(table.values()) / 0.9) is None
