@@ -73,7 +73,7 @@ def cache_settings(model: DictConfig, data: DataConfig) -> dict[str, Any]:
     if data.vae_tiling:  # tiles change the latents near seams (only recorded when on: older caches stay valid)
         settings["data.vae_tiling"] = True
         settings["model.first_stage.tile_size"] = [int(side) for side in first_stage.tile_size]
-        settings["model.first_stage.tile_overlap"] = [float(share) for share in first_stage.tile_overlap]
+        settings["model.first_stage.tile_overlap"] = [int(shared) for shared in first_stage.tile_overlap]
     if first_stage.path is None:  # a randomly initialised VAE is defined by its architecture and seed
         settings["model.first_stage.architecture"] = _plain(first_stage.architecture)
         settings["model.first_stage.init_seed"] = first_stage.init_seed

@@ -29,7 +29,7 @@ from sat_video.common.errors import UsageError
 from sat_video.common.live_tensors import LiveTensorBytes
 from sat_video.diffusion.config import SampleConfig
 from sat_video.diffusion.memory import GIB
-from sat_video.diffusion.offload import OFFLOAD_MODES, streamed_units
+from sat_video.diffusion.offload import OFFLOAD_MODES, direct_weights, streamed_units
 from sat_video.diffusion.sampling import denoise
 from sat_video.model.build import build_dit
 from sat_video.model.config import DiTConfig
@@ -70,19 +70,14 @@ def _bytes(tensors, itemsize: int) -> int:
     return sum(t.numel() * (itemsize if t.is_floating_point() else t.element_size()) for t in tensors)
 
 
-def _direct(module: nn.Module):
-    return [*module.parameters(recurse=False), *(b for b in module.buffers(recurse=False) if b is not None)]
-
-
 def model_weights(module: nn.Module, itemsize: int) -> ModelWeights:
     """``module`` (on any device, ``meta`` included) weighed at ``itemsize`` bytes per float."""
-    seen: set[int] = set()
-    tensors = [t for m in module.modules() for t in _direct(m) if not (id(t) in seen or seen.add(id(t)))]
+    tensors = {id(t): t for m in module.modules() for t in direct_weights(m)}.values()  # a tied weight once
     units, resident = streamed_units(module)
     names = {id(m): name for name, m in module.named_modules()}
 
     def unit_bytes(members):
-        return _bytes([t for m in members for t in _direct(m)], itemsize)
+        return _bytes([t for m in members for t in direct_weights(m)], itemsize)
 
     # a unit's weights stay while its module runs, so units nested in another unit's module are in at once
     hooked = [(names[id(h)], unit_bytes(members)) for h, members in units]

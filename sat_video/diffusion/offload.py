@@ -35,8 +35,7 @@ class _Weights:
             for name, param in module.named_parameters(recurse=False):
                 self.slots.append((module, name, True, hosts.setdefault(id(param), param.data)))
             for name, buffer in module.named_buffers(recurse=False):
-                if buffer is not None:
-                    self.slots.append((module, name, False, hosts.setdefault(id(buffer), buffer)))
+                self.slots.append((module, name, False, hosts.setdefault(id(buffer), buffer)))
         self.nbytes = sum(host.nbytes for host in {id(host): host for *_, host in self.slots}.values())
 
     def _assign(self, make) -> None:
@@ -59,9 +58,13 @@ class _Weights:
         self._assign(lambda host: host)
 
 
+def direct_weights(module: nn.Module) -> list[torch.Tensor]:
+    """The parameters and buffers ``module`` holds itself, not those of its submodules."""
+    return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+
+
 def _modules_with_weights(module: nn.Module) -> list[nn.Module]:
-    return [m for m in module.modules() if any(True for _ in m.parameters(recurse=False)) or any(
-        b is not None for b in m.buffers(recurse=False))]
+    return [m for m in module.modules() if direct_weights(m)]
 
 
 def streamed_units(module: nn.Module) -> tuple[list[tuple[nn.Module, list[nn.Module]]], list[nn.Module]]:
