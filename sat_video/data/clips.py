@@ -53,6 +53,8 @@ class ClipSpec:
         min_frames: ``None``: a video must provide ``num_frames`` at ``fps``; otherwise a video with at least
             this many is padded by repeating its last frame (SAT's behaviour).
         max_source_pixels: files whose declared frames are larger are skipped before decoding.
+        random_start: a video's clip starts at a random frame of those that leave room for the whole clip (drawn from
+            the ``rng`` :func:`load_clip` is given) instead of right after ``skip_frames``.
     """
 
     num_frames: int
@@ -62,6 +64,7 @@ class ClipSpec:
     skip_frames: int = 0
     min_frames: int | None = None
     max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS
+    random_start: bool = False
 
     def __post_init__(self):
         problems = []
@@ -88,7 +91,7 @@ class ClipSpec:
                 height=data.height if data.height is not None else dit.latent_height * SPATIAL_COMPRESSION,
                 width=data.width if data.width is not None else dit.latent_width * SPATIAL_COMPRESSION,
                 fps=data.fps, skip_frames=data.skip_frames, min_frames=data.min_frames,
-                max_source_pixels=data.max_source_pixels,
+                max_source_pixels=data.max_source_pixels, random_start=data.random_start,
             )
         except DataError as err:
             raise DataError(f"{err} (num_frames is model.dit.num_frames; the others are data.*)") from None
@@ -133,11 +136,16 @@ def _open_video(path: Path, max_source_pixels: int):
     return reader, total, source_fps, declared
 
 
-def _read_video(path: Path, spec: ClipSpec) -> np.ndarray:
-    """uint8 ``[T, H, W, 3]``: ``num_frames`` frames at ``spec.fps``, fewer (at least ``min_frames``) if the video is short."""
+def _read_video(path: Path, spec: ClipSpec, rng: np.random.Generator | None = None) -> np.ndarray:
+    """uint8 ``[T, H, W, 3]``: ``num_frames`` frames at ``spec.fps``, fewer (at least ``min_frames``) if the video is short;
+    with ``spec.random_start``, from a start drawn with ``rng``."""
     reader, total, source_fps, _ = _open_video(path, spec.max_source_pixels)
     stride = source_fps / spec.fps
-    wanted = (spec.skip_frames + math.floor(i * stride + 0.5) for i in range(spec.num_frames))
+    start = spec.skip_frames
+    if spec.random_start and rng is not None:
+        latest = total - spec.skip_frames - 1 - math.floor((spec.num_frames - 1) * stride + 0.5)  # the clip's last frame fits
+        start = int(rng.integers(start, max(start, latest) + 1))
+    wanted = (start + math.floor(i * stride + 0.5) for i in range(spec.num_frames))
     indices = [index for index in wanted if index < total - spec.skip_frames]
     needed = spec.num_frames if spec.min_frames is None else spec.min_frames
     if len(indices) < needed:
@@ -231,8 +239,8 @@ def source_shape(ref: SampleRef, spec: ClipSpec) -> SourceShape:
     return SourceShape(declared.width, declared.height, usable_frames(total, source_fps, spec.fps, spec.skip_frames), False)
 
 
-def load_clip(ref: SampleRef, spec: ClipSpec) -> tuple[torch.Tensor, str]:
-    """Decode one sample.
+def load_clip(ref: SampleRef, spec: ClipSpec, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, str]:
+    """Decode one sample (``rng``: where a ``spec.random_start`` clip starts).
 
     Returns:
         ``(clip, caption)``: float32 ``[3, spec.num_frames, height, width]`` in ``[-1, 1]`` for a video (a short
@@ -245,7 +253,7 @@ def load_clip(ref: SampleRef, spec: ClipSpec) -> tuple[torch.Tensor, str]:
     caption = _read_caption(ref)
     if ref.is_image:
         return _to_clip(_read_image(ref.path, spec.max_source_pixels), spec.height, spec.width), caption
-    return _to_clip(_read_video(ref.path, spec), spec.height, spec.width, spec.num_frames), caption
+    return _to_clip(_read_video(ref.path, spec, rng), spec.height, spec.width, spec.num_frames), caption
 
 
 def load_image(path: str | Path, height: int, width: int, max_pixels: int = DEFAULT_MAX_SOURCE_PIXELS) -> torch.Tensor:
@@ -262,14 +270,16 @@ def load_image(path: str | Path, height: int, width: int, max_pixels: int = DEFA
 
 @dataclass
 class Sample:
-    """One loaded clip; ``skipped`` lists ``(path, reason)`` of the files tried (and skipped) before it."""
+    """One loaded clip; ``skipped`` lists ``(path, reason)`` of the files tried (and skipped) before it. ``video`` is
+    ``None`` (and caption and path empty) for a clip left undecoded because the run's latent cache holds it."""
 
-    video: torch.Tensor
+    video: torch.Tensor | None
     caption: str
     path: str
     position: tuple[int, int]
     skipped: tuple[tuple[str, str], ...] = ()
     bucket: str | None = None
+    index: int = 0
 
 
 @dataclass
@@ -277,23 +287,28 @@ class Batch:
     """What the data loader yields.
 
     Args:
-        video: float32 ``[B, 3, T, H, W]`` in ``[-1, 1]`` (``T = 1`` for images).
-        captions, paths: one per sample.
+        video: float32 ``[M, 3, T, H, W]`` in ``[-1, 1]`` (``T = 1`` for images): the samples not ``from_cache``, in
+            order; ``None`` when all are.
+        captions, paths: one per sample (empty for samples ``from_cache``).
         position: ``(epoch, batch index in the epoch)``; resume with ``start=(epoch, batch index + 1)``.
         skipped: ``(path, reason)`` of every file skipped while producing this batch.
         bucket: the bucket all its clips were cut for (``"FxHxW"``), ``None`` without ``data.buckets``.
+        indices: each sample's index in the data set.
+        from_cache: per sample, left undecoded because the run's latent cache holds it (:mod:`sat_video.data.run_cache`).
     """
 
-    video: torch.Tensor
+    video: torch.Tensor | None
     captions: list[str]
     paths: list[str]
     position: tuple[int, int]
     skipped: list[tuple[str, str]]
     bucket: str | None = None
+    indices: list[int] = dataclasses.field(default_factory=list)
+    from_cache: list[bool] = dataclasses.field(default_factory=list)
 
     def pin_memory(self) -> Batch:
         """Called by ``DataLoader(pin_memory=True)``."""
-        return dataclasses.replace(self, video=self.video.pin_memory())
+        return self if self.video is None else dataclasses.replace(self, video=self.video.pin_memory())
 
 
 def _examples(failures: Sequence[tuple[str, str]], limit: int = 3) -> str:
@@ -313,9 +328,11 @@ class VideoDataset(torch.utils.data.Dataset):
         spec: how clips are cut.
         buckets: with ``data.buckets``, the bucket of each ref (:func:`sat_video.data.buckets.assign_bucket`): its clip
             is cut at that size instead of ``spec``'s.
+        seed: with ``spec.random_start``, where sample ``i`` starts in epoch ``e`` is drawn from ``(seed, e, i)``, so a
+            resumed run cuts the same clips.
     """
 
-    def __init__(self, refs: Sequence[SampleRef], spec: ClipSpec, buckets: Sequence[Bucket] | None = None):
+    def __init__(self, refs: Sequence[SampleRef], spec: ClipSpec, buckets: Sequence[Bucket] | None = None, seed: int = 0):
         if not refs:
             raise DataError("VideoDataset needs at least one sample")
         if buckets is not None and len(buckets) != len(refs):
@@ -323,6 +340,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.refs = list(refs)
         self.spec = spec
         self.buckets = list(buckets) if buckets is not None else None
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -338,27 +356,33 @@ class VideoDataset(torch.utils.data.Dataset):
             return self.spec
         return bucket_spec(self.spec, self.buckets[index])
 
-    def _try_load(self, index: int, failures: list[tuple[str, str]]) -> tuple[torch.Tensor, str] | None:
+    def _try_load(self, index: int, failures: list[tuple[str, str]],
+                  rng: np.random.Generator | None = None) -> tuple[torch.Tensor, str] | None:
         try:
-            return load_clip(self.refs[index], self.spec_for(index))
+            return load_clip(self.refs[index], self.spec_for(index), rng)
         except UnusableSample as err:
             logger.warning("skipping %s: %s", err.path, err.reason)
             failures.append((err.path, err.reason))
             return None
 
-    def __getitem__(self, item: tuple[int, int, int]) -> Sample:
-        index, epoch, batch_index = item
+    def __getitem__(self, item: tuple[int, int, int] | tuple[int, int, int, bool]) -> Sample:
+        """``(index, epoch, batch index)``, or with a fourth element from :meth:`RunLatentCache.plan`: ``True`` skips
+        decoding (the run's latent cache holds the clip)."""
+        index, epoch, batch_index, *from_cache = item
+        bucket = self.buckets[index].name if self.buckets is not None else None
+        if from_cache and from_cache[0]:
+            return Sample(None, "", "", (epoch, batch_index), (), bucket, index)
+        rng = np.random.default_rng([self.seed, epoch, index]) if self.spec.random_start else None
         kinds = self.kinds
         failures: list[tuple[str, str]] = []
         for offset in range(len(self.refs)):
             candidate = (index + offset) % len(self.refs)
             if kinds[candidate] != kinds[index]:
                 continue
-            loaded = self._try_load(candidate, failures)
+            loaded = self._try_load(candidate, failures, rng)
             if loaded is not None:
-                bucket = self.buckets[candidate].name if self.buckets is not None else None
                 return Sample(loaded[0], loaded[1], str(self.refs[candidate].path), (epoch, batch_index),
-                              tuple(failures), bucket)
+                              tuple(failures), bucket, index)
         kind = "image" if self.refs[index].is_image else "video"
         if self.buckets is not None:
             kind = f"{kind} of bucket {kinds[index].name}"
@@ -382,15 +406,18 @@ class VideoDataset(torch.utils.data.Dataset):
 
 def collate(samples: list[Sample]) -> Batch:
     """Stack the samples of one batch (``DataLoader(collate_fn=collate)``)."""
-    shapes = {tuple(sample.video.shape) for sample in samples}
+    videos = [sample.video for sample in samples if sample.video is not None]
+    shapes = {tuple(video.shape) for video in videos}
     if len(shapes) > 1:
         raise DataError(f"cannot batch clips of shapes {sorted(shapes)}: a batch must not mix images and videos "
                         "(use ClipBatchSampler)")
     return Batch(
-        video=torch.stack([sample.video for sample in samples]),
+        video=torch.stack(videos) if videos else None,
         captions=[sample.caption for sample in samples],
         paths=[sample.path for sample in samples],
         position=samples[0].position,
         skipped=[failure for sample in samples for failure in sample.skipped],
         bucket=samples[0].bucket,
+        indices=[sample.index for sample in samples],
+        from_cache=[sample.video is None for sample in samples],
     )

@@ -48,6 +48,26 @@ class DataConfig:
     """Encode training clips (and ``tools/precompute_latents.py``'s) in overlapping spatial tiles of
     ``model.first_stage.tile_size`` (diffusers' tiling): less VAE memory for large clips, slightly different latents
     near tile seams than SAT's exact encode. Clips no larger than a tile are encoded whole either way."""
+    random_start: bool = False
+    """Each time a video is drawn, its clip starts at a random frame (of those leaving room for the whole clip after
+    ``skip_frames``) instead of right after ``skip_frames``: more distinct clips from long videos. The start is drawn from
+    ``train.seed``, the epoch and the sample, so a resumed run cuts the same clips. Clips then differ between epochs, so
+    the in-run latent cache (``cache_latents``) is off with it, and a ``latent_cache`` cannot be used."""
+    cache_latents: bool = True
+    """Keep each clip's VAE posterior moments and T5 embedding the first time the run encodes it, and train later epochs
+    from them (:mod:`sat_video.data.run_cache`): no video decoding, VAE or T5 for clips seen before, and the same
+    losses. Off with ``random_start`` (clips change every epoch). Turn it off when memory and disk are both short."""
+    cache_memory_gb: float = field(default=4.0, metadata=at_least(0))
+    """In-run cache entries kept in memory, per rank; the rest go to ``cache_dir``."""
+    cache_disk_gb: float = field(default=100.0, metadata=at_least(0))
+    """In-run cache entries on disk, for all ranks together; entries fitting neither budget are encoded again when
+    their clip returns."""
+    cache_dir: str | None = None
+    """Where in-run cache entries spill; ``null``: ``<train.save>/run_cache``. With several data-parallel ranks every
+    entry is written there (ranks read each other's), so it belongs on storage they all see."""
+    prefetch: int = field(default=1, metadata=at_least(0))
+    """Batches encoded (VAE, T5) ahead of the DiT step, in a background thread (on a side CUDA stream on GPU) while
+    the DiT trains; 0 encodes in the training step. Loader workers (``num_workers``) decode ahead in any case."""
     latent_cache: str | None = None
     """A folder written by ``tools/precompute_latents.py``: train from its latents and text embeddings instead
     of decoding ``sources`` (no video decoding, VAE or T5 per step; I2V still encodes its noisy first frame).

@@ -26,7 +26,8 @@ from sat_video.common.errors import CheckpointError, DataError, RunStopped
 from sat_video.common.files import atomic_write
 from sat_video.data.buckets import Bucket, assign_buckets, bucket_table, parse_buckets
 from sat_video.data.clips import ClipSpec, VideoDataset, collate, load_image, source_shape
-from sat_video.data.latent_cache import LatentCache, collate_cached
+from sat_video.data.latent_cache import LatentCache, cache_settings, collate_cached
+from sat_video.data.run_cache import GIB, RunLatentCache, run_cache_settings, settings_digest
 from sat_video.data.sampler import ClipBatchSampler
 from sat_video.data.sources import discover
 from sat_video.diffusion.conditioning import TrainingInputBuilder
@@ -36,12 +37,14 @@ from sat_video.diffusion.schedule import NoiseSchedule, sample_timesteps, timest
 from sat_video.formats.sat_checkpoint import MODEL_STATES, load_checkpoint
 from sat_video.model.build import build_dit, build_frozen_stages
 from sat_video.model.config import DiTConfig
+from sat_video.training.batch_encoding import BatchEncoder, EncodeAhead
 from sat_video.training.deepspeed_setup import deepspeed_config, frozen_stage_dtype
 from sat_video.training.distributed import DistributedEnv, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
 from sat_video.training.optim import FiniteAdamW, parameter_groups, select_trainable
 from sat_video.training.progressive import TrainingStage, plan_stages, stage_of, staged_lr_lambda
 from sat_video.training.run_folder import RunFolder, trainer_state_file
 from sat_video.training.sequence_parallel import ParallelLayout, SequenceParallelGroups
+from sat_video.training.step_profile import StepProfile
 from sat_video.training.watchdog import Watchdog
 
 logger = logging.getLogger("sat_video.train")
@@ -113,7 +116,10 @@ class Trainer:
         self._writer = None
         self._startup_s: float | None = None
         self._bucket: str | None = None
+        self._batches: EncodeAhead | None = None
+        self.run_cache: RunLatentCache | None = None
         self._build()
+        self.profile = StepProfile(self.env.device)
 
     # ------------------------------------------------------------------ construction
 
@@ -202,6 +208,9 @@ class Trainer:
         self.stage = stage
         self.clip_spec = ClipSpec.from_config(cfg.data, cfg.model.dit)
         if self.cached:
+            if cfg.data.random_start:
+                raise DataError("data.random_start cuts other clips every epoch; data.latent_cache holds one clip per "
+                                "file: set data.random_start=false or train from the videos")
             self.dataset = LatentCache(cfg.data.latent_cache)
             self.dataset.check_compatible(cfg.model, cfg.data)
             self.kinds, self.collate = self.dataset.kinds, collate_cached
@@ -214,9 +223,28 @@ class Trainer:
             if not refs:
                 reasons = "; ".join(f"{path}: {reason}" for path, reason in self.state.skipped_files[:3])
                 raise DataError(f"no clip fits data.buckets, e.g. {reasons}")
-        self.dataset = VideoDataset(refs, self.clip_spec, None if buckets is None else [b for _, b in buckets])
+        self.dataset = VideoDataset(refs, self.clip_spec, None if buckets is None else [b for _, b in buckets], cfg.train.seed)
         self.dataset.first_usable()
         self.kinds, self.collate = self.dataset.kinds, collate
+        self.run_cache = self._run_cache(cfg)
+
+    def _run_cache(self, cfg: DictConfig) -> RunLatentCache | None:
+        """The in-run latent cache of a stage's data, when it is on and exact."""
+        data = cfg.data
+        if not data.cache_latents:
+            return None
+        if data.random_start:
+            if self.env.is_main:
+                logger.info("in-run latent cache off: data.random_start cuts a different clip from each video every epoch")
+            return None
+        settings = run_cache_settings(cache_settings(cfg.model, data), list(data.sources))
+        root = Path(data.cache_dir) if data.cache_dir else self.run_folder.path / "run_cache"
+        cache = RunLatentCache(root / settings_digest(settings), int(data.cache_memory_gb * GIB), int(data.cache_disk_gb * GIB),
+                               self.layout.data_size)
+        if self.env.is_main:
+            logger.info("in-run latent cache: up to %g GiB in memory per rank, then up to %g GiB in %s",
+                        data.cache_memory_gb, data.cache_disk_gb, cache.folder)
+        return cache
 
     def _assign_buckets(self, refs: list, cfg: DictConfig) -> list:
         """Each clip's bucket, from headers only; the ranks share the files. Writes ``buckets.json`` and logs the table;
@@ -349,24 +377,35 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _loader(self):
+    def _loader(self) -> EncodeAhead:
+        """Batches of the current stage from ``state.data_position`` on, encoded ``data.prefetch`` ahead."""
+        if self._batches is not None:
+            self._batches.close()
+        sampler = ClipBatchSampler(
+            self.kinds,
+            self.stage.cfg.train.micro_batch_size,
+            self.layout.data_rank,
+            self.layout.data_size,
+            self.cfg.train.seed,
+            start=self.state.data_position,
+            weights=self._bucket_weights(),
+        )
         loader = torch.utils.data.DataLoader(
             self.dataset,
-            batch_sampler=ClipBatchSampler(
-                self.kinds,
-                self.stage.cfg.train.micro_batch_size,
-                self.layout.data_rank,
-                self.layout.data_size,
-                self.cfg.train.seed,
-                start=self.state.data_position,
-                weights=self._bucket_weights(),
-            ),
+            batch_sampler=sampler if self.run_cache is None else self.run_cache.planned(sampler),
             num_workers=self.cfg.data.num_workers,
             collate_fn=self.collate,
             pin_memory=self.env.device.type == "cuda",
             persistent_workers=self.cfg.data.num_workers > 0,
         )
-        return iter(loader)
+        if self.cached:
+            encode = lambda batch: batch.to(self.env.device)  # noqa: E731 - already encoded
+        else:
+            dit_config = self.engine.module.dit.dit_config
+            encode = BatchEncoder(self.stages, self.dataset, self.run_cache, self.env.device,
+                                  module_dtype(self.stages.first_stage), dit_config.in_channels > dit_config.out_channels)
+        self._batches = EncodeAhead(iter(loader), encode, self.cfg.data.prefetch, self.env.device)
+        return self._batches
 
     def _bucket_weights(self) -> dict | None:
         weights = self.stage.cfg.data.bucket_weights
@@ -381,26 +420,30 @@ class Trainer:
                         ", ".join(f"{k}={v}" for k, v in self.cfg.train.stages[stage.index].set.items()) or "run config")
         return self._loader()
 
-    def _micro_step(self, batches, first: bool) -> torch.Tensor:
+    def _micro_step(self, batches: EncodeAhead, first: bool) -> torch.Tensor:
         self.watchdog.enter("data loading", slow=first)  # the first step also starts the loader workers and compiles
-        batch = next(batches)
+        waited = time.perf_counter()
+        encoded = next(batches)
+        self.profile.add("data_wait", time.perf_counter() - waited)
+        self.profile.add("encode", encoded.encode_s)
+        batch = encoded.batch
         self.watchdog.enter("forward/backward")
         self.state.data_position = (batch.position[0], batch.position[1] + 1)
-        self._bucket = getattr(batch, "bucket", None)
+        self._bucket = batch.bucket
         self.state.skipped_files.extend(item for item in batch.skipped if item not in self.state.skipped_files)
-        if self.cached:
-            inputs = self.inputs.prepare_cached(batch.to(self.env.device), self.generator)
-        else:
-            video = batch.video.to(self.env.device, module_dtype(self.stages.first_stage), non_blocking=True)
-            inputs = self.inputs.prepare(video, batch.captions, self.generator)
-        timesteps = sample_timesteps(inputs.latents.shape[0], self.interval, self.generator)
-        noise = torch.randn(inputs.latents.shape, generator=self.generator)
-        loss = self.engine(inputs, timesteps, noise).mean()
-        # The ranks of a sequence group compute the same loss and the gradients of their parts are summed: each
-        # backpropagates its share (mixins/sequence_parallel.py).
-        self.engine.backward(loss / self.layout.sequence_size)
+        with self.profile.phase("forward"):
+            # latents sampled from the posterior moments here, with the step's generator, whoever encoded them
+            inputs = self.inputs.prepare_cached(batch, self.generator)
+            timesteps = sample_timesteps(inputs.latents.shape[0], self.interval, self.generator)
+            noise = torch.randn(inputs.latents.shape, generator=self.generator)
+            loss = self.engine(inputs, timesteps, noise).mean()
+        with self.profile.phase("backward"):
+            # The ranks of a sequence group compute the same loss and the gradients of their parts are summed: each
+            # backpropagates its share (mixins/sequence_parallel.py).
+            self.engine.backward(loss / self.layout.sequence_size)
         self.watchdog.enter("optimizer step")
-        self.engine.step()
+        with self.profile.phase("optimizer"):
+            self.engine.step()
         return loss.detach().float()
 
     def run(self) -> LoopState:
@@ -474,6 +517,10 @@ class Trainer:
         finally:
             if progress is not None:
                 progress.close()
+            if self._batches is not None:
+                self._batches.close()
+        if self.run_cache is not None and env.is_main:
+            logger.info("in-run latent cache at the end: %s", self.run_cache.describe())
         self._report_skipped_files()
         return self.state
 
@@ -489,7 +536,16 @@ class Trainer:
             "step_time_s": window["time"] / steps,
             "skipped_steps": self.state.skipped_steps,
             **_memory_stats(self.env.device),
+            **self.profile.take(steps),
+            "epoch": self.state.data_position[0],
         }
+        if self.run_cache is not None:
+            counts = self.run_cache.take_counts()
+            record["cache_hit_rate"] = counts.hit_rate
+            record["cache_memory_gb"] = self.run_cache.memory_used / GIB
+            if counts.late or counts.dropped:
+                logger.warning("in-run latent cache: %d clip(s) decoded late in the step, %d not kept (budgets full: "
+                               "data.cache_memory_gb, data.cache_disk_gb)", counts.late, counts.dropped)
         if self._bucket is not None:  # of the window's last step
             record["bucket"] = self._bucket
         if self._startup_s is not None:  # once: in the first record after this process's first step

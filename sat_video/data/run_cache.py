@@ -1,0 +1,214 @@
+"""In-run latent cache: a clip is decoded and encoded once per run; later epochs train from what was kept.
+
+What is kept per clip (at its bucket) is what :mod:`sat_video.data.latent_cache` stores: the VAE's posterior moments,
+the T5 embedding and, for I2V, the first frame. Every step still samples its latents from the moments with the step's
+generator, so training is unchanged (to float rounding) against encoding the clip again; only the cost goes.
+
+Where entries live:
+
+* in memory, up to ``data.cache_memory_gb`` per rank;
+* then in ``<folder>/<index>.safetensors`` (atomic writes), up to ``data.cache_disk_gb`` for the folder. With several
+  data-parallel ranks every entry is also written there: the sampler deals a clip to another rank in a later epoch,
+  which then reads it instead of encoding it again (so the folder belongs on storage all ranks see, as the run folder).
+
+The folder is named by a hash of everything the entries depend on (:func:`run_cache_settings`), so a resumed run with
+the same data reuses what is on disk and a run with other settings never reads it. An entry that does not fit either
+budget is not kept; that clip is encoded again when it comes back.
+
+Data-loader workers skip decoding a clip the cache will hold by the time its batch is encoded: :meth:`RunLatentCache.planned`
+marks those items as it passes the sampler's batches on (the sampler runs in the training process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sat_video.common.files import atomic_write
+
+logger = logging.getLogger("sat_video.data")
+
+TENSORS = ("latent_mean", "latent_std", "text", "first_frame")
+GIB = 2**30
+
+
+@dataclass
+class EncodedClip:
+    """One clip as the frozen stages see it: posterior moments ``[C, F, h, w]`` (no ``std`` for a deterministic first
+    stage), text embedding ``[L, D]`` and, for I2V, the first frame ``[3, 1, H, W]``."""
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor | None
+    text: torch.Tensor
+    first_frame: torch.Tensor | None
+    caption: str
+    path: str
+    bucket: str | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in TENSORS if getattr(self, name) is not None}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor.nbytes for tensor in self.tensors().values())
+
+
+def run_cache_settings(cache_settings: dict, sources: list[str]) -> dict:
+    """What entries depend on: the latent cache's settings (first stage, text encoder, clip size, buckets) and the
+    sources, whose order defines the sample indices the entries are keyed by."""
+    return {**cache_settings, "data.sources": [str(Path(source).expanduser().resolve()) for source in sources]}
+
+
+def settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class CacheCounts:
+    """Since the last :meth:`RunLatentCache.take_counts`: samples served from memory, from disk, encoded, encoded in the
+    training process because a planned entry was not there (``late``), and entries not kept (both budgets full)."""
+
+    memory_hits: int = 0
+    disk_hits: int = 0
+    encoded: int = 0
+    late: int = 0
+    dropped: int = 0
+
+    @property
+    def hit_rate(self) -> float | None:
+        served = self.memory_hits + self.disk_hits + self.encoded
+        return (self.memory_hits + self.disk_hits) / served if served else None
+
+
+class RunLatentCache:
+    """The cache of one run (and one training stage) on one rank.
+
+    Args:
+        folder: spill folder, e.g. ``<run>/run_cache/<digest of the settings>``; created on first write.
+        memory_bytes: budget of this rank's in-memory entries.
+        disk_bytes: budget of the folder, shared by ``world_size`` ranks (each writes at most its share).
+        world_size: data-parallel ranks; more than one writes every entry through to disk.
+    """
+
+    def __init__(self, folder: Path, memory_bytes: int, disk_bytes: int, world_size: int = 1):
+        self.folder = Path(folder)
+        self.memory_bytes, self.world_size = memory_bytes, world_size
+        self.disk_share = disk_bytes // world_size
+        self._memory: dict[int, EncodedClip] = {}
+        self._pending: set[int] = set()  # planned as cached, not stored yet
+        self._lock = threading.Lock()
+        self.memory_used = 0
+        self.disk_written = 0
+        on_disk = list(self.folder.glob("*.safetensors")) if self.folder.is_dir() else []
+        self.disk_found = sum(file.stat().st_size for file in on_disk)  # reused from before a resume
+        self._on_disk = {int(file.stem) for file in on_disk}
+        self.counts = CacheCounts()
+        if on_disk:
+            logger.info("run cache %s: reusing %d entries (%.2f GiB) written before", self.folder, len(on_disk),
+                        self.disk_found / GIB)
+
+    def _file(self, index: int) -> Path:
+        return self.folder / f"{index}.safetensors"
+
+    @property
+    def _accepting(self) -> bool:
+        return self.memory_used < self.memory_bytes or self.disk_written < self.disk_share
+
+    def _stored(self, index: int) -> bool:
+        return index in self._memory or index in self._on_disk or self._file(index).is_file()
+
+    def planned(self, batch_sampler: Iterable[list[tuple[int, int, int]]]) -> PlannedBatches:
+        """``batch_sampler`` (for ``DataLoader(batch_sampler=...)``) with a fourth element per item: whether the cache will
+        hold it when its batch is encoded (stored now, or drawn earlier by this rank while the cache still accepts
+        entries). Batches are encoded in order, so an earlier draw is stored first; a clip repeated within one batch is
+        decoded each time."""
+        return PlannedBatches(self, batch_sampler)
+
+    def _plan(self, batches: Iterable[list[tuple[int, int, int]]]) -> Iterator[list[tuple[int, int, int, bool]]]:
+        for batch in batches:
+            with self._lock:
+                marked = [(*item, self._stored(item[0]) or item[0] in self._pending) for item in batch]
+                if self._accepting:
+                    self._pending.update(index for index, *_ in batch)
+            yield marked
+
+    def get(self, index: int) -> EncodedClip | None:
+        with self._lock:
+            clip = self._memory.get(index)
+            if clip is not None:
+                self.counts.memory_hits += 1
+                return clip
+        file = self._file(index)
+        if not file.is_file():
+            return None
+        with safe_open(str(file), framework="pt") as handle:
+            meta = handle.metadata()
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        clip = EncodedClip(tensors["latent_mean"], tensors.get("latent_std"), tensors["text"], tensors.get("first_frame"),
+                           meta["caption"], meta["path"], meta.get("bucket") or None)
+        with self._lock:
+            self.counts.disk_hits += 1
+            self._on_disk.add(index)
+            if self.memory_used + clip.nbytes <= self.memory_bytes and index not in self._memory:  # next time from memory
+                self._memory[index] = clip
+                self.memory_used += clip.nbytes
+        return clip
+
+    def put(self, index: int, clip: EncodedClip) -> None:
+        """Keep a freshly encoded clip: in memory while it fits, on disk while the share fits (always on disk too with
+        several ranks, for the others), else not at all."""
+        size = clip.nbytes
+        with self._lock:
+            self.counts.encoded += 1
+            self._pending.discard(index)
+            if index in self._memory:
+                return
+            in_memory = self.memory_used + size <= self.memory_bytes
+            if in_memory:
+                self._memory[index] = clip
+                self.memory_used += size
+            to_disk = (self.world_size > 1 or not in_memory) and index not in self._on_disk
+            to_disk = to_disk and self.disk_written + size <= self.disk_share
+            if to_disk:
+                self._on_disk.add(index)
+                self.disk_written += size
+            elif not in_memory:
+                self.counts.dropped += 1
+        if to_disk:
+            metadata = {"caption": clip.caption, "path": clip.path, "bucket": clip.bucket or ""}
+            tensors = {name: tensor.contiguous() for name, tensor in clip.tensors().items()}
+            atomic_write(self._file(index), lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
+                         suffix=".safetensors")
+
+    def note_late(self) -> None:
+        with self._lock:
+            self.counts.late += 1
+
+    def take_counts(self) -> CacheCounts:
+        with self._lock:
+            counts, self.counts = self.counts, CacheCounts()
+        return counts
+
+    def describe(self) -> str:
+        return (f"{len(self._memory)} in memory ({self.memory_used / GIB:.3f} GiB of {self.memory_bytes / GIB:g}), "
+                f"{(self.disk_written + self.disk_found) / GIB:.3f} GiB on disk in {self.folder}")
+
+
+@dataclass
+class PlannedBatches:
+    """:meth:`RunLatentCache.planned`: an iterable a ``DataLoader`` can restart."""
+
+    cache: RunLatentCache
+    batch_sampler: Iterable[list[tuple[int, int, int]]]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, bool]]]:
+        return self.cache._plan(self.batch_sampler)
