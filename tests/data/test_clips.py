@@ -158,6 +158,22 @@ def test_fps_resampling_and_skip_frames(tmp_path):
     assert frame_indices(frames_at_12) == list(range(0, 17, 2))
 
 
+def test_random_start_draws_a_start_per_epoch_and_sample_that_a_restart_draws_again(tmp_path):
+    ref = write_video(tmp_path / "videos" / "count.mp4", indexed_frames(30), fps=24)  # sampled every 3rd frame
+    spec = ClipSpec(5, 32, 32, 8.0, skip_frames=2, random_start=True)  # a clip spans 13 frames: starts 2 .. 15 fit
+    dataset = VideoDataset([ref], spec, seed=7)
+    starts = []
+    for epoch in range(12):
+        frames = frame_indices(dataset[(0, epoch, 0)].video)
+        assert frames == list(range(frames[0], frames[0] + 13, 3)) and 2 <= frames[0] <= 15
+        starts.append(frames[0])
+    assert len(set(starts)) >= 4
+    assert [frame_indices(VideoDataset([ref], spec, seed=7)[(0, e, 0)].video)[0] for e in range(12)] == starts
+    assert starts != [frame_indices(VideoDataset([ref], spec, seed=8)[(0, e, 0)].video)[0] for e in range(12)]
+    fixed = VideoDataset([ref], ClipSpec(5, 32, 32, 8.0, skip_frames=2), seed=7)
+    assert {frame_indices(fixed[(0, e, 0)].video)[0] for e in range(4)} == {2}
+
+
 def test_min_frames_pads_with_the_last_frame(tmp_path):
     ref = write_video(tmp_path / "videos" / "short.mp4", indexed_frames(5), fps=8)
     clip = load_clip(ref, ClipSpec(9, 32, 32, 8.0, skip_frames=0, min_frames=5))[0]

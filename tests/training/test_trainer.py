@@ -79,9 +79,14 @@ def ok(proc):
 
 def test_two_processes_zero2_loss_finite_and_falls(train_assets, tmp_path):
     save = tmp_path / "run"
-    proc = ok(run(train_assets, save, "train.train_iters=40", "train.save_interval=20", "train.tensorboard=true", nproc=2))
+    proc = ok(run(train_assets, save, "train.train_iters=40", "train.save_interval=20", "train.tensorboard=true",
+                  "data.random_start=true", nproc=2))
     records = metrics(save)
     assert [r["step"] for r in records] == list(range(1, 41))
+    # clips that change every epoch cannot be cached
+    assert "in-run latent cache off: data.random_start cuts a different clip from each video every epoch" in proc.stderr
+    assert not (save / "run_cache").exists() and all("cache_hit_rate" not in r for r in records)
+    assert all(r[f"{phase}_s"] >= 0 for r in records for phase in ("data_wait", "encode", "forward", "backward", "optimizer"))
     # start-up (imports, model, DeepSpeed, first step) is reported once, in the log and the first record
     assert 1 < records[0]["startup_s"] < 300 and all("startup_s" not in r for r in records[1:])
     assert f"first step done {records[0]['startup_s']:.1f} s after the process started" in proc.stderr
@@ -103,7 +108,13 @@ def test_two_processes_zero2_loss_finite_and_falls(train_assets, tmp_path):
     assert list((save / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_resume_is_exact_with_two_processes(train_assets, tmp_path):
+def test_resume_is_exact_with_two_processes_and_the_in_run_cache_changes_no_loss(train_assets, tmp_path):
+    """8 clips, 2 ranks, 2 micro-batches of 1 per step: an epoch is 2 steps. The straight run encodes every clip every
+    epoch; the other keeps them (the in-run cache, on by default), stops in its second epoch and resumes."""
+    from sat_video.fixtures.synthetic import make_moving_shapes
+
+    data = tmp_path / "data"
+    make_moving_shapes(data, num_videos=8, num_frames=16, height=64, width=64, fps=8, seed=1)
     # decay_iters fixed: the schedule must not depend on train_iters, which the stopped run sets to 3
     common = [
         "train.save_interval=3",
@@ -111,6 +122,7 @@ def test_resume_is_exact_with_two_processes(train_assets, tmp_path):
         "train.micro_batch_size=1",
         "data.num_workers=1",
         "train.lr_schedule.decay_iters=4",
+        "model.dit.num_frames=9",
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # validation in the straight run only: sampling must not change what training draws
@@ -123,16 +135,22 @@ def test_resume_is_exact_with_two_processes(train_assets, tmp_path):
             "train.validation.interval=2",
             "train.validation.steps=2",
             "train.validation.prompts=[a red circle moving left]",
-            "model.dit.num_frames=9",
+            "data.cache_latents=false",
             nproc=2,
+            data=data,
         )
     )
     assert sorted(p.name for p in (straight / "samples").iterdir()) == ["2", "4", "6"]
     assert (straight / "samples" / "6" / "contact_sheet.png").is_file()
-    ok(run(train_assets, resumed, "train.train_iters=3", *common, "model.dit.num_frames=9", nproc=2))
-    ok(run(train_assets, resumed, "train.train_iters=6", "train.resume=latest", *common, "model.dit.num_frames=9", nproc=2))
+    ok(run(train_assets, resumed, "train.train_iters=3", *common, nproc=2, data=data))
+    proc = ok(run(train_assets, resumed, "train.train_iters=6", "train.resume=latest", *common, nproc=2, data=data))
     a, b = metrics(straight), metrics(resumed)
     assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["epoch"] for r in b] == [0, 0, 1, 1, 2, 2]
+    assert "cache_hit_rate" not in a[0] and b[0]["cache_hit_rate"] == 0.0
+    # with 2 ranks every entry is on disk as well, where the other rank and the resumed run read it
+    assert len(list((resumed / "run_cache").glob("*/*.safetensors"))) == 8
+    assert re.search(r"run cache .*: reusing [1-8] entries", proc.stderr) and b[-1]["cache_hit_rate"] > 0
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-6, (ra, rb)
         assert ra["lr"] == pytest.approx(rb["lr"], abs=1e-12)
