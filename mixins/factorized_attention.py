@@ -146,7 +146,8 @@ class FactorizedAttentionMixin(Mixin):
         out_std = 0.02 / math.sqrt(2.0 * self.dit_config.num_layers)
         for attention in self.temporal_attention:
             for linear, std in ((attention.query_key_value, 0.02), (attention.dense, out_std)):
-                nn.init.normal_(linear.weight, std=std)
+                if not linear.weight.is_meta:  # as the base blocks: a meta normal_ imports torch._dynamo
+                    nn.init.normal_(linear.weight, std=std)
                 nn.init.zeros_(linear.bias)
 
     def implemented_hooks(self) -> list[str]:

@@ -102,7 +102,8 @@ class BaseTransformer(nn.Module):
         for layer in self.layers:
             for linear, s in ((layer.attention.query_key_value, std), (layer.attention.dense, out_std),
                               (layer.mlp.dense_h_to_4h, std), (layer.mlp.dense_4h_to_h, out_std)):
-                nn.init.normal_(linear.weight, std=s)
+                if not linear.weight.is_meta:  # no values to draw; a meta normal_ imports torch._dynamo (~1.5 s)
+                    nn.init.normal_(linear.weight, std=s)
                 nn.init.zeros_(linear.bias)
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.reset_parameters()
