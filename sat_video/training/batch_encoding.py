@@ -11,6 +11,7 @@ on GPU, so the VAE of the next batch overlaps the DiT of this one.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -103,15 +104,24 @@ class EncodeAhead:
         self.batches, self.encode, self.device = batches, encode, device
         self.depth = depth
         self._stop = threading.Event()
+        self._encoding = threading.Lock()  # held while the thread runs the frozen stages
         if depth:
             self._queue: queue.Queue = queue.Queue(maxsize=depth)
             self._thread = threading.Thread(target=self._work, name="sat_video-encode-ahead", daemon=True)
             self._thread.start()
 
     def _encode_next(self) -> EncodedBatch:
-        started = time.perf_counter()
-        batch = self.encode(next(self.batches))
+        raw = next(self.batches)
+        with self._encoding:
+            started = time.perf_counter()
+            batch = self.encode(raw)
         return EncodedBatch(batch, time.perf_counter() - started)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No encoding while inside: validation uses the same frozen stages (and switches VAE tiling)."""
+        with self._encoding:
+            yield
 
     def _work(self) -> None:
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None

@@ -7,6 +7,7 @@ DeepSpeed owns parallelism and the optimizer update, and this file only orders t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -561,6 +562,10 @@ class Trainer:
         its own seeded generators, so validation never changes what training draws.
         """
         self.watchdog.enter("validation", slow=True)
+        with self._batches.paused() if self._batches is not None else contextlib.nullcontext():
+            return self._validate()
+
+    def _validate(self) -> Path | None:
         started = time.perf_counter()
         cfg, dit_config = self.cfg, self.engine.module.dit.dit_config
         validation = cfg.train.validation
