@@ -20,6 +20,11 @@ Sections (each a function below; DiT figures are medians over interleaved repeti
   activation memory and the share of the step spent in collectives.
 * Sampling memory: VAE decode exact vs tiled (time, peak, PSNR, the estimate), and the predicted full-size peak of
   each model per offload and tiling mode.
+* Fine-tuning: ``tools/train_video.py`` against diffusers' ``examples/cogvideo/train_cogvideox_lora.py`` (LoRA, same
+  tiny model, VAE, T5 and clips), first-epoch and later-epoch step time, start-up, peak RSS, where a step's time goes.
+  ``--only trainers`` runs just this section and replaces it inside an existing ``--out``:
+
+    python tools/bench.py --only trainers --trainer-steps 24 --trainer-rounds 2
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +58,16 @@ from sat_video.experiments.benchmark import (  # noqa: E402 (after the sys.path 
     step_peak_bytes,
 )
 from sat_video.experiments.sampling_memory_bench import DecodeCase, full_size_rows, vae_decode_rows  # noqa: E402
+from sat_video.experiments.trainer_comparison import (  # noqa: E402
+    DIFFUSERS,
+    DIT_SIZES,
+    SAT_CACHE,
+    SAT_RAW,
+    ComparisonSetup,
+    compare,
+    marked,
+    replace_section,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COMPILED = "sat_video + torch.compile"
@@ -91,6 +106,9 @@ class Preset:
     """The VAE decode timed exactly and in tiles."""
     full_size: bool
     """Predict full-size sampling memory for the README's models (a minute of probes at their real widths)."""
+    trainers: ComparisonSetup | None
+    """Clips, steps and rounds of the fine-tuning comparison with diffusers' LoRA script; ``None``: not run (the tiny
+    preset: a dozen training processes are a benchmark, not a CI test; ``--only trainers --sizes tiny`` still runs it)."""
 
 
 def _dit(
@@ -108,7 +126,7 @@ PRESETS = {
         clip=(9, 64, 64), clip_videos=2, clip_batches=4, train_videos=2, train_iters=4,
         sequence_parallel=_dit("tiny", "cogvideox_5b", 1, 64, 2, 2, (16, 16), 29, 8, 32),
         vae_decode=DecodeCase(9, 64, 96, (32, 48), (8, 8), ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml")),
-        full_size=False),
+        full_size=False, trainers=None),
     "default": Preset(
         dits=(
             # 5B layout (3D RoPE), 4 x 16 x 16 latents -> 256 video + 64 text tokens
@@ -124,7 +142,7 @@ PRESETS = {
         sequence_parallel=_dit("long", "cogvideox_5b", 1, 128, 4, 4, (32, 32), 29, 16, 64, time_embed_dim=64),
         # CogVideoX's VAE (random weights): 3 latent frames of 12 x 20, tiles of 8 x 12 latents sharing 2 x 3
         vae_decode=DecodeCase(9, 96, 160, (64, 96), (16, 24), ("cogvideox_2b.yaml", "tiny.yaml")),
-        full_size=True),
+        full_size=True, trainers=ComparisonSetup(clips=16, steps=32, rounds=3)),
 }
 
 
@@ -447,6 +465,119 @@ def sampling_memory_section(preset: Preset) -> tuple[list[dict], list[dict]]:
     return decode, full_size_rows(ROOT / "configs") if preset.full_size else []
 
 
+# ---------------------------------------------------------------------- fine-tuning: sat_video vs diffusers' LoRA script
+
+
+TRAINERS_HEADING = "## Fine-tuning: sat_video vs diffusers' train_cogvideox_lora.py"
+PROFILE_LABELS = {"data_s": "data", "encode_s": "VAE + T5", "forward_s": "DiT forward", "backward_s": "backward",
+                  "optimizer_s": "clip + optimizer"}
+
+
+def trainers_section(setup: ComparisonSetup, diffusers_script: Path | None, command: str) -> str:
+    """Run the comparison in a temporary folder; its markdown section (``command`` regenerates it alone)."""
+    with tempfile.TemporaryDirectory(prefix="sat_video_trainers_") as tmp:
+        result = compare(ROOT, Path(tmp), setup, diffusers_script)
+    for name, row in result["rows"].items():
+        print(f"fine-tuning, {name}: {_seconds(row['cold'], 3)} s/step first epoch, {_seconds(row['warm'], 3)} later, "
+              f"start-up {_seconds(row['startup'], 1)} s, peak RSS {row['peak_rss_gib']:.2f} GiB", flush=True)
+    return "\n".join(_trainer_lines(result, command))
+
+
+def _seconds(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(ours: float | None, theirs: float | None) -> float | None:
+    return ours / theirs if ours is not None and theirs else None
+
+
+def _times(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}x"
+
+
+def _profile_cell(row: dict, name: str, epochs: str) -> str:
+    profile = row[f"profile_{epochs}"]
+    if profile is None:
+        return "n/a"
+    labels = {**PROFILE_LABELS, "data_s": "data wait" if name != DIFFUSERS else "data",
+              "encode_s": "T5" if name == DIFFUSERS else "VAE + T5"}
+    in_step = [key for key in PROFILE_LABELS if not (row["encode_overlapped"] and key == "encode_s")]
+    share = {key: round(value, 2) + 0.0 for key, value in profile.items()}  # + 0.0: no "-0%" for rounding noise
+    cell = ", ".join(f"{labels[key]} {share[key]:.0%}" for key in in_step) + f", other {share['other']:.0%}"
+    if row["encode_overlapped"]:
+        cell += f"; in a background thread, ahead of the step: encoding {share['encode_s']:.0%}"
+    return cell
+
+
+def _trainer_lines(result: dict, command: str) -> list[str]:
+    setup, rows = result["setup"], result["rows"]
+    theirs = rows.get(DIFFUSERS, {})
+    table = []
+    for name in (SAT_RAW, SAT_CACHE, DIFFUSERS):
+        row = rows.get(name)
+        if row is None:
+            table.append([name, result["diffusers"], "", "", "", "", "", "", ""])
+            continue
+        cold, warm = _ratio(row["cold"], theirs.get("cold")), _ratio(row["warm"], theirs.get("warm"))
+        table.append([name, _seconds(row["cold"], 3), _seconds(row["warm"], 3),
+                      f"{_times(cold)} / {_times(warm)}", _seconds(row["startup"], 1),
+                      _seconds(row["first_epoch_done"], 1),
+                      f"{row['peak_rss_gib']:.2f}", _profile_cell(row, name, "cold"), _profile_cell(row, name, "warm")])
+    raw = rows[SAT_RAW]
+    targets = []
+    for label, key, limit in (("later epochs' step time", "warm", 1.0), ("first epoch's step time", "cold", 1.5),
+                              ("start-up", "startup", 1.0), ("peak RSS", "peak_rss_gib", 1.1)):
+        ratio = _ratio(raw[key], theirs.get(key))
+        targets.append([f"raw video: {label} <= {limit:.1f}x diffusers'", _times(ratio),
+                        "n/a" if ratio is None else _met(ratio <= limit)])
+    hits = raw["warm_cache_hit_rate"]
+    load = result["load"]
+    return [
+        TRAINERS_HEADING,
+        "",
+        f"Regenerate this section alone (it replaces itself in this file): `{command}`",
+        "",
+        f"LoRA fine-tuning (rank {setup.rank}, alpha {setup.rank}: scale 1, on q, k, v and the attention output; base "
+        "weights frozen) of one tiny CogVideoX-2B-layout DiT (`configs/cogvideox_2b.yaml configs/tiny.yaml "
+        "configs/tiny_train.yaml` with " + ", ".join(f"{k}={v}" for k, v in DIT_SIZES.items()) + "), the same "
+        f"initial weights, VAE (`tiny_train.yaml`'s), T5 and tokenizer for both, on {setup.clips} synthetic clips of "
+        f"13 x 64 x 64 at 8 fps; batch {setup.batch}, {setup.steps} optimizer steps per run ({setup.steps_per_epoch} "
+        f"an epoch), fp32 on the CPU with {setup.threads} thread(s), AdamW with the schedule of `tiny_train.yaml`. "
+        f"Each row ran {setup.rounds} time(s), the rows in turn (reversed every other round). diffusers: "
+        f"{result['diffusers']}, unmodified, run by `benchmarks/diffusers_lora/run_timed.py` (its README says how).",
+        "",
+        _table(["trainer", "s/step, first epoch (cold)", "s/step, later epochs (warm)", "vs diffusers (cold / warm)",
+                "start-up (s)", "first epoch done (s)", "peak RSS (GiB)", "where a first-epoch step's time goes",
+                "where a later step's time goes"], table),
+        "",
+        _table(["target", "measured", "met"], targets),
+        "",
+        f"* Cold: steps of the first epoch, warm: of the later ones, medians over the steps of all runs of a row; the very "
+        f"first step of every run (both trainers: lazy initialisation, first allocations) is left out "
+        f"({raw['cold_steps']} cold and {raw['warm_steps']} warm steps per sat_video row).",
+        "* Start-up: process start (`/proc/self/stat`) to the end of the first optimizer step, median over the runs. "
+        "diffusers' includes decoding every clip and encoding it with the VAE before its loop "
+        f"({_seconds(result['diffusers_encode_before_loop_s'], 1)} s of VAE encoding); the explicit-cache row's does not "
+        f"include `tools/precompute_latents.py` ({result['precompute_s']:.1f} s, once, not in any row). *First epoch "
+        "done*: start-up plus the first epoch's other steps, the same work for both trainers wherever they encode.",
+        "* Peak RSS: `ru_maxrss` of the training process at its last step (sat_video: `cpu_peak_rss_gb` of metrics.jsonl).",
+        "* Where the time goes: each phase's share of the steps' total time (cold or warm steps). sat_video's phases are "
+        "the per-step keys of its metrics.jsonl; diffusers' come from `run_timed.py`, which wraps the data "
+        "loader, `T5EncoderModel.forward`, `CogVideoXTransformer3DModel.forward`, `Accelerator.backward`, "
+        "`Accelerator.clip_grad_norm_` and the optimizer step. *Other*: the rest of the step (noise, schedule, "
+        "loss, logging).",
+        "* Per step, diffusers encodes the prompts with T5 every step and samples latents from the posteriors it "
+        "encoded before training; sat_video's raw-video row decodes and encodes each clip (VAE and T5) the first time "
+        "it is drawn, ahead of the step in a thread, and keeps posterior and text embedding in its in-run cache"
+        + (f" ({hits:.0%} cache hits in the warm steps)" if hits is not None else "")
+        + "; the explicit-cache row reads both from `tools/precompute_latents.py`'s cache. Both train v-prediction "
+        "(diffusers' x0 loss weighted by 1 / (1 - abar) is the same loss); sat_video also drops 10% of the captions "
+        "(`model.diffusion.text_dropout`).",
+        "* Load average (1/5/15 min) " + (f"before: {' / '.join(f'{x:.2f}' for x in load[0])}, after: "
+                                          f"{' / '.join(f'{x:.2f}' for x in load[-1])}" if load else "not available") + ".",
+    ]
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
@@ -510,6 +641,7 @@ def targets(dits: list[dict], checkpointing: list[dict], training: list[dict], s
     return rows
 
 
+METHOD_HEADING = "## How these figures are measured"
 METHOD = """\
 * **Timing**: wall clock, the implementations alternating in one process (order ABBA, so drifting load hits
   both alike), {warmup} warm-up round(s), then the median of {reps}. A DiT step is `zero_grad(set_to_none=True)`,
@@ -591,6 +723,7 @@ def report(
     split: list[dict],
     buckets: list[dict],
     sampling: tuple[list[dict], list[dict]],
+    trainers: str,
     preset: Preset,
 ) -> str:
     out = [
@@ -792,7 +925,9 @@ def report(
         ),
         "",
         *_sampling_memory_lines(*sampling, preset.vae_decode),
-        "## How these figures are measured",
+        marked(trainers),
+        "",
+        METHOD_HEADING,
         "",
         METHOD.format(warmup=preset.warmup, reps=preset.reps),
     ]
@@ -842,11 +977,27 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
                         help="precisions of the DiT sections (a CPU without bf16 instructions emulates bf16 matmuls "
                              "at a fraction of a GFLOP/s: measure fp32 only there)")
+    parser.add_argument("--only", choices=["trainers"],
+                        help="run only this section and replace it inside --out (which keeps everything else)")
+    parser.add_argument("--trainer-steps", type=int, help="optimizer steps per fine-tuning run (default: the preset's)")
+    parser.add_argument("--trainer-rounds", type=int, help="runs of each fine-tuning row (default: the preset's)")
+    parser.add_argument("--diffusers-script", type=Path,
+                        help="diffusers' train_cogvideox_lora.py (default: taken from the local diffusers mirror)")
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", "tools/bench.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     preset = PRESETS[args.sizes]
+    trainers_preset = preset.trainers or ComparisonSetup(clips=4, steps=4, rounds=1)
+    trainer_setup = replace(trainers_preset, threads=args.threads, steps=args.trainer_steps or trainers_preset.steps,
+                            rounds=args.trainer_rounds or trainers_preset.rounds)
+    if args.only == "trainers":
+        section = trainers_section(trainer_setup, args.diffusers_script, args.command)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        old = args.out.read_text() if args.out.exists() else ""
+        args.out.write_text(replace_section(old, section, before=METHOD_HEADING))
+        print(f"wrote the fine-tuning section of {args.out}")
+        return 0
     info = machine(device)
 
     gemm_sizes = preset.gemm_sizes + ((8192,) if device.type == "cuda" else ())
@@ -868,15 +1019,26 @@ def main(argv=None) -> int:
         data = data_section(preset, workdir)
     split = sequence_parallel_section(preset, device, args.threads)
     sampling = sampling_memory_section(preset)
+    command = shlex.join(["python", "tools/bench.py", "--only", "trainers", *_trainer_arguments(args)])
+    trainers = (trainers_section(trainer_setup, args.diffusers_script, command) if preset.trainers else
+                f"{TRAINERS_HEADING}\n\nNot run at these sizes; `{command}` runs it.")
     if hasattr(os, "getloadavg"):
         info["load average at end (1/5/15 min; this run's own threads included)"] = " / ".join(
             f"{x:.2f}" for x in os.getloadavg()
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = report(args, info, peaks, dits, checkpointing, profile, training, data, split, buckets, sampling, preset)
+    text = report(args, info, peaks, dits, checkpointing, profile, training, data, split, buckets, sampling, trainers, preset)
     args.out.write_text(text + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+def _trainer_arguments(args) -> list[str]:
+    """The arguments of this run that the fine-tuning section depends on."""
+    given = {"--sizes": args.sizes, "--threads": args.threads, "--trainer-steps": args.trainer_steps,
+             "--trainer-rounds": args.trainer_rounds, "--diffusers-script": args.diffusers_script, "--out": args.out}
+    defaults = {"--sizes": "default", "--threads": os.cpu_count(), "--out": ROOT / "benchmarks" / "RESULTS.md"}
+    return [str(part) for flag, value in given.items() if value not in (None, defaults.get(flag)) for part in (flag, value)]
 
 
 if __name__ == "__main__":

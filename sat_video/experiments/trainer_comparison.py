@@ -2,9 +2,9 @@
 ``examples/cogvideo/train_cogvideox_lora.py``, both LoRA fine-tuning the same tiny CogVideoX-2B-layout DiT (same
 initial weights) with the same VAE, T5 and clips, on CPU in fp32, each in its own process.
 
-The diffusers script runs unmodified through ``benchmarks/diffusers_lora/run_timed.py`` (it times steps and
-buckets from outside) with the torchvision stand-in of that folder on ``PYTHONPATH``. sat_video's figures come from
-its ``metrics.jsonl`` (``train.log_interval=1``: one record per step).
+The diffusers script runs unmodified through ``benchmarks/diffusers_lora/run_timed.py``, which times steps and
+phases from outside and lends it the torchvision stand-in of that folder. sat_video's figures come from its
+``metrics.jsonl`` (``train.log_interval=1``: one record per step).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def build_assets(root: Path, workdir: Path, setup: ComparisonSetup) -> Assets:
         dit = build_dit(cfg)
         with torch.no_grad():  # as a trained model: no zero-initialised gates or output layer
             for param in dit.parameters():
-                # Values exact in fp16: the script loads a transformer whose path lacks "5b" in fp16, then casts to fp32.
+                # Values exact in fp16: the script loads the transformer in fp16 (see diffusers_arguments), then casts to fp32.
                 param.add_(torch.randn_like(param) * 0.02).copy_(param.half())
     save_checkpoint(dit, checkpoint, iteration=0)
     write_diffusers_folder(dit.state_dict(), DiTConfig.from_config(cfg), pipeline,
@@ -159,7 +159,8 @@ def diffusers_arguments(root: Path, assets: Assets, setup: ComparisonSetup, outp
     optimizer, schedule = train.optimizer, train.lr_schedule
     frames, height, width = CLIP
     return [
-        f"--pretrained_model_name_or_path={assets.pipeline}", f"--instance_data_root={assets.clips}",
+        # relative to the run's folder: the script loads the transformer in bf16 if this path contains "5b", else fp16
+        f"--pretrained_model_name_or_path={assets.pipeline.name}", f"--instance_data_root={assets.clips}",
         "--caption_column=prompt.txt", "--video_column=videos.txt",
         f"--height={height}", f"--width={width}", f"--fps={FPS}", f"--max_num_frames={frames}",
         "--skip_frames_start=0", "--skip_frames_end=0",
@@ -181,7 +182,7 @@ def run_diffusers(root: Path, script: Path, assets: Assets, setup: ComparisonSet
     command = [sys.executable, str(bench / "run_timed.py"), str(out / "timings.json"), str(script),
                *diffusers_arguments(root, assets, setup, out / "output")]
     env = {**_env(setup), "HF_HUB_OFFLINE": "1"}  # run_timed.py puts its torchvision stand-in on sys.path itself
-    _run(command, env, out / "log.txt")
+    _run(command, env, out / "log.txt", cwd=assets.pipeline.parent)
     record = json.loads((out / "timings.json").read_text())
     return {"steps": record["steps"], "startup_s": record["startup_s"], "peak_rss_gib": record["peak_rss_gib"],
             "before_loop": record["before_loop"], "encode_overlapped": False}
@@ -235,7 +236,7 @@ def sat_step(record: dict, steps_per_epoch: int) -> dict:
     for key, bucket in zip(("data_wait_s", *BUCKETS[1:]), BUCKETS):
         if key in record:
             step[bucket] = record[key]
-    if "cache_hit_rate" in record:
+    if record.get("cache_hit_rate") is not None:  # null for a step that looked nothing up
         step["cache_hit_rate"] = record["cache_hit_rate"]
     return step
 
@@ -244,9 +245,9 @@ def _env(setup: ComparisonSetup) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(setup.threads)}
 
 
-def _run(command: list[str], env: dict, log: Path) -> None:
+def _run(command: list[str], env: dict, log: Path, cwd: Path | None = None) -> None:
     with open(log, "w") as out:
-        proc = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True)
     if proc.returncode:
         raise RuntimeError(f"{shlex.join(command)} failed (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
 
