@@ -62,6 +62,7 @@ from sat_video.experiments.trainer_comparison import (  # noqa: E402
     DIFFUSERS,
     DIT_SIZES,
     SAT_CACHE,
+    SAT_LOADER_WORKERS,
     SAT_RAW,
     ComparisonSetup,
     compare,
@@ -542,7 +543,8 @@ def _trainer_lines(result: dict, command: str) -> list[str]:
         "configs/tiny_train.yaml` with " + ", ".join(f"{k}={v}" for k, v in DIT_SIZES.items()) + "), the same "
         f"initial weights, VAE (`tiny_train.yaml`'s), T5 and tokenizer for both, on {setup.clips} synthetic clips of "
         f"13 x 64 x 64 at 8 fps; batch {setup.batch}, {setup.steps} optimizer steps per run ({setup.steps_per_epoch} "
-        f"an epoch), fp32 on the CPU with {setup.threads} thread(s), AdamW with the schedule of `tiny_train.yaml`. "
+        f"an epoch), fp32 on the CPU with {setup.threads} thread(s), AdamW with the schedule of `tiny_train.yaml`; "
+        f"sat_video decodes in {SAT_LOADER_WORKERS} loader worker(s) and encodes `data.prefetch` batches ahead. "
         f"Each row ran {setup.rounds} time(s), the rows in turn (reversed every other round). diffusers: "
         f"{result['diffusers']}, unmodified, run by `benchmarks/diffusers_lora/run_timed.py` (its README says how).",
         "",

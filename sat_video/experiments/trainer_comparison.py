@@ -36,6 +36,9 @@ DIT_SIZES = {"hidden_size": 128, "num_layers": 4, "num_attention_heads": 2, "tim
 + 16 text tokens."""
 CLIP = (13, 64, 64)
 FPS = 8
+SAT_LOADER_WORKERS = 1
+"""sat_video decodes in a loader worker while its training process encodes and trains (tiny_train.yaml's 0 keeps tests
+light); diffusers' script decodes every clip before its loop, so its loader has nothing to overlap."""
 BUCKETS = ("data_s", "encode_s", "forward_s", "backward_s", "optimizer_s")
 """Per-step profile keys of sat_video's metrics.jsonl (``data_wait_s`` read as ``data_s``) and of run_timed.py."""
 
@@ -218,7 +221,7 @@ def run_sat(root: Path, assets: Assets, setup: ComparisonSetup, workdir: Path, e
         sys.executable, str(root / "tools" / "train_video.py"), "--base", *_sat_base(root), *sat_overrides(assets, setup),
         f"train.init_checkpoint={assets.checkpoint}", f"train.save={save}", f"train.train_iters={setup.steps}",
         f"train.save_interval={setup.steps}", f"train.micro_batch_size={setup.batch}", "deepspeed.precision=fp32",
-        "train.log_interval=1", "train.tensorboard=false", "train.seed=0", "data.num_workers=0", *extra,
+        "train.log_interval=1", "train.tensorboard=false", "train.seed=0", f"data.num_workers={SAT_LOADER_WORKERS}", *extra,
     ]
     _run(command, _env(setup), workdir / f"{save.name}-log.txt")
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
