@@ -93,16 +93,35 @@ def _plain(value):
 # ---------------------------------------------------------------------------------------------------- reading
 
 
+TENSORS = ("latent_mean", "latent_std", "text", "first_frame")
+
+
 @dataclass
-class CachedSample:
+class EncodedClip:
+    """One clip as the frozen stages see it, what a cache keeps of it: posterior moments ``[C, F, h, w]`` (no ``std``
+    for a deterministic first stage), text embedding ``[L, D]`` and, for I2V, the first frame ``[3, 1, H, W]``."""
+
     latent_mean: torch.Tensor
     latent_std: torch.Tensor | None
     text: torch.Tensor
     first_frame: torch.Tensor | None
     caption: str
     path: str
-    position: tuple[int, int]
     bucket: str | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in TENSORS if getattr(self, name) is not None}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor.nbytes for tensor in self.tensors().values())
+
+
+@dataclass
+class CachedSample(EncodedClip):
+    """A clip read from the cache for the sampler's ``(epoch, batch index)``."""
+
+    position: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -133,7 +152,7 @@ class CachedBatch:
             self,
             **{
                 name: None if getattr(self, name) is None else fn(getattr(self, name))
-                for name in ("latent_mean", "latent_std", "text", "first_frame")
+                for name in TENSORS
             },
         )
 

@@ -29,37 +29,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sat_video.common.files import atomic_write
+from sat_video.data.latent_cache import EncodedClip
 
 logger = logging.getLogger("sat_video.data")
 
-TENSORS = ("latent_mean", "latent_std", "text", "first_frame")
 GIB = 2**30
-
-
-@dataclass
-class EncodedClip:
-    """One clip as the frozen stages see it: posterior moments ``[C, F, h, w]`` (no ``std`` for a deterministic first
-    stage), text embedding ``[L, D]`` and, for I2V, the first frame ``[3, 1, H, W]``."""
-
-    latent_mean: torch.Tensor
-    latent_std: torch.Tensor | None
-    text: torch.Tensor
-    first_frame: torch.Tensor | None
-    caption: str
-    path: str
-    bucket: str | None = None
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in TENSORS if getattr(self, name) is not None}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(tensor.nbytes for tensor in self.tensors().values())
 
 
 def run_cache_settings(cache_settings: dict, sources: list[str]) -> dict:

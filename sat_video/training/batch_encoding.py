@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from sat_video.data.clips import Batch, VideoDataset
-from sat_video.data.latent_cache import CachedBatch
-from sat_video.data.run_cache import EncodedClip, RunLatentCache
+from sat_video.data.latent_cache import CachedBatch, EncodedClip
+from sat_video.data.run_cache import RunLatentCache
 from sat_video.model.stages import FrozenStages
 
 

@@ -7,6 +7,7 @@ import torch
 
 import sat_video.data.clips as clips_module
 from sat_video.data.clips import ClipSpec, VideoDataset, collate
+from sat_video.data.latent_cache import TENSORS
 from sat_video.data.run_cache import RunLatentCache
 from sat_video.data.sampler import ClipBatchSampler
 from sat_video.data.sources import discover
@@ -60,7 +61,7 @@ def assert_same(batches, reference):
     assert len(batches) == len(reference)
     for got, want in zip(batches, reference):
         assert (got.position, got.paths, got.captions) == (want.position, want.paths, want.captions)
-        for name in ("latent_mean", "latent_std", "text", "first_frame"):
+        for name in TENSORS:
             torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=0)
 
 
@@ -70,7 +71,7 @@ def reference(setup):
 
 
 def entry_bytes(batch) -> int:
-    return sum(getattr(batch, name)[0].nbytes for name in ("latent_mean", "latent_std", "text", "first_frame"))
+    return sum(getattr(batch, name)[0].nbytes for name in TENSORS)
 
 
 def test_cached_epochs_decode_nothing_spill_to_disk_and_a_restart_reuses_the_disk(setup, reference, decodes, tmp_path):
