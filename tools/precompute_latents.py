@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sat_video.common.errors import DataError, OutputExistsError
+from sat_video.common.errors import OutputExistsError
 from sat_video.config.cli import add_config_arguments, config_from_arguments, run_tool
 from sat_video.data.buckets import assign_buckets, parse_buckets
 from sat_video.data.clips import ClipSpec, source_shape
@@ -35,9 +35,6 @@ def encode(cfg, out: Path, samples_per_shard: int, overwrite: bool) -> int:
 
     env = init_distributed()
     try:
-        if cfg.data.random_start:
-            raise DataError("data.random_start cuts a different clip every epoch; a latent cache holds one clip per file: "
-                            "set data.random_start=false to precompute")
         if out.exists() and not overwrite:
             raise OutputExistsError(f"{out} exists; choose another --out, or pass --overwrite to replace it")
         refs = discover(list(cfg.data.sources))

@@ -366,7 +366,7 @@ class VideoDataset(torch.utils.data.Dataset):
             return None
 
     def __getitem__(self, item: tuple[int, int, int] | tuple[int, int, int, bool]) -> Sample:
-        """``(index, epoch, batch index)``, or with a fourth element from :meth:`RunLatentCache.plan`: ``True`` skips
+        """``(index, epoch, batch index)``, or with a fourth element from :meth:`RunLatentCache.planned`: ``True`` skips
         decoding (the run's latent cache holds the clip)."""
         index, epoch, batch_index, *from_cache = item
         bucket = self.buckets[index].name if self.buckets is not None else None

@@ -50,7 +50,14 @@ PATH_KEYS = ("model.first_stage.path", "model.text_encoder.path", "model.text_en
 
 def cache_settings(model: DictConfig, data: DataConfig) -> dict[str, Any]:
     """What the cached tensors depend on, by config key (clip size resolved as training resolves it), from the
-    ``model`` and ``data`` sections."""
+    ``model`` and ``data`` sections.
+
+    Raises:
+        CacheError: ``data.random_start``, which cuts other clips every epoch than the one a cache keeps per file.
+    """
+    if data.random_start:
+        raise CacheError("data.random_start cuts a different clip from each video every epoch; a latent cache holds one "
+                         "clip per file: set data.random_start=false, or train from the videos without data.latent_cache")
     first_stage, text = model.first_stage, model.text_encoder
     spec = ClipSpec.from_config(data, model.dit)
     settings = {
@@ -115,6 +122,10 @@ class EncodedClip:
     @property
     def nbytes(self) -> int:
         return sum(tensor.nbytes for tensor in self.tensors().values())
+
+    def map_tensors(self, fn) -> EncodedClip:
+        """The same clip (of the same class) with ``fn`` applied to each of its tensors."""
+        return dataclasses.replace(self, **{name: fn(tensor) for name, tensor in self.tensors().items()})
 
 
 @dataclass

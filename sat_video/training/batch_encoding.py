@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import queue
 import threading
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from sat_video.data.clips import Batch, VideoDataset
-from sat_video.data.latent_cache import CachedBatch, EncodedClip
+from sat_video.data.latent_cache import CachedBatch, CachedSample, EncodedClip, collate_cached
 from sat_video.data.run_cache import RunLatentCache
 from sat_video.model.stages import FrozenStages
 
@@ -80,19 +81,14 @@ class BatchEncoder:
                                        video[j, :, :1] if self.image_condition else None, captions[j], paths[j], batch.bucket)
                 if self.cache is not None:
                     self.cache.put(batch.indices[i], _to_host(clips[i]))
-        stack = lambda name: (None if getattr(clips[0], name) is None  # noqa: E731
-                              else torch.stack([getattr(clip, name).to(self.device, non_blocking=True) for clip in clips]))
-        return CachedBatch(latent_mean=stack("latent_mean"), latent_std=stack("latent_std"), text=stack("text"),
-                           first_frame=stack("first_frame"), captions=[clip.caption for clip in clips],
-                           paths=[clip.path for clip in clips], position=batch.position, skipped=batch.skipped,
-                           bucket=batch.bucket)
+        on_device = [CachedSample(**vars(clip.map_tensors(lambda t: t.to(self.device, non_blocking=True))),
+                                  position=batch.position) for clip in clips]
+        return dataclasses.replace(collate_cached(on_device), skipped=batch.skipped)
 
 
 def _to_host(clip: EncodedClip) -> EncodedClip:
     """A copy in host memory that shares no storage with the batch (a kept slice would keep the whole batch alive)."""
-    copy = lambda t: None if t is None else t.to("cpu", copy=True)  # noqa: E731
-    return EncodedClip(copy(clip.latent_mean), copy(clip.latent_std), copy(clip.text), copy(clip.first_frame),
-                       clip.caption, clip.path, clip.bucket)
+    return clip.map_tensors(lambda tensor: tensor.to("cpu", copy=True))
 
 
 OPENMP_RUNTIMES = ("libgomp", "libiomp5", "libomp")

@@ -209,9 +209,6 @@ class Trainer:
         self.stage = stage
         self.clip_spec = ClipSpec.from_config(cfg.data, cfg.model.dit)
         if self.cached:
-            if cfg.data.random_start:
-                raise DataError("data.random_start cuts other clips every epoch; data.latent_cache holds one clip per "
-                                "file: set data.random_start=false or train from the videos")
             self.dataset = LatentCache(cfg.data.latent_cache)
             self.dataset.check_compatible(cfg.model, cfg.data)
             self.kinds, self.collate = self.dataset.kinds, collate_cached

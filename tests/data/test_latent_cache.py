@@ -161,6 +161,9 @@ def test_i2v_inputs_from_the_cache_equal_those_from_the_clips(train_assets, tmp_
     # latents encoded whole are not those of a tiled encode: a run with data.vae_tiling refuses this cache
     with pytest.raises(CacheError, match="data.vae_tiling: cache None, config True"):
         cache.check_compatible(cfg.model, OmegaConf.merge(cfg.data, {"vae_tiling": True}))
+    # nor can a run whose clips change every epoch use it (precompute_latents refuses through the same settings)
+    with pytest.raises(CacheError, match="data.random_start cuts a different clip from each video every epoch"):
+        cache.check_compatible(cfg.model, OmegaConf.merge(cfg.data, {"random_start": True}))
 
 
 def test_with_buckets_the_cache_holds_each_clip_at_its_bucket_and_draws_what_the_clips_draw(train_assets, bucket_clips,
