@@ -78,11 +78,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import sat_video
-    from mixins.pca_first_stage import PatchPCAFirstStage
-    from sat_video.data.clips import ClipSpec, load_clip
-    from sat_video.data.sources import discover
-    from sat_video.fixtures.synthetic import make_moving_shapes
-    from sat_video.fixtures.tiny_t5 import make_tiny_t5
+    from sat_video.data.clips import ClipSpec
+    from sat_video.fixtures.shapes_study import make_frozen_stages, write_shapes
 
     started = time.perf_counter()
     run = new_run_folder(Path(args.out))
@@ -94,13 +91,12 @@ def main(argv=None) -> int:
     dit_config = DiTConfig.from_config(cfg)
 
     step(f"1. synthetic dataset: {args.num_videos} mp4 clips in {run / 'data'}")
-    items = make_moving_shapes(run / "data", num_videos=args.num_videos, num_frames=16, height=64, width=64, fps=8, seed=0)
+    items = write_shapes(run / "data", cfg, args.num_videos, seed=0)
     captions = [caption for _, caption in items]
 
     step("2. frozen stages: tiny T5 + sentencepiece tokenizer trained on the captions; PCA first stage fitted to the clips")
-    make_tiny_t5(captions, run / "t5", d_model=dit_config.text_hidden_size)
+    make_frozen_stages(run, cfg, captions, [run / "data"])
     spec = ClipSpec.from_config(cfg.data, cfg.model.dit)
-    PatchPCAFirstStage.fit(load_clip(ref, spec)[0] for ref in discover([run / "data"])).save(run / "first_stage.safetensors")
 
     step(f"3. latent cache, then training {cfg.train.train_iters} steps: torchrun --nproc_per_node {args.nproc} "
          "tools/train_video.py (DeepSpeed ZeRO-2)")

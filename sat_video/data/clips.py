@@ -97,7 +97,12 @@ class ClipSpec:
             raise DataError(f"{err} (num_frames is model.dit.num_frames; the others are data.*)") from None
 
 
-def _read_caption(ref: SampleRef) -> str:
+def read_caption(ref: SampleRef) -> str:
+    """The sample's caption (from its metadata line or the first line of its label file).
+
+    Raises:
+        UnusableSample: no caption, an unreadable label file, or an empty caption.
+    """
     if ref.caption is not None:
         text = ref.caption
     elif ref.caption_file is None:
@@ -231,7 +236,7 @@ def source_shape(ref: SampleRef, spec: ClipSpec) -> SourceShape:
         UnusableSample: what :func:`load_clip` would refuse before decoding (a caption missing included).
     """
     _check_file(ref)
-    _read_caption(ref)
+    read_caption(ref)
     if ref.is_image:
         width, height = _read_image(ref.path, spec.max_source_pixels, decode=False)
         return SourceShape(width, height, 1, True)
@@ -250,7 +255,7 @@ def load_clip(ref: SampleRef, spec: ClipSpec, rng: np.random.Generator | None = 
         UnusableSample: missing, empty or undecodable file, too few frames, missing or empty caption.
     """
     _check_file(ref)
-    caption = _read_caption(ref)
+    caption = read_caption(ref)
     if ref.is_image:
         return _to_clip(_read_image(ref.path, spec.max_source_pixels), spec.height, spec.width), caption
     return _to_clip(_read_video(ref.path, spec, rng), spec.height, spec.width, spec.num_frames), caption

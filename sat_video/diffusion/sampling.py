@@ -49,13 +49,13 @@ def denoise(
     steps: int | None = None,
     image_latents: torch.Tensor | None = None,
     ofs: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Run the sampler from ``noise`` ``[B, T, C, H, W]`` with text embeddings ``[B, L, D]``; returns latents.
 
     ``image_latents`` (I2V, same shape as ``noise``) are concatenated on channels at every step. The DPM
-    scheduler is stochastic and draws from ``generator``.
+    scheduler is stochastic and draws from ``generator`` (a list: one per sample of the batch).
     """
     from diffusers import CogVideoXDPMScheduler  # loaded already by make_scheduler
 
@@ -169,9 +169,13 @@ class VideoGenerator:
         width: int,
         image: torch.Tensor | None = None,
         steps: int | None = None,
+        batch_size: int = 1,
         progress: bool = False,
     ) -> list[GeneratedVideo]:
         """One video per prompt; the noise of prompt ``i`` comes from a generator seeded ``settings.seed + i``.
+
+        ``batch_size`` prompts are denoised together (faster on small models; every prompt keeps its own
+        generator, so a video does not depend on the batching beyond float rounding).
 
         ``image``: ``[3, H, W]`` in [-1, 1], required by I2V models (``in_channels > out_channels``). Each model runs
         once for all prompts (T5, then the DiT, then the VAE), so offloading moves each model once.
@@ -191,22 +195,24 @@ class VideoGenerator:
             image_latents = torch.cat([encoded, torch.zeros(1, frames - 1, channels, h, w, device=device)], dim=1)
         latents = []
         with self._stage("DiT steps", "dit"):
-            for index, text in enumerate(texts):
-                generator = torch.Generator().manual_seed(settings.seed + index)
-                noise = torch.randn(1, frames, channels, h, w, generator=generator).to(device)
-                latents.append(denoise(
+            for start in range(0, len(texts), batch_size):
+                chunk = range(start, min(start + batch_size, len(texts)))
+                generators = [torch.Generator().manual_seed(settings.seed + index) for index in chunk]
+                noise = torch.cat([torch.randn(1, frames, channels, h, w, generator=g) for g in generators]).to(device)
+                batch = denoise(
                     self.dit,
                     noise,
-                    text,
+                    torch.cat([texts[index] for index in chunk]),
                     settings,
                     snr_shift_scale=self.snr_shift_scale,
                     num_train_timesteps=self.num_train_timesteps,
                     steps=steps,
-                    image_latents=image_latents,
+                    image_latents=None if image_latents is None else image_latents.expand(len(chunk), -1, -1, -1, -1),
                     ofs=self.ofs,
-                    generator=generator,
+                    generator=generators,
                     progress=progress,
-                )[:, pad:])
+                )
+                latents += batch[:, pad:].split(1)
         results = []
         with self._stage("VAE decode", "first_stage"), self.stages.tiling(settings.vae_tiling):
             for prompt, latent in zip(prompts, latents):

@@ -1,5 +1,5 @@
 """Ablation grids for ``tools/ablate.py``: variants of one base config, trained on the same data, seeds and step
-budget, then compared in ``results.md`` and ``loss.png``.
+budget, then compared in ``results.md`` (:mod:`~sat_video.experiments.ablation_report`).
 
 A grid file (``configs/ablations/latte.yaml`` is the example)::
 
@@ -36,6 +36,7 @@ from sat_video.common.files import atomic_write
 from sat_video.config.loader import load_config, read_yaml
 from sat_video.data.clips import ClipSpec
 from sat_video.diffusion.conditioning import leading_pad_frames
+from sat_video.experiments.sample_quality import QualityScores
 from sat_video.model.build import build_dit
 from sat_video.model.config import DiTConfig
 from sat_video.training.optim import select_trainable
@@ -45,7 +46,11 @@ SHARED_KEYS = ("data", "train.seed", "train.train_iters", "train.micro_batch_siz
                "train.save", "train.resume", "train.overwrite")
 """Config keys (and sections) every variant shares: same data, seeds, step budget and batch, one run folder each."""
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-REPORT_FILES = ("results.md", "loss.png")
+REPORT_FILES = ("results.md", "results.json", "loss.png", "quality.png")
+UNTRAINED = "untrained"
+"""Folder of the untrained baseline's samples (the first variant at its initial weights); not a variant name."""
+DATA_FOLDER = "data"
+"""Folder of ``--synthetic`` data; not a variant name."""
 VAE_SPATIAL_COMPRESSION = 8  # pixels per latent row and column (ClipSpec assumes the same)
 
 
@@ -110,9 +115,9 @@ def load_grid(path: str | Path) -> Grid:
     parsed = []
     for name, spec in variants.items():
         where = f"{path}: variant '{name}'"
-        if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name) or name in REPORT_FILES:
-            raise GridError(f"{where}: a variant name becomes a folder name next to {' and '.join(REPORT_FILES)}; use "
-                            "letters, digits, '_', '-' and '.'")
+        if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name) or name in (*REPORT_FILES, UNTRAINED, DATA_FOLDER):
+            raise GridError(f"{where}: a variant name becomes a folder name next to {', '.join(REPORT_FILES)}, "
+                            f"{UNTRAINED}/ and {DATA_FOLDER}/; use other letters, digits, '_', '-' and '.'")
         spec = {} if spec is None else spec
         if not isinstance(spec, dict):
             raise GridError(f"{where}: expected a mapping with keys {', '.join(VARIANT_KEYS)}, found {type(spec).__name__}")
@@ -135,8 +140,10 @@ def _layer(key: str, value: Any) -> dict:
     return value
 
 
-def variant_config(base: DictConfig, grid: Grid, variant: Variant, *, save: Path, images: Sequence[str] = ()) -> DictConfig:
-    """The config of one variant: ``base``, the grid's defaults, the variant's settings, its run folder and data.
+def variant_config(base: DictConfig, grid: Grid, variant: Variant, *, save: Path, seed: int | None = None,
+                   images: Sequence[str] = ()) -> DictConfig:
+    """The config of one variant: ``base``, the grid's defaults, the variant's settings, its run folder, training
+    seed (default: the base's) and data.
 
     Raises:
         GridError: a setting is invalid for the config (unknown key, wrong type, unknown mixin type), naming
@@ -147,6 +154,8 @@ def variant_config(base: DictConfig, grid: Grid, variant: Variant, *, save: Path
                         "with a folder or metadata file of captioned images")
     layers = [OmegaConf.to_container(base), *(_layer(k, v) for k, v in grid.defaults + variant.settings),
               _layer("train.save", str(save))]
+    if seed is not None:
+        layers.append(_layer("train.seed", seed))
     if variant.images:
         layers.append(_layer("data.sources", [*base.data.sources, *images]))
     try:
@@ -206,6 +215,8 @@ class RunSummary:
     losses: list[float] = field(default_factory=list)
     step_time_s: float | None = None
     peak_memory_gb: float | None = None
+    quality: QualityScores | None = None
+    """The quality stage's scores of the trained model (``None``: not measured)."""
 
     @property
     def final_loss(self) -> float | None:
@@ -235,13 +246,27 @@ def read_metrics(run: Path) -> RunSummary:
     return summary
 
 
+def seed_folder(out: Path, variant: str, seed: int) -> Path:
+    """Where the run of ``variant`` with training seed ``seed`` lives: its config, log, run folder, samples and scores."""
+    return out / variant / f"seed-{seed}"
+
+
+def finished_seeds(out: Path, variant: str) -> list[int]:
+    """The seeds of ``variant`` with a recorded outcome in ``out``, in order."""
+    folders = (out / variant).glob("seed-*/result.json")
+    return sorted(int(f.parent.name.removeprefix("seed-")) for f in folders if f.parent.name.removeprefix("seed-").isdigit())
+
+
 def read_run(folder: Path) -> RunSummary:
-    """A variant folder's run: its metrics and the outcome ``result.json`` recorded (not run when absent)."""
+    """A seed folder's run: its metrics, the outcome ``result.json`` recorded (not run when absent) and the
+    quality stage's ``quality.json``."""
     summary = read_metrics(folder / "run")
     result = folder / "result.json"
     if result.is_file():
         outcome = json.loads(result.read_text())
         summary.returncode, summary.error, summary.log = outcome["returncode"], outcome["error"], outcome["log"]
+    if (folder / "quality.json").is_file():
+        summary.quality = QualityScores.load(folder / "quality.json")
     return summary
 
 
@@ -263,32 +288,13 @@ def error_line(log_text: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-# ---------------------------------------------------------------------- reports
-
-
-def _number(value: float | None, unit: str = "", digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}g}{unit}"
-
-
-def _si(value: int) -> str:
-    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if value >= factor:
-            return f"{value / factor:.3g}{suffix}"
-    return str(value)
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 @dataclass
 class VariantReport:
     variant: Variant
     parameters: tuple[int, int]
     flops: int
-    run: RunSummary = field(default_factory=RunSummary)
+    runs: dict[int, RunSummary] = field(default_factory=dict)
+    """Training seed -> its run."""
 
 
 def measure(grid: Grid, variant: Variant, cfg: DictConfig) -> VariantReport:
@@ -303,83 +309,3 @@ def measure(grid: Grid, variant: Variant, cfg: DictConfig) -> VariantReport:
         raise GridError(
             f"{grid.path}: variant '{variant.name}': the model cannot be built and run: {type(err).__name__}: {err}"
         ) from err
-
-
-def write_results(path: Path, *, grid: Grid, reports: Sequence[VariantReport], setup: Sequence[str]) -> None:
-    """``results.md``: one row per variant, a failed variant's row carrying its error and log."""
-    lines = [
-        f"# Ablation: `{grid.path}`",
-        "",
-        *(f"- {item}" for item in setup),
-        "",
-        "| variant | parameters | FLOPs / step | final loss | best loss | step time (s) | peak memory (GB) | status |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for report in reports:
-        total, trainable = report.parameters
-        run = report.run
-        if run.returncode is None:
-            status = "not run yet"
-        elif run.returncode == 0:
-            status = "ok"
-        else:
-            status = f"failed (exit {run.returncode}): {run.error} (log: `{run.log}`)"
-        lines.append(
-            "| "
-            + " | ".join(
-                _cell(cell)
-                for cell in (
-                    report.variant.name,
-                    _si(total) + (f" ({_si(trainable)} trainable)" if trainable != total else ""),
-                    _si(report.flops),
-                    _number(run.final_loss),
-                    _number(run.best_loss),
-                    _number(run.step_time_s, digits=3),
-                    _number(run.peak_memory_gb, digits=3),
-                    status,
-                )
-            )
-            + " |"
-        )
-    lines += [
-        "",
-        "- parameters: of the DiT.",
-        "- FLOPs / step: one optimizer step of one process: forward and backward of the DiT on a video micro-batch "
-        "at the config's shape, times the gradient-accumulation steps. Counted by `torch.utils.flop_counter` "
-        "(matrix products, convolutions and attention; backward only for trainable weights); element-wise "
-        "operations and the frozen VAE and T5 are not counted. Image batches of joint variants cost less.",
-        "- final / best loss: the last and the lowest logged training loss (`metrics.jsonl`).",
-        "- step time: median of the logged `step_time_s`.",
-        "- peak memory: CUDA: the allocator's peak (`memory_allocated_gb`); CPU: peak resident memory of the "
-        "rank-0 process (`cpu_peak_rss_gb`, frozen stages and data loading included).",
-        "",
-        "## Variants",
-        "",
-    ]
-    for report in reports:
-        variant = report.variant
-        settings = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in variant.settings) or "the defaults"
-        extra = "; plus the `--images` sources" if variant.images else ""
-        lines.append(
-            f"- **{variant.name}**: {variant.description + '. ' if variant.description else ''}Settings: {settings}{extra}."
-        )
-    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
-
-
-def plot_losses(path: Path, reports: Sequence[VariantReport]) -> None:
-    """``loss.png``: the loss curves of every variant that logged any (failed runs dashed)."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(8, 5), dpi=120)
-    axes = figure.subplots()
-    for report in reports:
-        run = report.run
-        if run.steps:
-            axes.plot(run.steps, run.losses, label=report.variant.name, linestyle="-" if run.returncode == 0 else "--")
-    axes.set_xlabel("step")
-    axes.set_ylabel("training loss")
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize="small")
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"), suffix=".png")

@@ -70,6 +70,24 @@ def test_sampling_matches_diffusers(variant, scheduler_name, tmp_path):
     assert diff <= 1e-4
 
 
+@torch.no_grad()
+def test_a_batch_samples_what_each_of_its_prompts_samples_alone():
+    """VideoGenerator.generate(batch_size=N) denoises N prompts together, each drawing DPM noise from its own generator."""
+    cfg = tiny_config("cogvideox_5b")
+    torch.manual_seed(0)
+    model = randomize_(sat_video.build_dit(cfg), std=0.05).eval()
+    settings = SampleConfig(scheduler="dpm", steps=4, guidance_scale=6.0)
+    noise, text = torch.randn(3, 4, 16, 8, 8), torch.randn(3, 8, 32)
+    shift = cfg.model.diffusion.snr_shift_scale
+    alone = [denoise(model, noise[i : i + 1], text[i : i + 1], settings, snr_shift_scale=shift,
+                     generator=[torch.Generator().manual_seed(i)]) for i in range(3)]
+    together = denoise(model, noise, text, settings, snr_shift_scale=shift,
+                       generator=[torch.Generator().manual_seed(i) for i in range(3)])
+    assert torch.allclose(together, torch.cat(alone), atol=1e-5)
+    assert not torch.allclose(alone[0], denoise(model, noise[:1], text[:1], settings, snr_shift_scale=shift,
+                                                generator=[torch.Generator().manual_seed(5)]), atol=1e-3)
+
+
 def test_dynamic_guidance_follows_cogvideox():
     # t is the DDPM timestep, as in diffusers' pipelines: large t (early steps) -> 1 + g
     assert dynamic_guidance_scale(6.0, 999, 50) == pytest.approx(1 + 6.0 * (1 - math.cos(math.pi * ((50 - 999) / 50) ** 5)) / 2)

@@ -1,6 +1,7 @@
 """tools/ablate.py and sat_video/experiments/ablation.py: grids are checked before anything runs, every variant of
-configs/ablations/latte.yaml trains, a failed variant is reported while the others run, and joint image + video
-training works under torchrun with DeepSpeed ZeRO-2."""
+configs/ablations/latte.yaml trains, the quality stage ranks trained models above the untrained one over seeds on the
+shapes study, a failed variant is reported while the others run, and joint image + video training works under
+torchrun with DeepSpeed ZeRO-2."""
 
 import itertools
 import json
@@ -17,11 +18,13 @@ import sat_video
 from sat_video.common.errors import GridError
 from sat_video.data.sampler import ClipBatchSampler
 from sat_video.data.sources import discover
-from sat_video.experiments.ablation import Variant, error_line, load_grid, measure, variant_config
+from sat_video.experiments.ablation import Variant, error_line, load_grid, measure, seed_folder, variant_config
 from tests.conftest import ROOT
 
 BASE = [str(ROOT / "configs" / name) for name in ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml")]
+QUICKSTART = [str(ROOT / "configs" / name) for name in ("cogvideox_2b.yaml", "tiny.yaml", "quickstart.yaml")]
 LATTE = ROOT / "configs" / "ablations" / "latte.yaml"
+LATTE_SHAPES = ROOT / "configs" / "ablations" / "latte_shapes.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -40,15 +43,16 @@ def images(tmp_path_factory):
     return root
 
 
-def ablate(assets, out, *args, grid=LATTE):
-    command = [sys.executable, str(ROOT / "tools" / "ablate.py"), "--base", *BASE, "--grid", str(grid), "--out", str(out), *args,
-               f"data.sources=[{assets / 'data'}]", f"model.text_encoder.path={assets / 't5'}", "train.tensorboard=false"]
+def ablate(out, *args, grid=LATTE, base=BASE):
+    command = [sys.executable, str(ROOT / "tools" / "ablate.py"), "--base", *base, "--grid", str(grid), "--out", str(out),
+               *args, "train.tensorboard=false"]
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
 
 
-def table(results):
-    """``{variant: {column: cell}}`` of results.md."""
-    lines = [line for line in results.read_text().splitlines() if line.startswith("| ")]
+def table(results, section="Training"):
+    """``{variant: {column: cell}}`` of a table of results.md."""
+    text = results.read_text().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
     header = [cell.strip() for cell in lines[0].strip("|").split(" | ")]
     rows = [[cell.strip() for cell in line.strip().removeprefix("| ").removesuffix(" |").split(" | ")] for line in lines[1:]]
     return {row[0]: dict(zip(header, row)) for row in rows}
@@ -65,54 +69,73 @@ def losses(run):
 def test_every_latte_variant_trains_10_steps_with_finite_loss(train_assets, images, tmp_path):
     out = tmp_path / "latte"
     # 4 blocks, so that interleaved (S T S T) and sequential (S S T T) differ
-    proc = ablate(train_assets, out, "--images", str(images), "train.train_iters=10", "model.dit.num_layers=4")
+    proc = ablate(out, "--images", str(images), "--no-quality", f"data.sources=[{train_assets / 'data'}]",
+                  f"model.text_encoder.path={train_assets / 't5'}", "train.train_iters=10", "model.dit.num_layers=4")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     rows = table(out / "results.md")
     assert list(rows) == [v.name for v in load_grid(LATTE).variants]
+    seed = sat_video.load_config(BASE).train.seed
     for name, row in rows.items():
         assert row["status"] == "ok", row
-        curve = losses(out / name / "run")
+        curve = losses(seed_folder(out, name, seed) / "run")
         assert len(curve) == 10 and all(math.isfinite(loss) for loss in curve), (name, curve)
         assert float(row["final loss"]) == pytest.approx(curve[-1], rel=1e-3)
-    assert (out / "loss.png").read_bytes().startswith(PNG_MAGIC)
+    assert (out / "loss.png").read_bytes().startswith(PNG_MAGIC) and not (out / "quality.png").exists()
+    assert "## Sample quality" not in (out / "results.md").read_text()
 
 
 @pytest.mark.slow
-def test_a_failed_variant_is_reported_and_the_others_still_run(train_assets, tmp_path):
+def test_the_quality_stage_ranks_trained_models_above_the_untrained_one_over_seeds(tmp_path):
+    """The shapes study end to end (--synthetic): two seeds of a variant train, and every trained model samples
+    closer to the real clips (FSD) and draws more of its captions' colours than the untrained model; the report shows
+    the spread over seeds; a failed variant is reported while the others run; reruns keep earlier rows."""
     grid = tmp_path / "grid.yaml"
-    grid.write_text(
-        "defaults:\n  model.dit.mixins.spatiotemporal: {type: factorized_attention}\n"
-        "variants:\n"
-        "  interleaved: {}\n"
-        "  parallel: {set: {model.dit.mixins.spatiotemporal.arrangement: parallel_in_block}}\n"
-        "  too_long_clips:\n    description: the 16-frame videos are too short for 49-frame clips\n"
-        "    set: {model.dit.num_frames: 49}\n")
+    grid.write_text("variants:\n"
+                    "  full_attention: {}\n"
+                    "  too_long_clips:\n    description: the 16-frame videos are too short for 49-frame clips\n"
+                    "    set: {model.dit.num_frames: 49}\n")
     out = tmp_path / "out"
-    proc = ablate(train_assets, out, "train.train_iters=3", grid=grid)
+    settings = ["--synthetic", "--seeds", "2", "--quality-prompts", "6", "train.train_iters=150", "train.micro_batch_size=8",
+                "train.log_interval=10", "train.save_interval=1000", "sample.steps=10"]
+    proc = ablate(out, *settings, grid=grid, base=QUICKSTART)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    rows = table(out / "results.md")
-    assert list(rows) == ["interleaved", "parallel", "too_long_clips"]
-    for name in ("interleaved", "parallel"):
-        assert rows[name]["status"] == "ok" and math.isfinite(float(rows[name]["final loss"]))
-        assert float(rows[name]["step time (s)"]) > 0 and float(rows[name]["peak memory (GB)"]) > 0
+    results = json.loads((out / "results.json").read_text())
+    untrained = results["untrained"]
+    assert untrained["samples"] == {"seen": 6, "heldout": 6}
+    trained = results["variants"]["full_attention"]["runs"]
+    assert list(trained) == ["42", "43"]
+    for seed, run in trained.items():
+        quality = run["quality"]
+        assert run["returncode"] == 0 and quality["samples"] == {"seen": 6, "heldout": 6}
+        assert quality["fsd"] < untrained["fsd"] / 2, (seed, quality, untrained)
+        assert quality["accuracy"]["seen"]["colour"] > untrained["accuracy"]["seen"]["colour"], (seed, quality, untrained)
+        sheet = seed_folder(out, "full_attention", int(seed)) / "samples" / "contact_sheet.png"
+        assert sheet.read_bytes().startswith(PNG_MAGIC)
+    summary = results["variants"]["full_attention"]["summary"]["fsd"]
+    assert summary["seeds"] == 2
+    assert summary["mean"] == pytest.approx((trained["42"]["quality"]["fsd"] + trained["43"]["quality"]["fsd"]) / 2)
+
+    rows, quality = table(out / "results.md"), table(out / "results.md", "Sample quality")
+    assert rows["full_attention"]["status"] == "ok" and " ± " in rows["full_attention"]["final loss"]
+    assert " ± " in quality["full_attention"]["FSD"] and quality["full_attention"]["held-out: all three"] != "-"
+    assert "untrained" in " ".join(quality)
     failed = rows["too_long_clips"]["status"]
-    assert failed.startswith("failed (exit 2): train_video: error: no usable sample") and "too few frames" in failed
-    assert str(out / "too_long_clips" / "train.log") in failed and (out / "too_long_clips" / "train.log").is_file()
-    assert (out / "loss.png").read_bytes().startswith(PNG_MAGIC)
+    assert failed.startswith("seed 42 failed (exit 2): train_video: error: no usable sample") and "too few frames" in failed
+    assert str(seed_folder(out, "too_long_clips", 42) / "train.log") in failed
+    assert all((out / name).read_bytes().startswith(PNG_MAGIC) for name in ("loss.png", "quality.png"))
 
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         import ablate as tool
     finally:
         sys.path.pop(0)
-    common = ["--base", *BASE, "--grid", str(grid), "--out", str(out), f"data.sources=[{train_assets / 'data'}]",
-              f"model.text_encoder.path={train_assets / 't5'}", "train.tensorboard=false", "train.train_iters=3"]
+    common = ["--base", *QUICKSTART, "--grid", str(grid), "--out", str(out), *settings, "train.tensorboard=false"]
     assert tool.main(common) == 2  # finished runs are never replaced unasked ...
-    assert (out / "interleaved" / "run" / "metrics.jsonl").is_file()
-    # ... a rerun of one variant replaces only its folder; the others' rows stay; all of this run failed: exit 1
-    assert tool.main([*common, "--only", "too_long_clips", "--overwrite"]) == 1
-    rows = table(out / "results.md")
-    assert rows["interleaved"]["status"] == "ok" and rows["too_long_clips"]["status"].startswith("failed (exit 2)")
+    assert (seed_folder(out, "full_attention", 42) / "run" / "metrics.jsonl").is_file()
+    # ... a rerun of one variant replaces only its folder and reuses the study; the others' rows stay; all failed: exit 1
+    assert tool.main([*common, "--only", "too_long_clips", "--overwrite", "--seeds", "1"]) == 1
+    assert table(out / "results.md", "Sample quality")["full_attention"] == quality["full_attention"]
+    assert table(out / "results.md")["too_long_clips"]["status"].startswith("seed 42 failed (exit 2)")
 
 
 @pytest.mark.slow
@@ -169,7 +192,7 @@ def _grid(tmp_path, text):
         ("variants:\n  a b: {}\n", "variant 'a b': a variant name becomes a folder name"),
         (
             "variants:\n  loss.png: {}\n",
-            "variant 'loss.png': a variant name becomes a folder name next to results.md and loss.png",
+            "variant 'loss.png': a variant name becomes a folder name next to results.md",
         ),
         ("variants:\n  a: {sets: {}}\n", "variant 'a': unknown key 'sets' (valid: description, set, images)"),
         ("variants:\n  a: {images: yes please}\n", "variant 'a': 'images' must be true or false, found 'yes please'"),
@@ -209,6 +232,16 @@ def test_variant_settings_are_checked_against_the_config_and_the_model(tmp_path)
     assert list(cfg.data.sources) == ["pics"] and cfg.train.save == str(tmp_path / "run")
     with pytest.raises(GridError, match="no variant named 'nope'"):
         grid.select(["nope"])
+
+
+def test_latte_shapes_grid_holds_the_four_arrangements_and_the_conditioning_axis():
+    base = sat_video.load_config(QUICKSTART)
+    grid = load_grid(LATTE_SHAPES)
+    mixins = {v.name: dict(variant_config(base, grid, v, save="run").model.dit.mixins) for v in grid.variants}
+    assert [m["spatiotemporal"]["arrangement"] for m in mixins.values()] == [
+        "interleaved", "sequential", "serial_in_block", "parallel_in_block", "interleaved"]
+    assert "adaln_layer" not in mixins["all_tokens"] and mixins["all_tokens"]["timestep_token"]["type"] == "condition_tokens"
+    assert all("adaln_layer" in m for name, m in mixins.items() if name != "all_tokens")
 
 
 def test_latte_grid_expresses_every_axis():
