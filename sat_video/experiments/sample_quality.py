@@ -192,8 +192,9 @@ def measure_quality(cfg: DictConfig, checkpoint: Path | None, prompts: Sequence[
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if checkpoint is None:
-        torch.manual_seed(cfg.train.seed)  # the trainer's initialisation
-        dit = build_dit(cfg)
+        with torch.random.fork_rng(devices=[]):  # the trainer's initialisation, leaving the caller's RNG as it was
+            torch.manual_seed(cfg.train.seed)
+            dit = build_dit(cfg)
     else:
         with torch.device("meta"):
             dit = build_dit(cfg)

@@ -95,9 +95,13 @@ def test_the_quality_stage_ranks_trained_models_above_the_untrained_one_over_see
                     "  too_long_clips:\n    description: the 16-frame videos are too short for 49-frame clips\n"
                     "    set: {model.dit.num_frames: 49}\n")
     out = tmp_path / "out"
-    settings = ["--synthetic", "--seeds", "2", "--quality-prompts", "6", "train.train_iters=150", "train.micro_batch_size=8",
-                "train.log_interval=10", "train.save_interval=1000", "sample.steps=10"]
-    proc = ablate(out, *settings, grid=grid, base=QUICKSTART)
+    # the quickstart's model at tiny.yaml's sizes: 500 steps take 15 s and already draw every colour
+    settings = ["--synthetic", "--seeds", "2", "--quality-prompts", "6", "train.train_iters=500", "train.micro_batch_size=8",
+                "train.log_interval=10", "train.save_interval=1000", "train.lr_schedule.warmup_iters=20", "sample.steps=10",
+                "model.dit.hidden_size=64", "model.dit.num_layers=2", "model.dit.num_attention_heads=2",
+                "model.dit.time_embed_dim=64"]
+    base = [str(ROOT / "configs" / name) for name in ("cogvideox_5b.yaml", "tiny.yaml", "quickstart.yaml")]
+    proc = ablate(out, *settings, grid=grid, base=base)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     untrained = results["untrained"]
@@ -107,8 +111,10 @@ def test_the_quality_stage_ranks_trained_models_above_the_untrained_one_over_see
     for seed, run in trained.items():
         quality = run["quality"]
         assert run["returncode"] == 0 and quality["samples"] == {"seen": 6, "heldout": 6}
-        assert quality["fsd"] < untrained["fsd"] / 2, (seed, quality, untrained)
-        assert quality["accuracy"]["seen"]["colour"] > untrained["accuracy"]["seen"]["colour"], (seed, quality, untrained)
+        assert quality["fsd"] < 0.75 * untrained["fsd"], (seed, quality, untrained)
+        for split in ("seen", "heldout"):
+            colour = quality["accuracy"][split]["colour"]
+            assert colour >= 0.8 and colour > untrained["accuracy"][split]["colour"], (seed, quality, untrained)
         sheet = seed_folder(out, "full_attention", int(seed)) / "samples" / "contact_sheet.png"
         assert sheet.read_bytes().startswith(PNG_MAGIC)
     summary = results["variants"]["full_attention"]["summary"]["fsd"]
@@ -129,7 +135,7 @@ def test_the_quality_stage_ranks_trained_models_above_the_untrained_one_over_see
         import ablate as tool
     finally:
         sys.path.pop(0)
-    common = ["--base", *QUICKSTART, "--grid", str(grid), "--out", str(out), *settings, "train.tensorboard=false"]
+    common = ["--base", *base, "--grid", str(grid), "--out", str(out), *settings, "train.tensorboard=false"]
     assert tool.main(common) == 2  # finished runs are never replaced unasked ...
     assert (seed_folder(out, "full_attention", 42) / "run" / "metrics.jsonl").is_file()
     # ... a rerun of one variant replaces only its folder and reuses the study; the others' rows stay; all failed: exit 1
