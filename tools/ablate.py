@@ -16,9 +16,9 @@ merged config in ``config.yaml`` and its output in ``train.log`` next to it.
 Then the quality stage (``sat_video/experiments/sample_quality.py``) samples each trained model on a fixed prompt set
 with fixed seeds: the captions of the training data (seen) and of the ``--heldout`` clips (never trained on), and
 scores the samples against real clips of the same captions: attribute accuracy on the synthetic shapes, a Fréchet
-distance of colour and motion statistics (FSD) on any data. The first variant's untrained model is scored too, as a
-baseline. ``--synthetic`` writes the shapes study into ``<out>/data`` (36 caption combinations to train on, 12 held
-out, a tiny T5 and a PCA first stage; ``sat_video/fixtures/shapes_study.py``) and points the runs at it.
+distance of colour and motion statistics (FSD) on any data. The first model that trains is also scored at its initial
+weights, as a baseline. ``--synthetic`` writes the shapes study into ``<out>/data`` (36 caption combinations to train
+on, 12 held out, a tiny T5 and a PCA first stage; ``sat_video/fixtures/shapes_study.py``) and points the runs at it.
 
 ``<out>/results.md`` and ``results.json`` (parameters, FLOPs, loss, step time, memory and quality per variant, mean ±
 spread over seeds, the significant differences), ``loss.png`` and ``quality.png`` are rewritten after every run.
@@ -50,7 +50,9 @@ from sat_video.experiments.ablation import (
     finished_seeds,
     load_grid,
     measure,
+    read_baseline,
     read_run,
+    record_baseline,
     record_run,
     seed_folder,
     variant_config,
@@ -135,7 +137,7 @@ def run(argv=None) -> int:
 
     untrained, prompts, references = None, [], {}
     if not args.no_quality:
-        from sat_video.experiments.sample_quality import QualityScores, measure_quality, quality_prompts, reference_frames
+        from sat_video.experiments.sample_quality import measure_quality, quality_prompts, reference_frames
 
         prompts = quality_prompts(base.data.sources, heldout, args.quality_prompts)
         sample = base.sample
@@ -150,13 +152,7 @@ def run(argv=None) -> int:
                 references[spec] = reference_frames(prompts, cfg)
             return measure_quality(cfg, checkpoint, prompts, references[spec], folder)
 
-        first = grid.variants[0]
-        if args.report_only:
-            untrained = QualityScores.load(args.out / UNTRAINED / "quality.json") if (args.out / UNTRAINED).exists() else None
-        else:
-            print(f"quality stage: sampling {len(prompts)} prompts with the untrained {first.name}", flush=True)
-            untrained = scores(variant_config(base, grid, first, save=args.out / UNTRAINED / "run", images=args.images),
-                               None, args.out / UNTRAINED)
+        untrained = read_baseline(args.out) if args.report_only else None
 
     def write_reports(elapsed: str | None):
         from sat_video.experiments.ablation_report import plot_losses, plot_quality, write_json, write_results
@@ -192,6 +188,10 @@ def run(argv=None) -> int:
         run = reports[name].runs[seed] = record_run(folder, returncode, log)
         if returncode == 0 and not args.no_quality:
             run.quality = scores(cfg, folder / "run", folder)
+            if untrained is None:  # the first model that trained, at its initial weights: a config that works
+                print(f"quality stage: sampling {len(prompts)} prompts with the untrained {name} (seed {seed})", flush=True)
+                scores(cfg, None, args.out / UNTRAINED)
+                untrained = record_baseline(args.out, name)
         print(f"{label}: " + ("ok" if returncode == 0 else f"failed: {run.error}"), flush=True)
         write_reports(f"{(time.perf_counter() - started) / 60:.1f} min")
 

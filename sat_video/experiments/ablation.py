@@ -48,7 +48,7 @@ SHARED_KEYS = ("data", "train.seed", "train.train_iters", "train.micro_batch_siz
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 REPORT_FILES = ("results.md", "results.json", "loss.png", "quality.png")
 UNTRAINED = "untrained"
-"""Folder of the untrained baseline's samples (the first variant at its initial weights); not a variant name."""
+"""Folder of the untrained baseline's samples and scores; not a variant name."""
 DATA_FOLDER = "data"
 """Folder of ``--synthetic`` data; not a variant name."""
 VAE_SPATIAL_COMPRESSION = 8  # pixels per latent row and column (ClipSpec assumes the same)
@@ -286,6 +286,27 @@ def error_line(log_text: str) -> str:
         if matches:
             return matches[-1]
     return lines[-1] if lines else "(no output)"
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The quality of a variant's model at its initial weights, what training must beat."""
+
+    variant: str
+    scores: QualityScores
+
+
+def record_baseline(out: Path, variant: str) -> Baseline:
+    """Name the variant whose untrained samples and ``quality.json`` are in ``<out>/untrained``, and read them back."""
+    atomic_write(out / UNTRAINED / "variant.txt", lambda tmp: tmp.write_text(variant + "\n"))
+    return read_baseline(out)
+
+
+def read_baseline(out: Path) -> Baseline | None:
+    folder = out / UNTRAINED
+    if not (folder / "variant.txt").is_file() or not (folder / "quality.json").is_file():
+        return None
+    return Baseline((folder / "variant.txt").read_text().strip(), QualityScores.load(folder / "quality.json"))
 
 
 @dataclass

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from sat_video.common.files import atomic_write
-from sat_video.experiments.ablation import Grid, RunSummary, VariantReport
-from sat_video.experiments.sample_quality import QualityScores
+from sat_video.experiments.ablation import Baseline, Grid, RunSummary, VariantReport
 from sat_video.experiments.seed_statistics import Estimate, accuracy_estimate, significant
 
 
@@ -132,7 +131,7 @@ def _seeds(reports: Sequence[VariantReport]) -> int:
 
 
 def write_results(path: Path, *, grid: Grid, reports: Sequence[VariantReport], setup: Sequence[str],
-                  untrained: QualityScores | None = None) -> None:
+                  untrained: Baseline | None = None) -> None:
     """``results.md``: training and quality tables (mean ± spread over seeds), the significant differences, the variants."""
     seeds = _seeds(reports)
     spread_note = f"mean ± standard deviation over {seeds} training seeds" if seeds > 1 else "one training seed"
@@ -170,8 +169,8 @@ def write_results(path: Path, *, grid: Grid, reports: Sequence[VariantReport], s
         for report in reports:
             lines.append(_row([report.variant.name, *(estimate(report, m).format() for m in quality)]))
         if untrained is not None:
-            probe = RunSummary(quality=untrained)
-            lines.append(_row(["*untrained* (first variant, initial weights)",
+            probe = RunSummary(quality=untrained.scores)
+            lines.append(_row([f"*untrained* ({untrained.variant} at its initial weights)",
                                *(f"{m.read(probe):.3g}" if m.read(probe) is not None else "-" for m in quality)]))
         lines += ["", f"- {spread_note}; accuracies are shares of the samples (see `docs/ablations.md`).",
                   "- held-out: captions never seen in training; seen: captions of the training clips. *all three*: shape, "
@@ -202,7 +201,7 @@ def write_results(path: Path, *, grid: Grid, reports: Sequence[VariantReport], s
 
 
 def write_json(path: Path, *, grid: Grid, reports: Sequence[VariantReport], setup: Sequence[str],
-               untrained: QualityScores | None = None) -> None:
+               untrained: Baseline | None = None) -> None:
     """``results.json``: every run's numbers, each variant's summary over seeds, and the significant differences."""
     metrics = _metrics(reports)
     variants = {}
@@ -222,7 +221,7 @@ def write_json(path: Path, *, grid: Grid, reports: Sequence[VariantReport], setu
                                   "parameters": report.parameters[0], "trainable_parameters": report.parameters[1],
                                   "flops_per_step": report.flops, "runs": runs, "summary": summary}
     document = {"grid": str(grid.path), "setup": list(setup), "variants": variants,
-                "untrained": asdict(untrained) if untrained else None,
+                "untrained": {"variant": untrained.variant, **asdict(untrained.scores)} if untrained else None,
                 "significant": [{"metric": d.metric.key, "better": d.better, "worse": d.worse}
                                 for d in significant_differences(reports)]}
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(document, indent=1) + "\n"))
@@ -258,9 +257,10 @@ def plot_losses(path: Path, reports: Sequence[VariantReport]) -> None:
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"), suffix=".png")
 
 
-def plot_quality(path: Path, reports: Sequence[VariantReport], untrained: QualityScores | None = None) -> bool:
+def plot_quality(path: Path, reports: Sequence[VariantReport], untrained: Baseline | None = None) -> bool:
     """``quality.png``: bars of each quality metric per variant (mean over seeds, error bar: ± the spread; dots:
-    the seeds), the untrained baseline as a grey line. Returns False (and writes nothing) when nothing was measured."""
+    the seeds; distances on a log scale), the untrained baseline as a grey line. Returns False (and writes nothing)
+    when nothing was measured."""
     metrics = [m for m in _metrics(reports) if m is not FINAL_LOSS and m.key in (*COMPARED, "heldout_shape")]
     if not metrics:
         return False
@@ -275,14 +275,16 @@ def plot_quality(path: Path, reports: Sequence[VariantReport], untrained: Qualit
                  color="tab:blue" if metric.higher_is_better else "tab:orange", alpha=0.75)
         for position, value in zip(positions, estimates):
             axes.plot([position] * value.n, value.values, "k.", markersize=4)
-        if untrained is not None and metric.read(RunSummary(quality=untrained)) is not None:
-            axes.axhline(metric.read(RunSummary(quality=untrained)), color="grey", linestyle=":", label="untrained")
+        if untrained is not None and metric.read(RunSummary(quality=untrained.scores)) is not None:
+            axes.axhline(metric.read(RunSummary(quality=untrained.scores)), color="grey", linestyle=":", label="untrained")
             axes.legend(fontsize="x-small")
         axes.set_title(metric.label + (" (higher is better)" if metric.higher_is_better else " (lower is better)"),
                        fontsize="small")
         axes.set_xticks(positions, names, rotation=45, ha="right", fontsize="small")
         if metric.prompts:
             axes.set_ylim(0, 1.05)
+        else:  # an untrained model's distance is often orders of magnitude above the trained ones'
+            axes.set_yscale("log")
         axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"), suffix=".png")
