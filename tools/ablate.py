@@ -190,8 +190,7 @@ def run(argv=None) -> int:
             run.quality = scores(cfg, folder / "run", folder)
             if untrained is None:  # the first model that trained, at its initial weights: a config that works
                 print(f"quality stage: sampling {len(prompts)} prompts with the untrained {name} (seed {seed})", flush=True)
-                scores(cfg, None, args.out / UNTRAINED)
-                untrained = record_baseline(args.out, name)
+                untrained = record_baseline(args.out, name, scores(cfg, None, args.out / UNTRAINED))
         print(f"{label}: " + ("ok" if returncode == 0 else f"failed: {run.error}"), flush=True)
         write_reports(f"{(time.perf_counter() - started) / 60:.1f} min")
 

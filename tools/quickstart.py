@@ -50,17 +50,16 @@ def step(message: str) -> None:
 
 def caption_check(videos) -> str:
     """Read shape, colour and direction back from every sample (``describe_clip``) and compare with its caption."""
-    from sat_video.fixtures.synthetic import describe_clip
+    from sat_video.fixtures.synthetic import describe_clip, parse_caption
 
     counts = {"shape": 0, "colour": 0, "direction": 0}
     for video in videos:
-        _, colour, shape, _, direction = video.prompt.split()
+        wanted = dict(zip(("shape", "colour", "direction"), parse_caption(video.prompt)))
         try:
             seen = dict(zip(("shape", "colour", "direction"), describe_clip(video.frames.numpy())))
         except ValueError:  # an untrained model may draw nothing at all
             print(f"  {video.prompt:<32} shows no shape")
             continue
-        wanted = {"shape": shape, "colour": colour, "direction": direction}
         for key in counts:
             counts[key] += seen[key] == wanted[key]
         misses = [f"{key} {seen[key]}" for key in counts if seen[key] != wanted[key]]

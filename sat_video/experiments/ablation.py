@@ -253,8 +253,8 @@ def seed_folder(out: Path, variant: str, seed: int) -> Path:
 
 def finished_seeds(out: Path, variant: str) -> list[int]:
     """The seeds of ``variant`` with a recorded outcome in ``out``, in order."""
-    folders = (out / variant).glob("seed-*/result.json")
-    return sorted(int(f.parent.name.removeprefix("seed-")) for f in folders if f.parent.name.removeprefix("seed-").isdigit())
+    seeds = (result.parent.name.removeprefix("seed-") for result in (out / variant).glob("seed-*/result.json"))
+    return sorted(int(seed) for seed in seeds if seed.isdigit())
 
 
 def read_run(folder: Path) -> RunSummary:
@@ -296,10 +296,10 @@ class Baseline:
     scores: QualityScores
 
 
-def record_baseline(out: Path, variant: str) -> Baseline:
-    """Name the variant whose untrained samples and ``quality.json`` are in ``<out>/untrained``, and read them back."""
+def record_baseline(out: Path, variant: str, scores: QualityScores) -> Baseline:
+    """Name the variant whose untrained samples and ``quality.json`` (``scores``) are in ``<out>/untrained``."""
     atomic_write(out / UNTRAINED / "variant.txt", lambda tmp: tmp.write_text(variant + "\n"))
-    return read_baseline(out)
+    return Baseline(variant, scores)
 
 
 def read_baseline(out: Path) -> Baseline | None:
