@@ -23,6 +23,7 @@ from sat_video.data.buckets import assign_buckets, parse_buckets
 from sat_video.data.clips import ClipSpec, source_shape
 from sat_video.data.sources import discover
 from sat_video.model.config import DiTConfig
+from sat_video.training.distributed import barrier, exit_process, init_distributed, shutdown
 
 
 def encode(cfg, out: Path, samples_per_shard: int, overwrite: bool) -> int:
@@ -31,7 +32,6 @@ def encode(cfg, out: Path, samples_per_shard: int, overwrite: bool) -> int:
     from sat_video.data.latent_cache import CacheWriter, ClipsToEncode, cache_settings, finish, staging_folder
     from sat_video.model.build import build_frozen_stages
     from sat_video.training.deepspeed_setup import frozen_stage_dtype
-    from sat_video.training.distributed import barrier, init_distributed, shutdown
 
     env = init_distributed()
     try:
@@ -111,4 +111,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

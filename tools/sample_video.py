@@ -21,7 +21,6 @@ override them. The VAE and T5 are the config's ``model.first_stage`` / ``model.t
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from sat_video.diffusion.offload import OFFLOAD_MODES
 from sat_video.diffusion.sampling import VideoGenerator, write_samples
 from sat_video.model.build import build_frozen_stages
 from sat_video.model.config import DiTConfig
-from sat_video.training.distributed import init_distributed, shutdown
+from sat_video.training.distributed import exit_process, init_distributed, shutdown
 from sat_video.training.sequence_parallel import SequenceParallelGroups
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -90,15 +89,23 @@ def run(argv=None) -> int:
     if args.estimate_memory:
         print_memory_estimate(cfg, dit.num_frames, spec.height, spec.width, dtype, args.gpu_memory)
         return 0
-    texts = args.prompt or read_prompts(args.prompts)
+    split = sample(cfg, args.ckpt, args.prompt or read_prompts(args.prompts), args.image, args.out, dtype, spec)
+    if split:  # after sample() has returned: its model holds the process groups, which must go first
+        shutdown()
+    return 0
+
+
+def sample(cfg, ckpt: str, texts: list[str], image_path: str | None, out: str, dtype: torch.dtype, spec: ClipSpec) -> bool:
+    """Write the videos of ``texts``; ``True`` when they were split over this job's processes."""
+    dit = DiTConfig.from_config(cfg)
     with torch.device("meta"):
         model = sat_video.build_dit(cfg)
-    sat_video.load_checkpoint(model, args.ckpt)
+    sat_video.load_checkpoint(model, ckpt)
     env = join_sequence_group(model, cfg.parallel.sequence_parallel_size)
     device = env.device if env else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(dtype).eval()  # the generator places the weights as sample.offload says
     stages = build_frozen_stages(cfg.model).to(dtype)
-    image = load_image(args.image, spec.height, spec.width) if args.image else None
+    image = load_image(image_path, spec.height, spec.width) if image_path else None
     generator = VideoGenerator(
         model,
         stages,
@@ -112,13 +119,11 @@ def run(argv=None) -> int:
         texts, cfg.sample, num_frames=dit.num_frames, height=spec.height, width=spec.width, image=image, progress=True
     )
     if env is None or env.is_main:  # every rank holds the same videos
-        written = write_samples(args.out, videos, cfg.sample.fps or cfg.data.fps)
+        written = write_samples(out, videos, cfg.sample.fps or cfg.data.fps)
         print("\n".join(["sample_video: wrote", *(f"  {path}" for path in written)]))
         print(f"offload {cfg.sample.offload}, VAE tiling {'on' if cfg.sample.vae_tiling else 'off'}; "
               + generator.memory.describe())
-    if env is not None:
-        shutdown()
-    return 0
+    return env is not None
 
 
 def print_memory_estimate(cfg, num_frames: int, height: int, width: int, dtype: torch.dtype,
@@ -168,4 +173,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -12,9 +12,9 @@ ended a run that made no progress (stacks in ``<save>/hang-rank<r>.txt``).
 """
 
 import argparse
-import sys
 
 from sat_video.config.cli import add_config_arguments, config_from_arguments, run_tool
+from sat_video.training.distributed import exit_process
 from sat_video.training.trainer import train
 
 
@@ -32,4 +32,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -7,16 +7,23 @@ CPUs gloo.
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401 - imported before any group exists: see shutdown()
 
 from sat_video.training.native_builds import prepare_native_builds
+
+GLOO_WORKER_THREAD = "pt_gloo_runloop"  # the name torch gives a gloo process group's worker threads
 
 
 @dataclass(frozen=True)
@@ -86,5 +93,53 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 def shutdown() -> None:
+    """Destroy every process group, and end their threads while the interpreter can still serve them.
+
+    Why: a gloo worker thread frees a finished collective's tensors a moment after the caller has moved on, and takes
+    the GIL to do it; if the interpreter is finalizing by then, the process aborts ("terminate called without an
+    active exception") at the end of a run that succeeded. A group's threads end with its last reference, so DeepSpeed's
+    references are released here, and callers drop what holds groups (the engine, a model with the sequence-parallel
+    mixin) before calling. ``torch.distributed.nn`` is imported with this module because its first import binds
+    ``group.WORLD`` as default arguments (DeepSpeed imports it), which after the group exists would pin it for ever.
+    What still holds a group after this (DeepSpeed's ZeRO-3 engine keeps itself alive through its hooks) is left to
+    :func:`exit_process`.
+    """
     if dist.is_initialized():
-        dist.destroy_process_group()
+        import deepspeed.comm
+
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's own references to the groups
+        else:
+            dist.destroy_process_group()
+    gc.collect()  # groups held only by reference cycles end here, not during finalization
+
+
+def exit_process(status: int) -> NoReturn:
+    """End a tool's process with ``status``, skipping the interpreter's finalization while gloo threads remain.
+
+    Everything the tool writes is closed by then; only the streams and log handlers are flushed first.
+    """
+    left = process_group_threads()
+    if left:
+        print(f"{left} gloo worker thread(s) outlived shutdown(): ending the process without interpreter finalization, "
+              "where they could abort it", file=sys.stderr)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
+def process_group_threads() -> int:
+    """How many gloo worker threads this process has (Linux; 0 where ``/proc`` cannot tell)."""
+    try:
+        tasks = list(Path("/proc/self/task").iterdir())
+    except OSError:
+        return 0
+    names = []
+    for task in tasks:
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return names.count(GLOO_WORKER_THREAD)

@@ -617,6 +617,7 @@ class Trainer:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        self.engine.destroy()  # removes its gradient hooks, which otherwise keep it (and its process groups) alive
 
 
 def train(cfg: DictConfig) -> LoopState:
@@ -634,5 +635,6 @@ def train(cfg: DictConfig) -> LoopState:
                 return trainer.run()
             finally:
                 trainer.close()
+                del trainer  # its engine and model hold the process groups, which shutdown() must see go
         finally:
             shutdown()

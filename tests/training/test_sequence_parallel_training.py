@@ -41,6 +41,7 @@ def finish(*procs):
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-4000:]
+        assert "outlived shutdown" not in err, err[-4000:]  # every process group ended before the interpreter's exit
 
 
 def losses(save):

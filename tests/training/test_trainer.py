@@ -106,6 +106,8 @@ def test_two_processes_zero2_loss_finite_and_falls(train_assets, tmp_path):
         "trainer_state_rank1.pt",
     ]
     assert list((save / "tensorboard").glob("events.out.tfevents.*"))
+    # ZeRO-2's engine and every process group end before the interpreter's exit, where a gloo thread could abort it
+    assert "outlived shutdown" not in proc.stderr
 
 
 def test_resume_is_exact_with_two_processes_and_the_in_run_cache_changes_no_loss(train_assets, tmp_path):
