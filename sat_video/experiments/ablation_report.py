@@ -275,8 +275,9 @@ def plot_quality(path: Path, reports: Sequence[VariantReport], untrained: Baseli
                  color="tab:blue" if metric.higher_is_better else "tab:orange", alpha=0.75)
         for position, value in zip(positions, estimates):
             axes.plot([position] * value.n, value.values, "k.", markersize=4)
-        if untrained is not None and metric.read(RunSummary(quality=untrained.scores)) is not None:
-            axes.axhline(metric.read(RunSummary(quality=untrained.scores)), color="grey", linestyle=":", label="untrained")
+        baseline = None if untrained is None else metric.read(RunSummary(quality=untrained.scores))
+        if baseline is not None:
+            axes.axhline(baseline, color="grey", linestyle=":", label="untrained")
             axes.legend(fontsize="x-small")
         axes.set_title(metric.label + (" (higher is better)" if metric.higher_is_better else " (lower is better)"),
                        fontsize="small")
