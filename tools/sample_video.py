@@ -89,15 +89,16 @@ def run(argv=None) -> int:
     if args.estimate_memory:
         print_memory_estimate(cfg, dit.num_frames, spec.height, spec.width, dtype, args.gpu_memory)
         return 0
-    split = sample(cfg, args.ckpt, args.prompt or read_prompts(args.prompts), args.image, args.out, dtype, spec)
+    texts = args.prompt or read_prompts(args.prompts)
+    split = sample(cfg, args.ckpt, texts, args.image, args.out, dtype, spec, dit.num_frames)
     if split:  # after sample() has returned: its model holds the process groups, which must go first
         shutdown()
     return 0
 
 
-def sample(cfg, ckpt: str, texts: list[str], image_path: str | None, out: str, dtype: torch.dtype, spec: ClipSpec) -> bool:
+def sample(cfg, ckpt: str, texts: list[str], image_path: str | None, out: str, dtype: torch.dtype, spec: ClipSpec,
+           num_frames: int) -> bool:
     """Write the videos of ``texts``; ``True`` when they were split over this job's processes."""
-    dit = DiTConfig.from_config(cfg)
     with torch.device("meta"):
         model = sat_video.build_dit(cfg)
     sat_video.load_checkpoint(model, ckpt)
@@ -116,7 +117,7 @@ def sample(cfg, ckpt: str, texts: list[str], image_path: str | None, out: str, d
         offload=cfg.sample.offload,
     )
     videos = generator.generate(
-        texts, cfg.sample, num_frames=dit.num_frames, height=spec.height, width=spec.width, image=image, progress=True
+        texts, cfg.sample, num_frames=num_frames, height=spec.height, width=spec.width, image=image, progress=True
     )
     if env is None or env.is_main:  # every rank holds the same videos
         written = write_samples(out, videos, cfg.sample.fps or cfg.data.fps)
