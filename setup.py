@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="sat_video",
@@ -9,7 +9,8 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["sat_video", "mixins"],
+    # every subpackage: a plain (non-editable) install must hold the whole library
+    packages=find_packages(include=["sat_video", "sat_video.*", "mixins", "mixins.*"]),
     install_requires=[
         "torch>=2.4",
         "einops",

@@ -110,3 +110,15 @@ def test_the_hook_and_stage_tables_in_the_docs_are_the_catalogues(document):
         (stage_table_markdown(), "sat_video/model/stages.py"),
     ):
         assert table in text, f"{document}: the table generated from {source} has drifted; paste this in:\n{table}"
+
+
+MACHINE_FOLDER = re.compile(r"(?<![\w.~])(?:/home/|/root/|/work/|/Users/|[A-Za-z]:\\Users\\)")
+"""The start of a path that exists on one machine only: a user's home or a work folder (``~`` is anyone's home)."""
+
+
+def test_no_file_names_a_folder_of_one_machine():
+    found = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+             for folder in ("sat_video", "mixins", "tools", "configs", "benchmarks")
+             for path in sorted((ROOT / folder).rglob("*")) if path.suffix in (".py", ".yaml", ".md", ".txt", ".json")
+             for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if MACHINE_FOLDER.search(line)]
+    assert not found, "paths of one machine (take them from a flag or an environment variable):\n" + "\n".join(found)

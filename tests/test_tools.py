@@ -13,6 +13,7 @@ import sat_video
 from sat_video.formats.sat_checkpoint import SAT_PREFIX
 from tests.conftest import ROOT, randomize_, tiny_config, tiny_inputs
 from tests.formats.test_sat_checkpoint import _sat_lora_state
+from tests.numerics import assert_close_rel, assert_identical
 from tools.convert_from_diffusers import main as convert_from_diffusers
 from tools.convert_to_diffusers import main as convert_to_diffusers
 from tools.widen_to_i2v import main as widen_to_i2v
@@ -106,7 +107,10 @@ def test_diffusers_round_trip_restores_the_weights(tmp_path, variant):
     back = sat_video.build_dit(sat_video.load_config(tmp_path / "back" / "config.yaml"))
     sat_video.load_checkpoint(back, tmp_path / "back")
     for key, value in model.state_dict().items():
-        assert torch.allclose(back.state_dict()[key], value, rtol=1e-6, atol=0), key
+        if key.startswith("transformer.final_layernorm."):  # the export folds an eps ratio in: x * c / c rounds
+            assert_close_rel(back.state_dict()[key], value, what=key)
+        else:
+            assert_identical(back.state_dict()[key], value, key)
 
 
 def test_import_refuses_a_base_config_of_another_model(tmp_path, capsys):
@@ -143,7 +147,8 @@ def test_widened_t2v_checkpoint_reproduces_t2v_with_zero_image_channels(tmp_path
     x, t, context, _ = tiny_inputs(tiny_config(variant))
     image = torch.zeros_like(x)
     with torch.no_grad():
-        assert torch.allclose(widened(torch.cat([x, image], dim=2), t, context), model(x, t, context), atol=1e-6)
+        # zero image channels add zero terms, but the patch sums run over more channels
+        assert_close_rel(widened(torch.cat([x, image], dim=2), t, context), model(x, t, context))
     proj = widened.mixins.patch_embed.proj.weight
     assert proj.shape[1] == (32 if variant == "cogvideox_2b" else 32 * 8) and proj.abs().sum() > 0
 

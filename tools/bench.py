@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from sat_video.config.cli import run_tool  # noqa: E402
 from sat_video.experiments.benchmark import (  # noqa: E402 (after the sys.path line above)
     DiTPair,
     count_flops,
@@ -60,12 +61,14 @@ from sat_video.experiments.benchmark import (  # noqa: E402 (after the sys.path 
 from sat_video.experiments.sampling_memory_bench import DecodeCase, full_size_rows, vae_decode_rows  # noqa: E402
 from sat_video.experiments.trainer_comparison import (  # noqa: E402
     DIFFUSERS,
+    DIFFUSERS_SCRIPT_ENV,
     DIT_SIZES,
     SAT_CACHE,
     SAT_LOADER_WORKERS,
     SAT_RAW,
     ComparisonSetup,
     compare,
+    diffusers_script,
     marked,
     replace_section,
 )
@@ -512,13 +515,10 @@ def _profile_cell(row: dict, name: str, epochs: str) -> str:
 
 def _trainer_lines(result: dict, command: str) -> list[str]:
     setup, rows = result["setup"], result["rows"]
-    theirs = rows.get(DIFFUSERS, {})
+    theirs = rows[DIFFUSERS]
     table = []
     for name in (SAT_RAW, SAT_CACHE, DIFFUSERS):
-        row = rows.get(name)
-        if row is None:
-            table.append([name, result["diffusers"], "", "", "", "", "", "", ""])
-            continue
+        row = rows[name]
         cold, warm = _ratio(row["cold"], theirs.get("cold")), _ratio(row["warm"], theirs.get("warm"))
         table.append([name, _seconds(row["cold"], 3), _seconds(row["warm"], 3),
                       f"{_times(cold)} / {_times(warm)}", _seconds(row["startup"], 1),
@@ -970,6 +970,10 @@ def _sampling_memory_lines(decode: list[dict], full_size: list[dict], case: Deco
 
 
 def main(argv=None) -> int:
+    return run_tool("bench", run, argv)
+
+
+def run(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", choices=sorted(PRESETS), default="default", help="tiny: seconds, for CI")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="where the markdown goes")
@@ -984,7 +988,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trainer-steps", type=int, help="optimizer steps per fine-tuning run (default: the preset's)")
     parser.add_argument("--trainer-rounds", type=int, help="runs of each fine-tuning row (default: the preset's)")
     parser.add_argument("--diffusers-script", type=Path,
-                        help="diffusers' train_cogvideox_lora.py (default: taken from the local diffusers mirror)")
+                        help=f"diffusers' train_cogvideox_lora.py for the fine-tuning section (default: ${DIFFUSERS_SCRIPT_ENV})")
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", "tools/bench.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
@@ -993,6 +997,8 @@ def main(argv=None) -> int:
     trainers_preset = preset.trainers or ComparisonSetup(clips=4, steps=4, rounds=1)
     trainer_setup = replace(trainers_preset, threads=args.threads, steps=args.trainer_steps or trainers_preset.steps,
                             rounds=args.trainer_rounds or trainers_preset.rounds)
+    if args.only == "trainers" or preset.trainers:
+        diffusers_script(args.diffusers_script)  # the section comes last: a missing script fails now, not in an hour
     if args.only == "trainers":
         section = trainers_section(trainer_setup, args.diffusers_script, args.command)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-DIFFUSERS_MIRROR = Path("/work/.mirror/huggingface+diffusers/repo")
+from sat_video.common.errors import ConfigError
+
 DIFFUSERS_COMMIT = "58eb52c0803ea9af3abec60841c2a093bdf1f951"
 DIFFUSERS_SCRIPT = "examples/cogvideo/train_cogvideox_lora.py"
+DIFFUSERS_SCRIPT_SHA256 = "bb2c35429e5467cb"
+"""First 16 hex digits of the script's sha256 at ``DIFFUSERS_COMMIT``: the version RESULTS.md reports."""
+DIFFUSERS_SCRIPT_ENV = "SAT_VIDEO_DIFFUSERS_SCRIPT"
 
 MODEL_CONFIGS = ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml")
 DIT_SIZES = {"hidden_size": 128, "num_layers": 4, "num_attention_heads": 2, "time_embed_dim": 64, "latent_height": 8,
@@ -138,22 +142,27 @@ def build_assets(root: Path, workdir: Path, setup: ComparisonSetup) -> Assets:
 # ---------------------------------------------------------------------- the diffusers script
 
 
-def diffusers_script(workdir: Path, given: Path | None = None) -> tuple[Path | None, str]:
-    """The script to run and where it came from (commit, sha256), or ``None`` and why it cannot run."""
-    if given is not None:
-        if not given.is_file():
-            return None, f"not run: --diffusers-script {given} does not exist"
-        return given, f"`{given}`, sha256 {hashlib.sha256(given.read_bytes()).hexdigest()[:16]}"
-    if not DIFFUSERS_MIRROR.is_dir():
-        return None, f"not run: no --diffusers-script and no diffusers mirror at {DIFFUSERS_MIRROR}"
-    proc = subprocess.run(["git", f"--git-dir={DIFFUSERS_MIRROR}", "show", f"{DIFFUSERS_COMMIT}:{DIFFUSERS_SCRIPT}"],
-                          capture_output=True)
-    if proc.returncode:
-        return None, f"not run: git show {DIFFUSERS_COMMIT[:12]}:{DIFFUSERS_SCRIPT} failed: {proc.stderr.decode()[-300:]}"
-    script = workdir / Path(DIFFUSERS_SCRIPT).name
-    script.write_bytes(proc.stdout)
-    return script, (f"huggingface/diffusers@{DIFFUSERS_COMMIT[:12]} `{DIFFUSERS_SCRIPT}`, "
-                    f"sha256 {hashlib.sha256(proc.stdout).hexdigest()[:16]}")
+def diffusers_script(given: Path | None = None) -> tuple[Path, str]:
+    """The script to run (``--diffusers-script``, else ``$SAT_VIDEO_DIFFUSERS_SCRIPT``) and where it came from.
+
+    Raises:
+        ConfigError: neither names a file; the message says how to get the pinned script.
+    """
+    path = given or (Path(os.environ[DIFFUSERS_SCRIPT_ENV]) if os.environ.get(DIFFUSERS_SCRIPT_ENV) else None)
+    origin = "--diffusers-script" if given else f"${DIFFUSERS_SCRIPT_ENV}"
+    if path is None or not path.is_file():
+        found = (f"{origin} is {path}, which is not a file" if path else
+                 f"neither --diffusers-script nor ${DIFFUSERS_SCRIPT_ENV} is set")
+        raise ConfigError(
+            f"the fine-tuning comparison runs diffusers' {DIFFUSERS_SCRIPT}, and {found}. Get the pinned version with "
+            f"'git clone https://github.com/huggingface/diffusers && git -C diffusers show "
+            f"{DIFFUSERS_COMMIT}:{DIFFUSERS_SCRIPT} > train_cogvideox_lora.py', then pass "
+            f"--diffusers-script train_cogvideox_lora.py or set {DIFFUSERS_SCRIPT_ENV}=train_cogvideox_lora.py")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    if digest == DIFFUSERS_SCRIPT_SHA256:
+        return path, f"huggingface/diffusers@{DIFFUSERS_COMMIT[:12]} `{DIFFUSERS_SCRIPT}`, sha256 {digest}"
+    return path, (f"`{path.name}`, sha256 {digest} (not the pinned diffusers@{DIFFUSERS_COMMIT[:12]} version, "
+                  f"sha256 {DIFFUSERS_SCRIPT_SHA256})")
 
 
 def diffusers_arguments(root: Path, assets: Assets, setup: ComparisonSetup, output: Path) -> list[str]:
@@ -307,15 +316,14 @@ SAT_RAW, SAT_CACHE, DIFFUSERS = "sat_video, raw video (default)", "sat_video, ex
 
 def compare(root: Path, workdir: Path, setup: ComparisonSetup, script: Path | None = None) -> dict:
     """Build the assets, run every row ``setup.rounds`` times in turn, and summarise each row."""
+    script, provenance = diffusers_script(script)  # before minutes of work, so that a missing script fails at once
     assets = build_assets(root, workdir, setup)
-    script, provenance = diffusers_script(workdir, script)
     cache, precompute_s = precompute_latents(root, assets, setup, workdir)
     rows = {
         SAT_RAW: lambda: run_sat(root, assets, setup, workdir),
         SAT_CACHE: lambda: run_sat(root, assets, setup, workdir, [f"data.latent_cache={cache}"]),
+        DIFFUSERS: lambda: run_diffusers(root, script, assets, setup, workdir),
     }
-    if script is not None:
-        rows[DIFFUSERS] = lambda: run_diffusers(root, script, assets, setup, workdir)
     runs: dict[str, list[dict]] = {name: [] for name in rows}
     load = [os.getloadavg()] if hasattr(os, "getloadavg") else []
     for round_ in range(setup.rounds):

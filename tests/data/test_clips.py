@@ -19,6 +19,7 @@ from sat_video.data.sampler import ClipBatchSampler
 from sat_video.data.sources import SampleRef, discover
 from sat_video.data.video_io import write_mp4
 from sat_video.fixtures.synthetic import BACKGROUND, DIRECTIONS, NUM_COMBINATIONS, combination, make_moving_shapes
+from tests.numerics import assert_close_rel, assert_identical
 
 LEVEL_STEP = 8  # frame t is painted red = 16 + 8 t, far more than the codec's error of a few levels
 
@@ -233,11 +234,11 @@ def test_clips_match_the_plain_recipe_with_and_without_resizing(tmp_path):
             clip = load_clip(ref, ClipSpec(num_frames, height, width, 8.0, skip_frames=0, min_frames=min_frames))[0]
             expected = reference_clip(decoded[:num_frames], height, width, num_frames)
             assert clip.shape == (3, num_frames, height, width) and clip.is_contiguous()
-            torch.testing.assert_close(clip, expected, atol=1e-6, rtol=0)
+            assert_close_rel(clip, expected)
     for height, width in ((48, 80), (32, 32)):
         clip = load_clip(still, ClipSpec(9, height, width, 8.0))[0]
-        torch.testing.assert_close(clip, reference_clip(image[None], height, width, 1), atol=1e-6, rtol=0)
-        torch.testing.assert_close(load_image(still.path, height, width), clip[:, 0], atol=0, rtol=0)
+        assert_close_rel(clip, reference_clip(image[None], height, width, 1))
+        assert_identical(load_image(still.path, height, width), clip[:, 0])
 
 
 # ---------------------------------------------------------------- bad files

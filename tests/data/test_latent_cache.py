@@ -21,6 +21,7 @@ from sat_video.diffusion.conditioning import TrainingInputBuilder
 from sat_video.model.build import build_frozen_stages
 from sat_video.model.config import DiTConfig
 from tests.conftest import ROOT, tiny_config
+from tests.numerics import assert_close_rel
 
 BASE = [str(ROOT / "configs" / name) for name in ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml")]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -154,9 +155,10 @@ def test_i2v_inputs_from_the_cache_equal_those_from_the_clips(train_assets, tmp_
     assert raw.paths == cached.paths
     a = frozen.prepare(raw.video, raw.captions, torch.Generator().manual_seed(3))
     b = frozen.prepare_cached(cached, torch.Generator().manual_seed(3))
-    torch.testing.assert_close(b.latents, a.latents, atol=1e-5, rtol=0)
-    torch.testing.assert_close(b.text, a.text, atol=1e-5, rtol=0)
-    torch.testing.assert_close(b.image_latents, a.image_latents, atol=1e-5, rtol=0)
+    # encoded alone when cached, in this batch now: the VAE's sums run in another order
+    assert_close_rel(b.latents, a.latents, what="latents")
+    assert_close_rel(b.text, a.text, what="text")
+    assert_close_rel(b.image_latents, a.image_latents, what="image latents")
     assert b.latents.abs().max() > 0.1 and b.image_latents[:, 0].abs().max() > 0.01
     # latents encoded whole are not those of a tiled encode: a run with data.vae_tiling refuses this cache
     with pytest.raises(CacheError, match="data.vae_tiling: cache None, config True"):
@@ -199,8 +201,8 @@ def test_with_buckets_the_cache_holds_each_clip_at_its_bucket_and_draws_what_the
         assert raw.paths == cached.paths and raw.bucket == cached.bucket
         a = frozen.prepare(raw.video, raw.captions, torch.Generator().manual_seed(3))
         b = frozen.prepare_cached(cached, torch.Generator().manual_seed(3))
-        torch.testing.assert_close(b.latents, a.latents, atol=1e-5, rtol=0)
-        torch.testing.assert_close(b.text, a.text, atol=1e-5, rtol=0)
+        assert_close_rel(b.latents, a.latents, what="latents")
+        assert_close_rel(b.text, a.text, what="text")
 
 
 def test_a_missing_or_broken_cache_is_refused_by_name(tmp_path):

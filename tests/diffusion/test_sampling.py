@@ -14,6 +14,7 @@ from sat_video.diffusion.sampling import denoise, dynamic_guidance_scale
 from sat_video.formats.diffusers_format import diffusers_rotary_embedding, write_diffusers_folder
 from sat_video.model.config import DiTConfig
 from tests.conftest import ROOT, randomize_, tiny_config
+from tests.numerics import assert_close_rel
 
 
 def diffusers_sample(transformer, scheduler, noise, text, steps, guidance_scale, rope, ofs=None, generator=None):
@@ -67,7 +68,7 @@ def test_sampling_matches_diffusers(variant, scheduler_name, tmp_path):
         )
     diff = (ours - theirs).abs().max().item()
     print(f"{variant} {scheduler_name}: max |sat_video - diffusers| final latents = {diff:.2e} (max {ours.abs().max():.2f})")
-    assert diff <= 1e-4
+    assert_close_rel(ours, theirs, rtol=1e-4, what="8 steps, each through the whole DiT")
 
 
 @torch.no_grad()
@@ -83,7 +84,7 @@ def test_a_batch_samples_what_each_of_its_prompts_samples_alone():
                      generator=[torch.Generator().manual_seed(i)]) for i in range(3)]
     together = denoise(model, noise, text, settings, snr_shift_scale=shift,
                        generator=[torch.Generator().manual_seed(i) for i in range(3)])
-    assert torch.allclose(together, torch.cat(alone), atol=1e-5)
+    assert_close_rel(together, torch.cat(alone), rtol=1e-4, what="4 steps at another batch size")
     assert not torch.allclose(alone[0], denoise(model, noise[:1], text[:1], settings, snr_shift_scale=shift,
                                                 generator=[torch.Generator().manual_seed(5)]), atol=1e-3)
 

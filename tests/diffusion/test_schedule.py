@@ -3,13 +3,14 @@ import torch
 from diffusers import CogVideoXDDIMScheduler
 
 from sat_video.diffusion.schedule import NoiseSchedule, sample_timesteps, scheduler_config, timestep_interval
+from tests.numerics import assert_close_rel, assert_identical
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_schedule_equals_diffusers(shift):
     ours = NoiseSchedule(shift)
     theirs = CogVideoXDDIMScheduler.from_config(scheduler_config(shift)).alphas_cumprod.double()
-    torch.testing.assert_close(ours.alphas_cumprod, theirs, rtol=0, atol=1e-12)
+    assert_close_rel(ours.alphas_cumprod, theirs)
     assert ours.alphas_cumprod[-1] == 0  # zero terminal SNR
     assert torch.all(ours.alphas_cumprod[1:] < ours.alphas_cumprod[:-1])
 
@@ -26,9 +27,9 @@ def test_noising_and_velocity_are_consistent():
     a = schedule.sqrt_alphas_cumprod[t].float().view(-1, 1, 1)
     s = schedule.sqrt_one_minus_alphas_cumprod[t].float().view(-1, 1, 1)
     # v-parametrisation: x0 = a x_t - s v and eps = s x_t + a v
-    torch.testing.assert_close(a * xt - s * v, x0, atol=1e-5, rtol=0)
-    torch.testing.assert_close(s * xt + a * v, eps, atol=1e-5, rtol=0)
-    torch.testing.assert_close(xt[-1], eps[-1])  # t = 999 is pure noise
+    assert_close_rel(a * xt - s * v, x0)
+    assert_close_rel(s * xt + a * v, eps)
+    assert_identical(xt[-1], eps[-1])  # t = 999 is pure noise: 0 * x0 + 1 * eps
     # plain MSE on v equals SAT's x0 loss weighted by 1 / (1 - abar)
     v_pred = torch.randn_like(v)
     x0_pred = a * xt - s * v_pred

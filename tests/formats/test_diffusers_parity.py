@@ -8,9 +8,8 @@ import sat_video
 from sat_video.formats.diffusers_format import diffusers_rotary_embedding, to_diffusers_config
 from sat_video.model.config import DiTConfig
 from tests.conftest import ROOT, VARIANTS, randomize_, tiny_config, tiny_inputs
+from tests.numerics import assert_close_rel
 from tools.convert_to_diffusers import main as convert_to_diffusers
-
-TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,7 @@ def test_forward_matches_diffusers(exported, variant, label, frames, height, wid
     diff = (ours - theirs).abs().max().item()
     print(f"{variant} {label} {tuple(x.shape)}: max |sat_video - diffusers| = {diff:.2e} (output max {ours.abs().max():.2f})")
     assert ours.shape == theirs.shape == (*x.shape[:2], cfg.model.dit.out_channels, *x.shape[3:])
-    assert diff <= TOLERANCE
+    assert_close_rel(theirs, ours)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

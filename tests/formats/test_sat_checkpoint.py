@@ -10,6 +10,7 @@ import sat_video
 from sat_video import CheckpointError
 from sat_video.formats.sat_checkpoint import MODEL_STATES, SAT_PREFIX
 from tests.conftest import randomize_, tiny_config, tiny_inputs
+from tests.numerics import assert_close_rel
 
 
 def _pair(variant="cogvideox_5b"):
@@ -177,4 +178,4 @@ def test_sat_lora_checkpoints_are_merged(tmp_path):
                 / rank
             )
             linear = target.get_submodule(base)
-            assert torch.allclose(linear(x), expected, atol=1e-5)
+            assert_close_rel(linear(x), expected)

@@ -9,6 +9,7 @@ import sat_video
 from mixins.factorized_attention import ARRANGEMENTS, spatial_attention, temporal_attention
 from sat_video import ConfigError, ForwardContext, TokenGrid
 from tests.conftest import randomize_, tiny_config, tiny_inputs
+from tests.numerics import assert_close_rel
 
 TEXT = 8  # tiny.yaml's text_length
 GRID = TokenGrid(4, 4, 4)  # tiny.yaml: 4 latent frames of 8x8 latents, 2x2 patches
@@ -49,7 +50,7 @@ def test_kernels_equal_full_attention_with_the_documented_mask(kind, text_length
     q, k, v = torch.randn(3, 2, 2, text_length + grid.num_tokens, 16).unbind(0)
     kernel = spatial_attention if kind == "spatial" else temporal_attention
     reference = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(kind, text_length, grid))
-    torch.testing.assert_close(kernel(q, k, v, text_length, grid), reference)
+    assert_close_rel(kernel(q, k, v, text_length, grid), reference)
 
 
 def _layer_output(model, layer_idx, hidden):

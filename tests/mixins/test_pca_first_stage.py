@@ -13,6 +13,7 @@ from sat_video.data.clips import ClipSpec, load_clip
 from sat_video.data.sources import discover
 from sat_video.fixtures.synthetic import make_moving_shapes
 from sat_video.model.config import FirstStageConfig
+from tests.numerics import assert_close_rel, assert_identical
 
 FRAMES, SIZE = 9, 64
 NUM_FITTED = 12
@@ -53,13 +54,14 @@ def test_an_image_is_one_latent_frame(first_stage, clips):
     latents = first_stage.encode(image)
     assert latents.shape == (1, 16, 1, SIZE // 8, SIZE // 8)
     assert first_stage.decode(latents).shape == image.shape
-    torch.testing.assert_close(latents, first_stage.encode(clips[:1])[:, :, :1])
+    assert_close_rel(latents, first_stage.encode(clips[:1])[:, :, :1])  # a matmul over fewer rows may block differently
 
 
 def test_fitted_latents_have_unit_variance_per_channel(first_stage, clips):
     latents = first_stage.encode(clips[:NUM_FITTED]).transpose(0, 1).flatten(1)  # [C, everything else]
-    torch.testing.assert_close(latents.mean(1), torch.zeros(16), atol=1e-4, rtol=0)
-    torch.testing.assert_close(latents.var(1, correction=0), torch.ones(16), atol=1e-3, rtol=0)
+    # absolute bounds on purpose: the latents' scale is 1 by construction
+    assert latents.mean(1).abs().max() < 1e-4
+    assert (latents.var(1, correction=0) - 1).abs().max() < 1e-3
     held_out = first_stage.encode(clips[NUM_FITTED:]).transpose(0, 1).flatten(1)
     assert held_out.var(1).min() > 0.25 and held_out.var(1).max() < 4
 
@@ -120,8 +122,9 @@ def test_from_config_scales_like_the_vae(first_stage, clips, tmp_path):
     path = first_stage.save(tmp_path / "first_stage.safetensors")
     scaled = PatchPCAFirstStage.from_config(FirstStageConfig(type="patch_pca", path=str(path), scale_factor=0.7))
     latents = scaled.encode(clips[:1])
-    torch.testing.assert_close(latents, first_stage.encode(clips[:1]) * 0.7)
-    torch.testing.assert_close(scaled.decode(latents), first_stage.decode(first_stage.encode(clips[:1])))
+    assert_identical(latents, first_stage.encode(clips[:1]) * 0.7)
+    # x * 0.7 / 0.7 need not be x in float32
+    assert_close_rel(scaled.decode(latents), first_stage.decode(first_stage.encode(clips[:1])))
 
 
 def test_frozen(first_stage, clips):

@@ -8,6 +8,7 @@ from mixins.rotary3d import rotate_half
 from sat_video import TokenGrid
 from sat_video.model.config import DiTConfig
 from tests.conftest import tiny_config
+from tests.numerics import assert_close_rel
 
 
 def test_cos_sin_match_diffusers_integer_positions():
@@ -17,7 +18,8 @@ def test_cos_sin_match_diffusers_integer_positions():
         cos, sin = mixin.cos_sin(grid, torch.device("cpu"), torch.float32)
         hf_cos, hf_sin = get_3d_rotary_pos_embed(dit_config.head_dim, None, (grid.height, grid.width), grid.frames,
                                                  grid_type="slice", max_size=(grid.height, grid.width))
-        assert torch.allclose(cos, hf_cos, atol=1e-6) and torch.allclose(sin, hf_sin, atol=1e-6)
+        assert_close_rel(cos, hf_cos)
+        assert_close_rel(sin, hf_sin)
 
 
 def test_rotation_of_video_tokens_only_matches_diffusers():
@@ -28,8 +30,8 @@ def test_rotation_of_video_tokens_only_matches_diffusers():
     q2, k2, v2 = mixin.process_qkv(q, k, v, ctx, 0)
     freqs = mixin.cos_sin(grid, q.device, q.dtype)
     assert torch.equal(q2[:, :, :n], q[:, :, :n]) and v2 is v
-    assert torch.allclose(q2[:, :, n:], apply_rotary_emb(q[:, :, n:], freqs), atol=1e-6)
-    assert torch.allclose(k2[:, :, n:], apply_rotary_emb(k[:, :, n:], freqs), atol=1e-6)
+    assert_close_rel(q2[:, :, n:], apply_rotary_emb(q[:, :, n:], freqs))
+    assert_close_rel(k2[:, :, n:], apply_rotary_emb(k[:, :, n:], freqs))
     assert torch.equal(rotate_half(torch.tensor([1.0, 2.0, 3.0, 4.0])), torch.tensor([-2.0, 1.0, -4.0, 3.0]))
 
 

@@ -12,6 +12,7 @@ from mixins.video_vae import VideoVAEMixin, diffusers_vae_to_sat, sat_vae_to_dif
 from sat_video.common.errors import ConfigError
 from sat_video.fixtures.tiny_vae import TINY_VAE_ARCHITECTURE
 from sat_video.model.config import FirstStageConfig
+from tests.numerics import assert_identical
 
 SCALE = 0.7
 
@@ -51,15 +52,15 @@ def test_shapes_and_range(first_stage):
 def test_encode_is_the_scaled_posterior_mode(first_stage):
     video = clip(9)
     expected = whole_clip_posterior(first_stage.vae, video).mode() * SCALE
-    torch.testing.assert_close(first_stage.encode(video), expected)
-    torch.testing.assert_close(first_stage.encode(video), first_stage.vae.encode(video).latent_dist.mode() * SCALE)
+    assert_identical(first_stage.encode(video), expected)
+    assert_identical(first_stage.encode(video), first_stage.vae.encode(video).latent_dist.mode() * SCALE)
 
 
 def test_encodes_17_frames_in_one_pass(first_stage):
     video = clip(17)
     latents = first_stage.encode(video)
     assert latents.shape == (1, 16, 5, 4, 4)
-    torch.testing.assert_close(latents, whole_clip_posterior(first_stage.vae, video).mode() * SCALE)
+    assert_identical(latents, whole_clip_posterior(first_stage.vae, video).mode() * SCALE)
     # diffusers' default 8-frame chunks give other latents: the whole-clip setting is what makes them SAT's.
     chunked = AutoencoderKLCogVideoX(**TINY_VAE_ARCHITECTURE)
     chunked.load_state_dict(first_stage.vae.state_dict())
@@ -74,7 +75,7 @@ def test_posterior_sample_uses_the_generator():
     latents = sampling.encode(video, generator=torch.Generator().manual_seed(7))
     posterior = whole_clip_posterior(sampling.vae, video)
     noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(latents, (posterior.mean + posterior.std * noise) * SCALE)
+    assert_identical(latents, (posterior.mean + posterior.std * noise) * SCALE)
     other = sampling.encode(video, generator=torch.Generator().manual_seed(8))
     assert (other - latents).abs().max() > 1e-4
 
@@ -85,7 +86,7 @@ def test_decode_divides_by_the_scale_factor(first_stage):
         expected = first_stage.vae.decode(latents / SCALE).sample.clamp(-1, 1)
     video = first_stage.decode(latents)
     assert video.shape == (1, 3, 17, 32, 32)
-    torch.testing.assert_close(video, expected)
+    assert_identical(video, expected)
 
 
 def test_random_weights_follow_init_seed_only():
@@ -106,9 +107,9 @@ def test_diffusers_folder_round_trip(first_stage, tmp_path):
     with pytest.warns(UserWarning, match=r"model\.first_stage\.scale_factor is 0\.7 but .* has scaling_factor 1\.15258426"):
         loaded = VideoVAEMixin.from_config(tiny_config(path=str(tmp_path / "vae"), architecture={}))
     video = clip(9)
-    torch.testing.assert_close(loaded.encode(video), first_stage.encode(video), rtol=0, atol=0)
+    assert_identical(loaded.encode(video), first_stage.encode(video))
     latents = first_stage.encode(video)
-    torch.testing.assert_close(loaded.decode(latents), first_stage.decode(latents), rtol=0, atol=0)
+    assert_identical(loaded.decode(latents), first_stage.decode(latents))
 
 
 def test_diffusers_folder_disagreeing_with_architecture(first_stage, tmp_path):
@@ -152,9 +153,9 @@ def test_sat_checkpoint_round_trip(first_stage, tmp_path, file_name, prefix):
         torch.save({"state_dict": sat_state}, path)
     loaded = VideoVAEMixin.from_config(tiny_config(path=str(path)))
     video = clip(9)
-    torch.testing.assert_close(loaded.encode(video), first_stage.encode(video), rtol=0, atol=0)
+    assert_identical(loaded.encode(video), first_stage.encode(video))
     latents = first_stage.encode(video)
-    torch.testing.assert_close(loaded.decode(latents), first_stage.decode(latents), rtol=0, atol=0)
+    assert_identical(loaded.decode(latents), first_stage.decode(latents))
 
 
 def test_sat_checkpoint_with_a_wrong_key(first_stage, tmp_path):

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sat_video
 from tests.conftest import VARIANTS, randomize_, tiny_config, tiny_inputs
+from tests.numerics import assert_close_rel, assert_identical
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -77,10 +78,10 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_attention_o
     for keeps_attention, recomputed in ((True, 0), (False, layers)):
         out_ckpt, grads_ckpt, kernels = _counted_step(model, inputs, checkpointing=True, keeps_attention=keeps_attention)
         assert kernels == layers + recomputed, f"keeps_attention={keeps_attention}"
-        torch.testing.assert_close(out_ckpt, out, atol=0, rtol=0)
+        assert_identical(out_ckpt, out, "output")
         assert grads_ckpt.keys() == grads.keys()
-        for name in grads:
-            torch.testing.assert_close(grads_ckpt[name], grads[name], atol=1e-6, rtol=1e-5)
+        for name in grads:  # backward through a recomputed forward accumulates in another order
+            assert_close_rel(grads_ckpt[name], grads[name], what=name)
 
 
 @pytest.mark.slow
@@ -97,10 +98,10 @@ def test_compiled_blocks_match_eager_with_and_without_checkpointing():
     out, grads = _step(model, inputs, checkpointing=False)
     for checkpointing in (False, True):
         out_compiled, grads_compiled = _step(compiled, inputs, checkpointing=checkpointing)
-        torch.testing.assert_close(out_compiled, out, atol=1e-5, rtol=1e-4)
+        # fused kernels round differently, through every layer
+        assert_close_rel(out_compiled, out, rtol=1e-4, what="output")
         for name in grads:
-            torch.testing.assert_close(grads_compiled[name], grads[name], atol=1e-5, rtol=1e-4,
-                                       msg=lambda m, name=name: f"{name}: {m}")
+            assert_close_rel(grads_compiled[name], grads[name], rtol=1e-4, what=name)
     assert all(layer._compiled_call_impl is not None for layer in compiled.transformer.layers)
     assert counters["stats"]["unique_graphs"] >= cfg.model.dit.num_layers
     assert not counters["graph_break"], f"graph breaks split the compiled blocks: {list(counters['graph_break'])}"

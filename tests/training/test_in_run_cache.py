@@ -14,6 +14,7 @@ from sat_video.data.sources import discover
 from sat_video.model.build import build_frozen_stages
 from sat_video.training.batch_encoding import BatchEncoder, EncodeAhead
 from tests.conftest import tiny_config
+from tests.numerics import assert_close_rel
 
 CPU = torch.device("cpu")
 BATCH = 2  # 4 clips: 2 batches per epoch
@@ -62,7 +63,7 @@ def assert_same(batches, reference):
     for got, want in zip(batches, reference):
         assert (got.position, got.paths, got.captions) == (want.position, want.paths, want.captions)
         for name in TENSORS:
-            torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=0)
+            assert_close_rel(getattr(got, name), getattr(want, name), what=name)
 
 
 @pytest.fixture(scope="module")

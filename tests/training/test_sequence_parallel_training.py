@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from sat_video.formats.sat_checkpoint import read_state_dict
 from tests.conftest import ROOT
+from tests.numerics import FLOAT32_RTOL, assert_close_rel
 
 pytestmark = pytest.mark.slow
 
@@ -51,12 +51,11 @@ def losses(save):
 def assert_same_run(a, b, steps):
     la, lb = losses(a), losses(b)
     assert list(lb) == list(steps)
-    for step in steps:
-        assert abs(la[step] - lb[step]) <= 1e-5 * max(1.0, abs(la[step])), (step, la[step], lb[step])
+    assert [lb[step] for step in steps] == pytest.approx([la[step] for step in steps], rel=FLOAT32_RTOL)
     wa, wb = read_state_dict(a / "10"), read_state_dict(b / "10")
     assert wa.keys() == wb.keys()
     for name in wa:
-        assert torch.allclose(wa[name], wb[name], rtol=1e-5, atol=1e-6), name
+        assert_close_rel(wb[name], wa[name], what=name)
 
 
 def configs(variant):

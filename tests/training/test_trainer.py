@@ -20,6 +20,7 @@ from sat_video.formats.sat_checkpoint import read_state_dict
 from sat_video.training.trainer import PAUSE_BEFORE_COMMIT_ENV
 from sat_video.training.watchdog import EXIT_GRACE_S, HANG_EXIT_CODE
 from tests.conftest import ROOT, start_fake_build, write_hostile_videos
+from tests.numerics import FLOAT32_RTOL, assert_close_rel
 
 pytestmark = pytest.mark.slow
 
@@ -153,12 +154,13 @@ def test_resume_is_exact_with_two_processes_and_the_in_run_cache_changes_no_loss
     # with 2 ranks every entry is on disk as well, where the other rank and the resumed run read it
     assert len(list((resumed / "run_cache").glob("*/*.safetensors"))) == 8
     assert re.search(r"run cache .*: reusing [1-8] entries", proc.stderr) and b[-1]["cache_hit_rate"] > 0
-    for ra, rb in zip(a, b):
-        assert abs(ra["loss"] - rb["loss"]) <= 1e-6, (ra, rb)
-        assert ra["lr"] == pytest.approx(rb["lr"], abs=1e-12)
+    # the cached latents were encoded in other batches than the re-encoded ones: float32 rounding apart
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=FLOAT32_RTOL)
+    assert [r["lr"] for r in b] == [r["lr"] for r in a]
     wa, wb = read_state_dict(straight), read_state_dict(resumed)
     assert wa.keys() == wb.keys()
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    for key in wa:
+        assert_close_rel(wb[key], wa[key], what=key)
 
 
 def test_sigkill_while_saving_resumes_from_previous_checkpoint(train_assets, tmp_path):
