@@ -113,14 +113,28 @@ def write_hostile_videos(folder, huge_size=(4096, 4608)):
             "sparse.mp4": "fps is outside"}
 
 
+def set_display_rotation(path, degrees):
+    """Store a display matrix turning the video at ``path`` by ``degrees`` (counter-clockwise), as phones store portrait
+    footage: the coded frames are copied as they are, and decoders show them turned."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    turned = path.with_name(f"turned_{path.name}")
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-display_rotation", str(degrees),
+                    "-i", str(path), "-c", "copy", str(turned)], check=True)
+    turned.replace(path)
+
+
 BUCKETS = [[9, 64, 112], [17, 64, 112], [9, 48, 64], [9, 112, 64], [1, 64, 112]]
-# folder -> (frames, height, width) of its clips and the bucket they belong in (None: too short for any)
+# folder -> (frames, height, width) of its clips as coded, the bucket they belong in (None: too short for any), and the
+# display rotation of each of its two clips
 BUCKET_CLIPS = {
-    "wide_short": ((16, 72, 128), "9x64x112"),   # 16:9, 2 s at 8 fps: fills 9 frames, not 17
-    "wide_long": ((32, 72, 128), "17x64x112"),   # 16:9, 4 s: the longer bucket
-    "four_three": ((16, 96, 128), "9x48x64"),    # 4:3
-    "tall": ((16, 128, 80), "9x112x64"),         # 9:16-ish portrait
-    "too_short": ((4, 72, 128), None),           # half a second: no 16:9 bucket is that short
+    "wide_short": ((16, 72, 128), "9x64x112", (0, 180)),   # 16:9, 2 s at 8 fps: fills 9 frames, not 17; one upside down
+    "wide_long": ((32, 72, 128), "17x64x112", (0, 0)),     # 16:9, 4 s: the longer bucket
+    "four_three": ((16, 96, 128), "9x48x64", (0, 0)),      # 4:3
+    "tall": ((16, 80, 128), "9x112x64", (90, -90)),        # phone footage: coded landscape, displayed 9:16-ish portrait
+    "too_short": ((4, 72, 128), None, (0, 0)),             # half a second: no 16:9 bucket is that short
 }
 
 
@@ -133,8 +147,10 @@ def bucket_clips(tmp_path_factory):
     from sat_video.fixtures.synthetic import make_moving_shapes
 
     root = tmp_path_factory.mktemp("bucket_clips")
-    for seed, (name, ((frames, height, width), _)) in enumerate(BUCKET_CLIPS.items()):
-        make_moving_shapes(root / name, 2, frames, height, width, 8, seed)
+    for seed, (name, ((frames, height, width), _, rotations)) in enumerate(BUCKET_CLIPS.items()):
+        for (path, _), degrees in zip(make_moving_shapes(root / name, 2, frames, height, width, 8, seed), rotations):
+            if degrees:
+                set_display_rotation(path, degrees)
     (root / "images" / "videos").mkdir(parents=True)
     (root / "images" / "labels").mkdir()
     for i in range(2):

@@ -4,8 +4,8 @@
 closest to its own (images to the 1-frame buckets, videos to the others); among the buckets of that aspect ratio,
 to the largest one whose frame count it fills at ``data.fps`` (after ``data.skip_frames`` at each end) and whose
 height and width it covers without upscaling by more than ``data.max_upscale``. A clip that fits none of them is
-skipped, with the reason. Assignment reads only headers and decord's index (size, frame count, frame rate), never
-decodes a frame. The sampler then draws each batch from one bucket (:class:`sat_video.data.ClipBatchSampler`).
+skipped, with the reason. Assignment reads only headers and decord's index (size as displayed, frame count, frame
+rate), never decodes a frame. The sampler then draws each batch from one bucket (:class:`sat_video.data.ClipBatchSampler`).
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def usable_frames(total: int, source_fps: float, fps: float, skip_frames: int) -
 
 @dataclass(frozen=True)
 class SourceShape:
-    """What assignment needs to know about a file: its frame size and how many frames it gives at ``data.fps``."""
+    """What assignment needs to know about a file: its frame size as displayed (a video's rotation applied) and how many
+    frames it gives at ``data.fps``."""
 
     width: int
     height: int

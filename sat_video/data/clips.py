@@ -26,7 +26,7 @@ from sat_video.common.errors import DataError, UnusableSample
 from sat_video.data.buckets import Bucket, SourceShape, usable_frames
 from sat_video.data.config import DEFAULT_MAX_SOURCE_PIXELS, DataConfig
 from sat_video.data.sources import SampleRef
-from sat_video.data.video_probe import check_consistent, check_declared, probe_video
+from sat_video.data.video_probe import check_consistent, check_declared, check_decoded_size, probe_video
 from sat_video.model.config import DiTConfig
 from sat_video.model.stages import SPATIAL_COMPRESSION
 
@@ -126,7 +126,8 @@ def _short(err: Exception, path: Path) -> str:
 
 
 def _open_video(path: Path, max_source_pixels: int):
-    """``(reader, frames, fps, declared header)`` of a video that passed every check made before decoding."""
+    """``(reader, frames, fps, declared header)`` of a video that passed every check made before decoding (the header's
+    size as displayed, rotation applied, as decord decodes it)."""
     declared = probe_video(path)
     check_declared(path, declared, max_source_pixels)
     # decord indexes every packet when opening, so truncated files already fail here.
@@ -143,8 +144,8 @@ def _open_video(path: Path, max_source_pixels: int):
 
 def _read_video(path: Path, spec: ClipSpec, rng: np.random.Generator | None = None) -> np.ndarray:
     """uint8 ``[T, H, W, 3]``: ``num_frames`` frames at ``spec.fps``, fewer (at least ``min_frames``) if the video is short;
-    with ``spec.random_start``, from a start drawn with ``rng``."""
-    reader, total, source_fps, _ = _open_video(path, spec.max_source_pixels)
+    with ``spec.random_start``, from a start drawn with ``rng``. Frames not of the size the header displays are refused."""
+    reader, total, source_fps, declared = _open_video(path, spec.max_source_pixels)
     stride = source_fps / spec.fps
     start = spec.skip_frames
     if spec.random_start and rng is not None:
@@ -160,9 +161,11 @@ def _read_video(path: Path, spec: ClipSpec, rng: np.random.Generator | None = No
             f"has {len(indices)} ({total} frames at {source_fps:g} fps)",
         )
     try:
-        return reader.get_batch(indices).asnumpy()
+        frames = reader.get_batch(indices).asnumpy()
     except DECORD_ERRORS as err:
         raise UnusableSample(path, f"decoding failed ({_short(err, path)})") from None
+    check_decoded_size(path, declared, frames.shape[2], frames.shape[1])
+    return frames
 
 
 def _read_image(path: Path, max_pixels: int, decode: bool = True) -> np.ndarray | tuple[int, int]:
@@ -229,8 +232,8 @@ def _check_file(ref: SampleRef) -> None:
 
 
 def source_shape(ref: SampleRef, spec: ClipSpec) -> SourceShape:
-    """A file's frame size and how many frames it gives at ``spec.fps`` after ``spec.skip_frames``, from its header and
-    decord's index (nothing is decoded): what bucket assignment needs.
+    """A file's frame size as displayed (a video's rotation applied) and how many frames it gives at ``spec.fps`` after
+    ``spec.skip_frames``, from its header and decord's index (nothing is decoded): what bucket assignment needs.
 
     Raises:
         UnusableSample: what :func:`load_clip` would refuse before decoding (a caption missing included).
@@ -252,7 +255,8 @@ def load_clip(ref: SampleRef, spec: ClipSpec, rng: np.random.Generator | None = 
         video that ``spec.min_frames`` allows is padded by repeating its last frame), ``[3, 1, height, width]``
         for an image.
     Raises:
-        UnusableSample: missing, empty or undecodable file, too few frames, missing or empty caption.
+        UnusableSample: missing, empty or undecodable file, too few frames, frames not of the size the header displays,
+            missing or empty caption.
     """
     _check_file(ref)
     caption = read_caption(ref)

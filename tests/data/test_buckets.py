@@ -1,19 +1,23 @@
-"""Resolution x duration buckets (sat_video/data/buckets.py) on clips the tests write: which bucket each clip lands in,
-why one fits none, that batches never mix buckets and every rank draws the same bucket at every step, and that every
-model runs on several bucket grids."""
+"""Resolution x duration buckets (sat_video/data/buckets.py) on clips the tests write: which bucket each clip lands in
+(phone videos by the orientation they are displayed in), why one fits none, that batches never mix buckets and every rank
+draws the same bucket at every step, and that every model runs on several bucket grids."""
 
 import math
+import subprocess
 
+import imageio_ffmpeg
+import numpy as np
 import pytest
 import torch
 
 from sat_video.common.errors import ConfigError, UnusableSample
 from sat_video.data.buckets import Bucket, SourceShape, assign_bucket, assign_buckets, parse_buckets, usable_frames
-from sat_video.data.clips import ClipSpec, VideoDataset, collate, source_shape
+from sat_video.data.clips import ClipSpec, VideoDataset, bucket_spec, collate, load_clip, source_shape
 from sat_video.data.sampler import ClipBatchSampler
-from sat_video.data.sources import discover
+from sat_video.data.sources import SampleRef, discover
+from sat_video.fixtures.synthetic import make_moving_shapes
 from sat_video.model.build import build_dit
-from tests.conftest import BUCKET_CLIPS, BUCKETS, VARIANTS, randomize_, tiny_config
+from tests.conftest import BUCKET_CLIPS, BUCKETS, VARIANTS, randomize_, set_display_rotation, tiny_config
 
 
 def expected_bucket(path) -> str | None:
@@ -67,6 +71,55 @@ def test_clips_land_in_their_buckets_from_headers_and_the_short_one_is_named(buc
         sample = dataset[(index, 0, 0)]
         assert sample.bucket == bucket.name and sample.path == str(ref.path)
         assert tuple(sample.video.shape) == (3, bucket.frames, bucket.height, bucket.width)
+
+
+def displayed_frames(path) -> np.ndarray:
+    """uint8 ``[T, H, W, 3]``: ``path`` decoded by the ffmpeg binary to raw rgb24, turned as its rotation metadata says."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    width, height = next(reader)["size"]
+    return np.stack([np.frombuffer(frame, np.uint8).reshape(height, width, 3) for frame in reader])
+
+
+def test_phone_videos_land_in_the_bucket_they_are_displayed_in_and_decode_as_ffmpeg_shows_them(bucket_clips, tmp_path):
+    (square, _), = make_moving_shapes(tmp_path / "square", 1, 16, 64, 64, 8, seed=0)
+    set_display_rotation(square, 90)
+    turned = {square: "9x48x64"}  # square: nearest 4:3
+    for folder, (_, bucket, rotations) in BUCKET_CLIPS.items():  # coded landscape shown portrait (+-90), upside down (180)
+        videos = sorted((bucket_clips / folder / "videos").iterdir())
+        turned.update({path: bucket for path, degrees in zip(videos, rotations) if degrees})
+    assert len(turned) == 4
+    buckets = parse_buckets(BUCKETS, 2)
+    for path, bucket in turned.items():
+        expected = displayed_frames(path)[:9]
+        height, width = expected.shape[1:3]
+        ref = SampleRef(path, "a phone video")
+        shape = source_shape(ref, ClipSpec(9, 64, 64, fps=8.0))
+        assert (shape.width, shape.height) == (width, height) and assign_bucket(path, shape, buckets, 1.0).name == bucket
+        clip, _ = load_clip(ref, ClipSpec(9, height, width, fps=8.0))  # at its own size: the decoded frames, scaled
+        levels = ((clip + 1) * 127.5).permute(1, 2, 3, 0)  # [T, H, W, 3]
+        # Two libraries (decord's ffmpeg, the ffmpeg binary), so not an identity claim, though measured equal here: H.264
+        # decodes exactly, the conversion to RGB may round differently on another CPU. The scale is 8-bit levels by
+        # construction; 1 level on average allows that rounding, and a frame turned the wrong way differs by 15 to 22.
+        assert (levels - torch.from_numpy(expected)).abs().mean() <= 1.0, path
+
+
+def test_a_file_decoded_at_another_size_than_its_header_displays_is_refused_and_replaced(bucket_clips, tmp_path):
+    # decord does not read a display matrix from Matroska: it decodes these frames coded landscape, the header says portrait
+    tall = discover([bucket_clips / "tall"])
+    ignored = tmp_path / "ignored.mkv"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-i", str(tall[0].path), "-c", "copy",
+                    str(ignored)], check=True)
+    refs = [SampleRef(ignored, "a phone video"), *tall]
+    spec = ClipSpec(9, 64, 64, fps=8.0)
+    assigned, skipped = assign_buckets(refs, parse_buckets(BUCKETS, 2), lambda ref: source_shape(ref, spec), 1.0)
+    assert not skipped and [bucket.name for _, bucket in assigned] == ["9x112x64"] * 3  # from the header, as displayed
+    reason = (r"decoded frames are 128x80 but the header displays 80x128 \(128x80 turned by 90 degrees: a rotation the "
+              r"decoder ignored\?\); refused rather than cropped")
+    with pytest.raises(UnusableSample, match=reason):
+        load_clip(refs[0], bucket_spec(spec, assigned[0][1]))
+    sample = VideoDataset(refs, spec, [bucket for _, bucket in assigned])[(0, 0, 0)]
+    assert sample.path == str(tall[0].path) and tuple(sample.video.shape) == (3, 9, 112, 64)
+    assert [path for path, _ in sample.skipped] == [str(ignored)]  # what the run lists in skipped_files.txt
 
 
 def test_no_batch_mixes_buckets_and_every_rank_draws_the_same_bucket():
