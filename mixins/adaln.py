@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mixins.qk_layernorm import QK_LAYERNORM_EPS, normalize_qk, qk_layernorm_lists
 from sat_video.model.context import ForwardContext
 from sat_video.model.hooks import Mixin
 from sat_video.model.modulation import gated_residual, modulate_per_modality
@@ -45,12 +46,7 @@ class AdaLNMixin(Mixin):
             for _ in range(dit_config.num_layers)
         )
         if self.config.qk_layernorm:
-            self.query_layernorm_list = nn.ModuleList(
-                nn.LayerNorm(dit_config.head_dim, eps=1e-6) for _ in range(dit_config.num_layers)
-            )
-            self.key_layernorm_list = nn.ModuleList(
-                nn.LayerNorm(dit_config.head_dim, eps=1e-6) for _ in range(dit_config.num_layers)
-            )
+            self.query_layernorm_list, self.key_layernorm_list = qk_layernorm_lists(dit_config, QK_LAYERNORM_EPS)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -81,8 +77,4 @@ class AdaLNMixin(Mixin):
     def process_qkv(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, layer_idx: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Normalised in the fused projection's [B, S, H, hd] memory order and handed on as [B, H, S, hd] views of it:
-        # attention then returns that order too, so the output projection reads it without a transposing copy.
-        q = self.query_layernorm_list[layer_idx](q.transpose(1, 2)).transpose(1, 2)
-        k = self.key_layernorm_list[layer_idx](k.transpose(1, 2)).transpose(1, 2)
-        return q, k, v
+        return *normalize_qk(self.query_layernorm_list[layer_idx], self.key_layernorm_list[layer_idx], q, k), v

@@ -9,7 +9,7 @@ as SAT's ``LoraMixin`` (``sat.model.finetune.lora2``): A Kaiming-uniform, B zero
 scale ``alpha / rank`` with SAT's alpha 1 by default. Unlike SAT, which swaps the linear for a wrapper (so the
 base weight moves to ``...query_key_value.original.weight``), the adapters hook into the ``project`` stage
 and live under the mixin; base checkpoints load as they are, SAT LoRA checkpoints are renamed on load
-(:mod:`sat_video.sat_lora`), and ``tools/convert_to_diffusers.py`` merges the adapters or exports them in
+(:mod:`sat_video.formats.sat_lora`), and ``tools/convert_to_diffusers.py`` merges the adapters or exports them in
 diffusers' LoRA format.
 """
 
@@ -75,6 +75,7 @@ class LoRAMixin(Mixin):
     """
 
     runs_sharded = True  # token by token
+    identity_at_init = True  # B = 0: every update starts at zero
 
     @dataclass
     class Config:

@@ -86,12 +86,7 @@ class Rotary3DMixin(Mixin):
             )
         self._rotations: dict = {}
         if self.config.learned_table:
-            patch_t = dit_config.patch_size_t or 1
-            self.train_grid = TokenGrid(
-                dit_config.latent_frames // patch_t,
-                dit_config.latent_height // dit_config.patch_size,
-                dit_config.latent_width // dit_config.patch_size,
-            )
+            self.train_grid = dit_config.token_grid(dit_config.num_frames, dit_config.latent_height, dit_config.latent_width)
             self.pos_embedding = nn.Parameter(
                 torch.zeros(1, dit_config.text_length + self.train_grid.num_tokens, dit_config.hidden_size)
             )

@@ -14,7 +14,8 @@ from tests.conftest import ROOT
 # Bottom to top (docs/architecture.md). A module may import its own layer and those below it.
 LAYERS = [
     "sat_video.common", "sat_video.model", "mixins", "sat_video.model.build", "sat_video.data", "sat_video.fixtures",
-    "sat_video.diffusion", "sat_video.formats", "sat_video.training", "sat_video.config", "sat_video.experiments",
+    "sat_video.diffusion", "sat_video.formats", "sat_video.training", "sat_video.config", "sat_video.benchmarks",
+    "sat_video.experiments",
 ]
 
 
@@ -61,8 +62,18 @@ def test_imports_point_down_the_layers():
     assert not upward, "\n".join(upward)
 
 
+TYPES_COUNT_INSIDE = "sat_video.model"
+"""Inside this package a type-only import counts too: its modules name each other's types in every signature, and a
+circle of type-only imports there (context -> composition -> hooks -> config -> context) once tangled the whole layer."""
+
+
+def _inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
 def test_no_import_circles_beyond_type_only_imports():
-    graph = {module: {target for target, type_only in _imports(path) if not type_only and target in MODULES}
+    graph = {module: {target for target, type_only in _imports(path) if target in MODULES and (
+                 not type_only or _inside(module, TYPES_COUNT_INSIDE) and _inside(target, TYPES_COUNT_INSIDE))}
              for module, path in MODULES.items()}
     state: dict[str, int] = {}  # 1 on the stack, 2 done
 
@@ -78,6 +89,37 @@ def test_no_import_circles_beyond_type_only_imports():
     for module in graph:
         if module not in state:
             visit(module, [module])
+
+
+SCRIPT_FOLDERS = ("tools", "benchmarks")
+"""Folders of scripts above the library. A module that starts one by path depends upward where no import shows it: the
+tools hand such commands down instead (``sat_video.benchmarks.context.Commands``)."""
+
+
+def _script_paths(source: str) -> list[str]:
+    """String literals of ``source``'s code (docstrings aside) that build a path to a script of ``SCRIPT_FOLDERS``:
+    the folder as a path part (``ROOT / "tools" / ...``), a tool's file name, or a path such as ``tools/x.py``. Prose
+    that names a tool (``"run tools/precompute_latents.py first"``) has spaces and is no path."""
+    scripts = {path.name for path in (ROOT / "tools").glob("*.py")}
+    tree = ast.parse(source)
+    docstrings = {id(statement.value) for statement in ast.walk(tree)
+                  if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)}
+    path = re.compile(rf"(\S*/)?({'|'.join(SCRIPT_FOLDERS)})/\S*\.py")
+    return sorted(node.value for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                  and (node.value in SCRIPT_FOLDERS or node.value in scripts or path.fullmatch(node.value)))
+
+
+def test_no_module_starts_a_script_above_the_library():
+    found = {module: paths for module, path in MODULES.items() if (paths := _script_paths(path.read_text()))}
+    assert not found, f"modules that build paths to scripts of {SCRIPT_FOLDERS} (take the command from the tool): {found}"
+
+
+def test_the_script_check_sees_paths_and_not_prose():
+    assert _script_paths('command = [sys.executable, str(ROOT / "tools" / "train_video.py")]') == ["tools", "train_video.py"]
+    assert _script_paths('subprocess.run(["python", "benchmarks/diffusers_lora/run_timed.py"])') == [
+        "benchmarks/diffusers_lora/run_timed.py"]
+    assert _script_paths('"""Runs ``tools/train_video.py``."""\nraise ValueError("run tools/precompute_latents.py first")') == []
 
 
 def _layout_section() -> str:

@@ -122,8 +122,8 @@ def main(argv=None) -> int:
         dit = sat_video.build_dit(cfg)
     sat_video.load_checkpoint(dit, run / "train")
     stages = build_frozen_stages(cfg.model)
-    generator = VideoGenerator(dit.eval(), stages, snr_shift_scale=cfg.model.diffusion.snr_shift_scale)
-    videos = generator.generate(
+    video_generator = VideoGenerator(dit.eval(), stages, snr_shift_scale=cfg.model.diffusion.snr_shift_scale)
+    videos = video_generator.generate(
         captions[: args.num_samples], cfg.sample, num_frames=dit_config.num_frames, height=spec.height, width=spec.width
     )
     written = write_samples(run / "samples", videos, cfg.data.fps)

@@ -104,10 +104,10 @@ def sample(cfg, ckpt: str, texts: list[str], image_path: str | None, out: str, d
     sat_video.load_checkpoint(model, ckpt)
     env = join_sequence_group(model, cfg.parallel.sequence_parallel_size)
     device = env.device if env else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(dtype).eval()  # the generator places the weights as sample.offload says
+    model = model.to(dtype).eval()  # the video generator places the weights as sample.offload says
     stages = build_frozen_stages(cfg.model).to(dtype)
     image = load_image(image_path, spec.height, spec.width) if image_path else None
-    generator = VideoGenerator(
+    video_generator = VideoGenerator(
         model,
         stages,
         snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
@@ -116,14 +116,14 @@ def sample(cfg, ckpt: str, texts: list[str], image_path: str | None, out: str, d
         device=device,
         offload=cfg.sample.offload,
     )
-    videos = generator.generate(
+    videos = video_generator.generate(
         texts, cfg.sample, num_frames=num_frames, height=spec.height, width=spec.width, image=image, progress=True
     )
     if env is None or env.is_main:  # every rank holds the same videos
         written = write_samples(out, videos, cfg.sample.fps or cfg.data.fps)
         print("\n".join(["sample_video: wrote", *(f"  {path}" for path in written)]))
         print(f"offload {cfg.sample.offload}, VAE tiling {'on' if cfg.sample.vae_tiling else 'off'}; "
-              + generator.memory.describe())
+              + video_generator.memory.describe())
     return env is not None
 
 

@@ -29,7 +29,7 @@ script encodes every video once before training)."""
 
 
 def process_age_s() -> float:
-    """Seconds since this process started (``sat_video.training.trainer._process_age_s``, Linux ``/proc``)."""
+    """Seconds since this process started (``sat_video.training.metrics.process_age_s``, Linux ``/proc``)."""
     started_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
     return float(Path("/proc/uptime").read_text().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
 

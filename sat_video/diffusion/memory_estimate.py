@@ -134,7 +134,7 @@ class SamplingMemoryModel:
         self.dit_config = DiTConfig.from_config(cfg)
         self.num_frames, self.height, self.width = num_frames, height, width
         self.latent_h, self.latent_w = height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION
-        self.latent_frames = (num_frames - 1) // self.dit_config.temporal_compression_ratio + 1
+        self.latent_frames = self.dit_config.latent_frames_of(num_frames)
         self.guided = cfg.sample.guidance_scale > 1 if guided is None else guided
         self.image_to_video = self.dit_config.in_channels > self.dit_config.out_channels
         self._activation_scale = self.itemsize / 4  # probes run in fp32
@@ -188,7 +188,7 @@ class SamplingMemoryModel:
     def dit_activation(self) -> int:
         dit_config = self.dit_config
         patch, patch_t = dit_config.patch_size, dit_config.patch_size_t or 1
-        frames = 4 * (patch_t - 1) + 1  # one temporal patch: latent frames = patch_t
+        frames = dit_config.temporal_compression_ratio * (patch_t - 1) + 1  # one temporal patch: latent frames = patch_t
         target = dit_config.token_grid(self.num_frames, self.latent_h, self.latent_w).num_tokens
         settings = SampleConfig(steps=2, guidance_scale=self.cfg.sample.guidance_scale if self.guided else 1.0)
         points = []

@@ -149,7 +149,7 @@ class VideoGenerator:
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
         """``(frames, pad, C, h, w)``: latent frames incl. ``pad`` leading frames for 1.5's temporal patches."""
         dit_config = self.dit.dit_config
-        frames = (num_frames - 1) // dit_config.temporal_compression_ratio + 1
+        frames = dit_config.latent_frames_of(num_frames)
         pad = leading_pad_frames(frames, dit_config)
         return frames + pad, pad, dit_config.out_channels, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION
 

@@ -1,1 +1,1 @@
-"""Experiments that serve the tools: ablation grids (tools/ablate.py) and benchmarks (tools/bench.py)."""
+"""The ablation study (tools/ablate.py): grids of variants, their runs, the quality stage, seed statistics, the report."""

@@ -39,6 +39,7 @@ from sat_video.diffusion.conditioning import leading_pad_frames
 from sat_video.experiments.sample_quality import QualityScores
 from sat_video.model.build import build_dit
 from sat_video.model.config import DiTConfig
+from sat_video.model.stages import SPATIAL_COMPRESSION
 from sat_video.training.optim import select_trainable
 
 VARIANT_KEYS = ("description", "set", "images")
@@ -51,7 +52,6 @@ UNTRAINED = "untrained"
 """Folder of the untrained baseline's samples and scores; not a variant name."""
 DATA_FOLDER = "data"
 """Folder of ``--synthetic`` data; not a variant name."""
-VAE_SPATIAL_COMPRESSION = 8  # pixels per latent row and column (ClipSpec assumes the same)
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def flops_per_step(cfg: DictConfig) -> int:
     dit_config, clip = DiTConfig.from_config(cfg), ClipSpec.from_config(cfg.data, cfg.model.dit)
     batch = cfg.train.micro_batch_size
     frames = dit_config.latent_frames + leading_pad_frames(dit_config.latent_frames, dit_config)
-    height, width = clip.height // VAE_SPATIAL_COMPRESSION, clip.width // VAE_SPATIAL_COMPRESSION
+    height, width = clip.height // SPATIAL_COMPRESSION, clip.width // SPATIAL_COMPRESSION
     with torch.device("meta"):
         model = build_dit(cfg)
         select_trainable(model, list(cfg.train.trainable))

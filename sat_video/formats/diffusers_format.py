@@ -23,6 +23,7 @@ import torch
 from mixins.final_layer import FINAL_NORM_EPS
 from sat_video.common.errors import ConversionError, OutputExistsError
 from sat_video.diffusion.schedule import scheduler_config
+from sat_video.model.build import build_mixin
 from sat_video.model.config import DiTConfig
 
 # Built-in mixin types that diffusers can express, by role.
@@ -32,6 +33,11 @@ ROLE_TYPES = {
     "final_layer": "final_layer",
 }
 POSITION_TYPES = ("sincos_interpolated", "rotary_3d")
+POSITION_HOOKS = ("add_position", "process_qkv")
+"""Where positions reach a model: added to the tokens, or rotating queries and keys. A mixin that provides neither
+leaves positions alone (LoRA, factorised attention, a timestep token, ...)."""
+QK_LAYERNORM_TYPES = ("adaln", "qk_layernorm")
+"""Built-in types whose ``process_qkv`` is diffusers' q/k LayerNorm (``attn1.norm_q`` / ``norm_k``), which moves no position."""
 
 # SAT template -> diffusers template; {i} is a layer index, {pe}/{pos}/{ada}/{fin} the mixin names.
 KEYS_RENAME_TEMPLATES = [
@@ -256,15 +262,33 @@ def from_diffusers_state_dict(hf_state: dict[str, torch.Tensor], dit_config: DiT
 
 def diffusers_rotary_embedding(dit_config: DiTConfig, frames: int, height: int, width: int):
     """The ``image_rotary_emb`` to pass to diffusers' transformer so that it rotates as SAT does (integer
-    positions on the input's own grid) for latents ``[B, frames, C, height, width]``; ``None`` without RoPE."""
+    positions on the input's own grid, the model's theta) for latents ``[B, frames, C, height, width]``; ``None``
+    without RoPE.
+
+    Only the mixins that provide a position hook (:data:`POSITION_HOOKS`, as configured) matter: at most one of
+    :data:`POSITION_TYPES`, and q/k LayerNorm, as diffusers has them. Any other mixin (LoRA, say) may be present.
+    """
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
-    if dit_config.mixins[mixin_names(dit_config)["pos"]]["type"] != "rotary_3d":
+    with torch.device("meta"):  # no weights: only which hooks each mixin provides
+        mixins = {name: build_mixin(dit_config, entry) for name, entry in dit_config.mixins.items()}
+    positional = {name: dit_config.mixins[name]["type"] for name, mixin in mixins.items()
+                  if set(POSITION_HOOKS) & set(mixin.implemented_hooks())}
+    unknown = [name for name, kind in positional.items() if kind not in (*POSITION_TYPES, *QK_LAYERNORM_TYPES)]
+    positions = [name for name, kind in positional.items() if kind in POSITION_TYPES]
+    if unknown or len(positions) > 1:
+        raise ConversionError(
+            f"diffusers' CogVideoX takes its positions from one of {POSITION_TYPES} and normalises q/k as "
+            f"{' or '.join(QK_LAYERNORM_TYPES)}; the mixins providing {' or '.join(POSITION_HOOKS)} in this model are "
+            + ", ".join(f"{name} ({kind})" for name, kind in positional.items())
+            + (f". Unsupported: {', '.join(unknown)}" if unknown else "")
+        )
+    if not positions or positional[positions[0]] != "rotary_3d":
         return None
-    grid = (height // dit_config.patch_size, width // dit_config.patch_size)
-    return get_3d_rotary_pos_embed(
-        dit_config.head_dim, None, grid, frames // (dit_config.patch_size_t or 1), grid_type="slice", max_size=grid
-    )
+    grid = dit_config.latent_token_grid(frames, height, width)
+    spatial = (grid.height, grid.width)
+    return get_3d_rotary_pos_embed(dit_config.head_dim, None, spatial, grid.frames, theta=mixins[positions[0]].config.theta,
+                                   grid_type="slice", max_size=spatial)
 
 
 # ---------------------------------------------------------------------- folders on disk

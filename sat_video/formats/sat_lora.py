@@ -11,7 +11,7 @@ and holds the same matrices under the mixin: ``mixins.<name>.layers.{i}.<target>
 ``lora_B.weight``, one pair per split linear; without stored alphas it applies them with scale 1, so the
 export folds ``alpha / r`` into ``lora_B``.
 
-Errors are :class:`CheckpointError` naming the key; :mod:`sat_video.checkpoint` adds the file.
+Errors are :class:`CheckpointError` naming the key; :mod:`sat_video.formats.sat_checkpoint` adds the file.
 """
 
 from __future__ import annotations

@@ -56,8 +56,9 @@ def _check_sharded(mixins: Mapping[str, Mixin], splitters: list[str]) -> None:
 class HookTable:
     """The resolved implementation of every hook, plus where each part came from.
 
-    Attributes are the hook names of :data:`sat_video.hooks.HOOKS`, each a callable with that hook's
-    signature (without ``self``). ``origins[name]`` lists the contributors in call-nesting order.
+    Attributes are the hook names of :data:`sat_video.model.hooks.HOOKS`, each a callable with that hook's
+    signature (without ``self``), so a table is the :class:`~sat_video.model.context.BlockHooks` a forward context
+    carries. ``origins[name]`` lists the contributors in call-nesting order.
     """
 
     def __init__(self, resolved: Mapping[str, Callable], origins: Mapping[str, list[str]]):

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sat_video.common.constraints import at_least, check_fields
 from sat_video.common.errors import ConfigError
+from sat_video.model.context import TokenGrid
 
 
 @dataclass
@@ -72,16 +73,26 @@ class DiTConfig:
 
     @property
     def latent_frames(self) -> int:
-        return (self.num_frames - 1) // self.temporal_compression_ratio + 1
+        """Latent frames of a training clip (``num_frames`` pixel frames)."""
+        return self.latent_frames_of(self.num_frames)
 
-    def token_grid(self, num_frames: int, latent_height: int, latent_width: int):
-        """The :class:`~sat_video.model.context.TokenGrid` of a clip of ``num_frames`` pixel frames at this latent size
-        (CogVideoX 1.5's leading padding frames included)."""
-        from sat_video.model.context import TokenGrid
+    def latent_frames_of(self, num_frames: int) -> int:
+        """Latent frames of a clip of ``num_frames`` pixel frames: the first frame, then one per
+        ``temporal_compression_ratio`` frames (CogVideoX 1.5's leading padding frames not included)."""
+        return (num_frames - 1) // self.temporal_compression_ratio + 1
 
+    def latent_token_grid(self, latent_frames: int, latent_height: int, latent_width: int) -> TokenGrid:
+        """The token grid of latents ``latent_frames x latent_height x latent_width``: the one rule for every site.
+
+        Frames round up to whole temporal patches, as CogVideoX 1.5 pads leading latent frames to a whole patch
+        (:func:`~sat_video.diffusion.conditioning.leading_pad_frames`), so a clip's grid counts its padding frames.
+        """
         patch_t = self.patch_size_t or 1
-        latent_frames = (num_frames - 1) // self.temporal_compression_ratio + 1
         return TokenGrid(-(-latent_frames // patch_t), latent_height // self.patch_size, latent_width // self.patch_size)
+
+    def token_grid(self, num_frames: int, latent_height: int, latent_width: int) -> TokenGrid:
+        """The token grid of a clip of ``num_frames`` pixel frames at this latent size (padding frames included)."""
+        return self.latent_token_grid(self.latent_frames_of(num_frames), latent_height, latent_width)
 
     def validate(self) -> None:
         """Field constraints and the rules between sizes (:func:`load_config` runs this; so does :func:`build_dit` for

@@ -1,14 +1,16 @@
-"""The typed per-forward context that every hook receives."""
+"""The typed per-forward context that every hook receives.
+
+A leaf of the model layer: it imports nothing of sat_video, so the hook catalogue, the composition and the
+transformer can all name it without an import circle.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from sat_video.model.composition import HookTable
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,20 @@ class SequenceShard:
         return torch.cat([local, local.new_zeros(missing, *rows.shape[1:])]) if missing else local
 
 
+class BlockHooks(Protocol):
+    """What the modules of a block dispatch through: one callable per in-block hook of the catalogue
+    (:mod:`sat_video.model.hooks`, where each signature is documented). The model's
+    :class:`~sat_video.model.composition.HookTable` is one; it is described here rather than imported so that this
+    module stays a leaf."""
+
+    layer_forward: Callable[..., torch.Tensor]
+    attention_forward: Callable[..., torch.Tensor]
+    project: Callable[..., torch.Tensor]
+    process_qkv: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    attention_kernel: Callable[..., torch.Tensor]
+    mlp_forward: Callable[..., torch.Tensor]
+
+
 @dataclass(frozen=True)
 class ForwardContext:
     """What the stages of one forward pass share.
@@ -64,7 +80,7 @@ class ForwardContext:
             plus any token a mixin's ``embed`` prepends (set from the embedded sequence).
         grid (`TokenGrid`): video token grid of this input (positions are computed for it, so any
             resolution and length works).
-        hooks (`HookTable`): the model's resolved hooks, used by the layer modules to dispatch.
+        hooks (`BlockHooks`): the model's resolved hooks (its ``HookTable``), used by the layer modules to dispatch.
         ofs (`torch.Tensor`, *optional*): the raw ofs values ``[B]`` of CogVideoX 1.5 I2V.
         shard (`SequenceShard`, *optional*): set between ``split_sequence`` and ``join_sequence`` under sequence
             parallelism: this rank's hidden states hold the condition tokens and ``shard.size`` video tokens
@@ -74,6 +90,6 @@ class ForwardContext:
     temb: torch.Tensor
     num_condition_tokens: int
     grid: TokenGrid
-    hooks: HookTable
+    hooks: BlockHooks
     ofs: torch.Tensor | None = None
     shard: SequenceShard | None = None

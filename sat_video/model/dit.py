@@ -16,7 +16,7 @@ from torch import nn
 
 from sat_video.model.composition import HookTable
 from sat_video.model.config import DiTConfig
-from sat_video.model.context import ForwardContext, TokenGrid
+from sat_video.model.context import ForwardContext
 from sat_video.model.hooks import Mixin
 from sat_video.model.transformer import DEFAULT_HOOKS, BaseTransformer
 
@@ -202,7 +202,7 @@ class DiffusionTransformer(nn.Module):
                 f"encoder_hidden_states must be [B={batch}, L, {dit_config.text_hidden_size}], "
                 f"got shape {tuple(encoder_hidden_states.shape)}"
             )
-        grid = TokenGrid(frames // patch_t, height // dit_config.patch_size, width // dit_config.patch_size)
+        grid = dit_config.latent_token_grid(frames, height, width)
 
         # 1. conditioning embedding
         emb_dtype = self.time_embed[0].weight.dtype

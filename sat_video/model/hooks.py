@@ -91,7 +91,6 @@ HOOKS: tuple[HookSpec, ...] = (
              "the output head: normalised sequence to latents (video tokens only)", required=True,
              example="FinalLayerMixin"),
 )
-HOOK_SPECS = {spec.name: spec for spec in HOOKS}
 
 
 def hook_table_markdown() -> str:
@@ -135,8 +134,12 @@ class Mixin(nn.Module):
     # Whether the hooks of this mixin are correct when a rank holds only a part of the video tokens (between
     # ``split_sequence`` and ``join_sequence``, ``ctx.shard`` set): hooks that act token by token are, hooks that
     # need the whole grid (a per-token table, attention within frames) must use ``ctx.shard`` or say False.
-    # Sequence parallelism refuses a model with a mixin that does not declare True.
+    # Sequence parallelism refuses a model with a mixin that does not declare True. The claim, as
+    # tests/mixins/test_contract.py checks it: any rank's part of the sequence gives the rows the whole sequence gives.
     runs_sharded: ClassVar[bool] = False
+    # Whether adding this mixin, freshly initialised, leaves the model's function exactly as it was (LoRA: B = 0), so
+    # that it can join a trained model without changing a single output.
+    identity_at_init: ClassVar[bool] = False
 
     def __init__(self, dit_config: DiTConfig, config: Any | None = None):
         super().__init__()

@@ -53,10 +53,6 @@ def register_stage(name: str):
     return decorator
 
 
-def mixin_types() -> list[str]:
-    return sorted(_MIXINS)
-
-
 def stage_types(hook: str) -> list[str]:
     """Registered stage types that provide catalogue hook ``hook`` (``encode_moments``: first stages)."""
     return sorted(name for name, cls in _STAGES.items() if getattr(cls, hook) is not getattr(FrozenStage, hook))

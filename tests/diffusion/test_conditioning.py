@@ -94,27 +94,27 @@ def test_dropouts_zero_text_and_image_condition(t5_folder):
 def test_i2v_training_step_reaches_the_image_channels(t5_folder):
     cfg = tiny_config("cogvideox_5b_i2v")
     torch.manual_seed(0)
-    engine = DiffusionLoss(build_dit(cfg), NoiseSchedule(1.0))
+    diffusion_loss = DiffusionLoss(build_dit(cfg), NoiseSchedule(1.0))
     stages = frozen_stages(cfg, t5_folder, image_dropout=0.0)
     generator = torch.Generator().manual_seed(0)
     inputs = stages.prepare(smooth_video(), CAPTIONS, generator)
-    loss = engine(inputs, torch.tensor([100, 900]), torch.randn(inputs.latents.shape, generator=generator))
+    loss = diffusion_loss(inputs, torch.tensor([100, 900]), torch.randn(inputs.latents.shape, generator=generator))
     assert loss.shape == (2,) and torch.isfinite(loss).all()
     loss.mean().backward()
-    proj = engine.dit.mixins["patch_embed"].proj.weight.grad  # Conv2d [D, 32, p, p]
+    proj = diffusion_loss.dit.mixins["patch_embed"].proj.weight.grad  # Conv2d [D, 32, p, p]
     assert proj[:, 16:].abs().sum() > 0  # the image-condition channels learn
-    assert list(engine.state_dict())[0].startswith("model.diffusion_model.")  # SAT's prefix
+    assert list(diffusion_loss.state_dict())[0].startswith("model.diffusion_model.")  # SAT's prefix
 
 
 def test_v_loss_is_mse_against_the_velocity(t5_folder):
     cfg = tiny_config("cogvideox_2b")
-    engine = DiffusionLoss(build_dit(cfg), NoiseSchedule(3.0))
+    diffusion_loss = DiffusionLoss(build_dit(cfg), NoiseSchedule(3.0))
     stages = frozen_stages(cfg, t5_folder)
     inputs = stages.prepare(smooth_video(), CAPTIONS, torch.Generator().manual_seed(0))
     noise, t = torch.randn(inputs.latents.shape), torch.tensor([3, 700])
-    target = engine.schedule.velocity(inputs.latents, noise, t)
-    prediction = engine.dit(engine.schedule.add_noise(inputs.latents, noise, t), t, inputs.text)
-    assert_close_rel(engine(inputs, t, noise), ((prediction - target) ** 2).mean(dim=(1, 2, 3, 4)))
+    target = diffusion_loss.schedule.velocity(inputs.latents, noise, t)
+    prediction = diffusion_loss.dit(diffusion_loss.schedule.add_noise(inputs.latents, noise, t), t, inputs.text)
+    assert_close_rel(diffusion_loss(inputs, t, noise), ((prediction - target) ** 2).mean(dim=(1, 2, 3, 4)))
 
 
 def test_cogvideox15_i2v_pads_odd_latent_frames_and_feeds_ofs(t5_folder):
@@ -125,9 +125,9 @@ def test_cogvideox15_i2v_pads_odd_latent_frames_and_feeds_ofs(t5_folder):
     # 9 frames -> 3 latent frames, padded in front to 4 (patch_size_t 2) by repeating the first, as SAT
     assert inputs.latents.shape[1] == 4 and torch.equal(inputs.latents[:, 0], inputs.latents[:, 1])
     assert torch.count_nonzero(inputs.image_latents[:, 1:]) == 0 and inputs.image_latents[:, 0].abs().sum() > 0
-    engine = DiffusionLoss(build_dit(cfg), NoiseSchedule(1.0), ofs=2.0)
-    assert engine.ofs == 2.0
-    loss = engine(inputs, torch.tensor([10, 990]), torch.randn(inputs.latents.shape))
+    diffusion_loss = DiffusionLoss(build_dit(cfg), NoiseSchedule(1.0), ofs=2.0)
+    assert diffusion_loss.ofs == 2.0
+    loss = diffusion_loss(inputs, torch.tensor([10, 990]), torch.randn(inputs.latents.shape))
     assert torch.isfinite(loss).all()
 
 

@@ -26,13 +26,13 @@ def load(variant, assets, *overrides):
 def generate(cfg, offload, size, *, tiled=False):
     torch.manual_seed(0)
     dit = randomize_(sat_video.build_dit(cfg)).eval()
-    generator = VideoGenerator(dit, build_frozen_stages(cfg.model), snr_shift_scale=1.0, device="cpu", offload=offload)
+    video_generator = VideoGenerator(dit, build_frozen_stages(cfg.model), snr_shift_scale=1.0, device="cpu", offload=offload)
     frames, height, width = size
     image = torch.linspace(-1, 1, 3 * height * width).reshape(3, height, width) if cfg.model.dit.in_channels > 16 else None
     settings = SampleConfig(steps=2, guidance_scale=6.0, vae_tiling=tiled)
-    videos = generator.generate(["a red square", "a blue circle"], settings, num_frames=frames, height=height,
+    videos = video_generator.generate(["a red square", "a blue circle"], settings, num_frames=frames, height=height,
                                 width=width, image=image)
-    return videos, generator
+    return videos, video_generator
 
 
 @pytest.mark.parametrize("variant", ["cogvideox_5b", "cogvideox1.5_5b_i2v"])
@@ -44,7 +44,7 @@ def test_offload_modes_give_identical_videos_and_hold_less(variant, train_assets
         for ours, expected in zip(runs[mode][0], reference):
             assert torch.equal(ours.latents, expected.latents), mode
             assert torch.equal(ours.frames, expected.frames), mode
-    peaks = {mode: generator.memory.stages["DiT steps"].peak_bytes for mode, (_, generator) in runs.items()}
+    peaks = {mode: video_generator.memory.stages["DiT steps"].peak_bytes for mode, (_, video_generator) in runs.items()}
     assert peaks["sequential"] < peaks["model"] < peaks["none"], peaks
     stages = ["T5", "VAE encode", "DiT steps", "VAE decode"] if variant.endswith("i2v") else ["T5", "DiT steps", "VAE decode"]
     assert list(runs["none"][1].memory.stages) == stages
@@ -99,13 +99,13 @@ def test_memory_estimate_within_20_percent_of_the_measured_peak(train_assets):
     cfg = load("cogvideox_2b", train_assets, "model.first_stage.tile_size=[32,48]", "model.first_stage.tile_overlap=[8,8]")
     for offload, tiled in (("none", False), ("sequential", True)):
         for frames, height, width in SIZES:
-            _, generator = generate(cfg, offload, (frames, height, width), tiled=tiled)
-            measured = generator.memory.stages
+            _, video_generator = generate(cfg, offload, (frames, height, width), tiled=tiled)
+            measured = video_generator.memory.stages
             predicted = SamplingMemoryModel(cfg, num_frames=frames, height=height, width=width, dtype=torch.float32)
             rows = predicted.predict(offload, tiled)
             for row in rows:
                 assert row.peak_bytes == pytest.approx(measured[row.stage].peak_bytes, rel=0.2), (offload, frames, row)
-            assert max(r.peak_bytes for r in rows) == pytest.approx(generator.memory.peak_bytes, rel=0.2)
+            assert max(r.peak_bytes for r in rows) == pytest.approx(video_generator.memory.peak_bytes, rel=0.2)
     # the fastest mode that fits a GPU: nothing offloaded when all fits, a slower mode below that, none below the least
     table = {(offload, tiled): gib for offload, tiled, gib in predicted.table()}
     assert predicted.fastest_fitting(1000.0)[:2] == ("none", False)

@@ -1,14 +1,19 @@
-"""Numerical parity with diffusers' CogVideoXTransformer3DModel loaded from our export, and parameter counts."""
+"""Numerical parity with diffusers' CogVideoXTransformer3DModel loaded from our export, the rotary embedding handed to
+it, and parameter counts."""
+
+import dataclasses
 
 import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
 
 import sat_video
+from sat_video.common.errors import ConversionError
 from sat_video.formats.diffusers_format import diffusers_rotary_embedding, to_diffusers_config
 from sat_video.model.config import DiTConfig
+from sat_video.model.hooks import Mixin
 from tests.conftest import ROOT, VARIANTS, randomize_, tiny_config, tiny_inputs
-from tests.numerics import assert_close_rel
+from tests.numerics import assert_close_rel, assert_identical
 from tools.convert_to_diffusers import main as convert_to_diffusers
 
 
@@ -47,6 +52,32 @@ def test_forward_matches_diffusers(exported, variant, label, frames, height, wid
     print(f"{variant} {label} {tuple(x.shape)}: max |sat_video - diffusers| = {diff:.2e} (output max {ours.abs().max():.2f})")
     assert ours.shape == theirs.shape == (*x.shape[:2], cfg.model.dit.out_channels, *x.shape[3:])
     assert_close_rel(theirs, ours)
+
+
+class ShiftedPositions(Mixin):
+    """Positions diffusers does not have (named by its dotted path below)."""
+
+    def add_position(self, hidden: torch.Tensor, ctx) -> torch.Tensor:
+        return hidden + 1.0
+
+
+def test_the_rotary_embedding_takes_any_mixin_that_leaves_positions_alone():
+    plain = DiTConfig.from_config(tiny_config("cogvideox_5b"))
+    expected = diffusers_rotary_embedding(plain, 4, 8, 8)
+    for extra in ({"type": "lora", "rank": 4}, {"type": "factorized_attention"}, {"type": "condition_tokens"}):
+        dit = dataclasses.replace(plain, mixins={**plain.mixins, "extra": extra})
+        for ours, theirs in zip(diffusers_rotary_embedding(dit, 4, 8, 8), expected):
+            assert_identical(ours, theirs, extra["type"])
+    assert diffusers_rotary_embedding(DiTConfig.from_config(tiny_config("cogvideox_2b")), 4, 8, 8) is None  # sin-cos
+
+    shifted = dataclasses.replace(plain, mixins={**plain.mixins, "shift": {"type": f"{__name__}.ShiftedPositions"}},
+                                  mixin_modules=[__name__])
+    with pytest.raises(ConversionError, match=r"adaln_layer \(adaln\), pos_embed \(rotary_3d\), shift \(.*ShiftedPositions\)"
+                                              r"\. Unsupported: shift$"):
+        diffusers_rotary_embedding(shifted, 4, 8, 8)
+    both = dataclasses.replace(plain, mixins={**plain.mixins, "sincos": {"type": "sincos_interpolated"}})
+    with pytest.raises(ConversionError, match=r"pos_embed \(rotary_3d\), sincos \(sincos_interpolated\)$"):
+        diffusers_rotary_embedding(both, 4, 8, 8)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -3,8 +3,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb, get_3d_rotary_pos_embed
 
 import sat_video
-from mixins import Rotary3DMixin
-from mixins.rotary3d import rotate_half
+from mixins.rotary3d import Rotary3DMixin, rotate_half
 from sat_video import TokenGrid
 from sat_video.model.config import DiTConfig
 from tests.conftest import tiny_config
@@ -44,3 +43,13 @@ def test_learned_table_is_zero_initialised_and_refuses_other_grids():
     model(x, torch.tensor([1]), torch.randn(1, 8, 32))
     with pytest.raises(ValueError, match="learned position table covers 8 text tokens and a 4x4x4 grid"):
         model(torch.randn(1, 2, 32, 12, 8), torch.tensor([1]), torch.randn(1, 8, 32))
+
+
+def test_learned_table_covers_the_training_clip_with_its_padding_frames():
+    # 9 frames -> 3 latent frames, padded to 4 for 2-frame tubes: a 2x4x4 grid (flooring would give 1x4x4 and
+    # refuse the model's own training clip)
+    cfg = tiny_config("cogvideox1.5_5b_i2v", "model.dit.num_frames=9", "model.dit.mixins.pos_embed.learned_table=true")
+    model = sat_video.build_dit(cfg)
+    assert model.mixins.pos_embed.train_grid == TokenGrid(2, 4, 4)
+    out = model(torch.randn(1, 4, 32, 8, 8), torch.tensor([1]), torch.randn(1, 8, 32), ofs=2.0)
+    assert out.shape == (1, 4, 16, 8, 8)

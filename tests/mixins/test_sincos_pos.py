@@ -2,7 +2,7 @@ import torch
 from diffusers.models.embeddings import get_3d_sincos_pos_embed
 
 import sat_video
-from mixins import SinCosInterpolatedPosMixin
+from mixins.sincos_pos import SinCosInterpolatedPosMixin
 from sat_video import TokenGrid
 from sat_video.model.config import DiTConfig
 from tests.conftest import tiny_config

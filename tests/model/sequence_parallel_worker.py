@@ -16,6 +16,7 @@ import torch.distributed as dist
 from sat_video.diffusion.config import SampleConfig
 from sat_video.diffusion.sampling import denoise
 from sat_video.model.build import build_dit
+from sat_video.training.distributed import exit_process, shutdown
 from sat_video.training.sequence_parallel import SequenceParallelGroups
 from tests.conftest import VARIANTS, randomize_, tiny_config
 
@@ -83,7 +84,9 @@ def main():
         result = run_variant(variant, groups)
         if dist.get_rank() == 0:
             print(json.dumps(result), flush=True)
-    dist.destroy_process_group()
+    del groups  # it holds the process groups, whose gloo threads must end before the interpreter finalizes
+    shutdown()
+    exit_process(0)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,13 @@ def test_scalar_timesteps_broadcast_and_input_errors_are_explained():
         model(x[0], t, context, ofs=ofs)
 
 
+def test_one_token_grid_rule_from_pixel_or_latent_frames():
+    dit_config = sat_video.DiTConfig.from_config(tiny_config("cogvideox1.5_5b"))  # 2-frame tubes, 2x2 patches
+    assert dit_config.latent_frames_of(9) == 3 and dit_config.latent_frames == 4  # 13 frames in tiny.yaml
+    assert dit_config.token_grid(9, 8, 6) == sat_video.TokenGrid(2, 4, 3)  # 3 latent frames and a padding frame
+    assert dit_config.latent_token_grid(4, 8, 6) == dit_config.token_grid(13, 8, 6) == sat_video.TokenGrid(2, 4, 3)
+
+
 class _CountAttentionKernels(TorchDispatchMode):
     def __init__(self):
         super().__init__()

@@ -5,9 +5,11 @@ import torch
 import torch.nn.functional as F
 
 import sat_video
-from mixins import AdaLNMixin, Rotary3DMixin
+from mixins.adaln import AdaLNMixin
+from mixins.rotary3d import Rotary3DMixin
 from sat_video import HookConflictError, MissingHookError, Mixin, wraps_previous
 from sat_video.model.config import DiTConfig
+from sat_video.model.context import BlockHooks
 from sat_video.model.hooks import HOOKS
 from tests.conftest import randomize_, tiny_config, tiny_inputs
 
@@ -260,3 +262,9 @@ def test_every_shipped_hook_override_has_the_catalogues_typed_signature():
             assert ("inner" in override.parameters) == getattr(method, "wraps_previous", False)
             checked += 1
     assert checked >= 13
+
+
+def test_the_block_hooks_a_context_carries_are_catalogue_hooks_of_the_table():
+    table = _model()._hooks
+    assert set(BlockHooks.__annotations__) <= {spec.name for spec in HOOKS}
+    assert all(callable(getattr(table, name)) for name in BlockHooks.__annotations__)

@@ -1,16 +1,9 @@
-"""The pure parts of the fine-tuning comparison (sat_video/experiments/trainer_comparison.py); the runs themselves are
+"""The pure parts of the fine-tuning comparison (sat_video/benchmarks/trainer_comparison.py); the runs themselves are
 a benchmark (tools/bench.py --only trainers), not a test."""
 
 import pytest
 
-from sat_video.experiments.trainer_comparison import (
-    SECTION_BEGIN,
-    SECTION_END,
-    profile_split,
-    replace_section,
-    sat_step,
-    split_cold_warm,
-)
+from sat_video.benchmarks.trainer_comparison import profile_split, sat_step, split_cold_warm
 
 
 def _step(seconds, epoch, **buckets):
@@ -37,17 +30,3 @@ def test_profile_split_leaves_out_encoding_that_ran_in_another_thread():
     split = profile_split(steps, encode_overlapped=True)
     assert split["other"] == pytest.approx(0.3) and split["encode_s"] == pytest.approx(0.3)
     assert profile_split([_step(1.0, 1)], encode_overlapped=False) is None
-
-
-def test_replace_section_keeps_the_rest_of_the_file():
-    first = replace_section("# Results\n\nabove\n", "## Fine-tuning\n\nold")
-    assert first == f"# Results\n\nabove\n\n{SECTION_BEGIN}\n## Fine-tuning\n\nold\n{SECTION_END}\n"
-    text = first + "\n## After\n"
-    assert replace_section(text, "## Fine-tuning\n\nnew") == text.replace("old", "new")
-    assert replace_section("", "x") == f"{SECTION_BEGIN}\nx\n{SECTION_END}\n"
-    report = "# Results\n\n## Method\n\ntext\n"
-    assert replace_section(report, "x", before="## Method") == (
-        f"# Results\n\n{SECTION_BEGIN}\nx\n{SECTION_END}\n\n## Method\n\ntext\n"
-    )
-    with pytest.raises(ValueError):
-        replace_section(f"{SECTION_BEGIN}\nno end", "x")

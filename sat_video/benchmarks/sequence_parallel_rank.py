@@ -1,7 +1,7 @@
-"""One rank of the sequence-parallel benchmark row of ``tools/bench.py`` (DiT forward + backward, fp32).
+"""One rank of the sequence-parallel section (DiT forward + backward, fp32).
 
-    python -m sat_video.experiments.sequence_parallel_bench '<json args>'                         # S = 1
-    torchrun --nproc_per_node 2 -m sat_video.experiments.sequence_parallel_bench '<json args>'    # S = 2
+    python -m sat_video.benchmarks.sequence_parallel_rank '<json args>'                         # S = 1
+    torchrun --nproc_per_node 2 -m sat_video.benchmarks.sequence_parallel_rank '<json args>'    # S = 2
 
 Args (JSON): ``config`` (a model config file), ``overrides`` (config keys of the model), ``batch``, ``warmup``,
 ``reps``, ``device`` (one process; under torchrun each rank takes its own GPU, or the CPU). Under torchrun the
@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from sat_video.experiments.benchmark import interleaved_times, median, step_peak_bytes, synchronize
+from sat_video.benchmarks.measure import interleaved_times, median, step_peak_bytes, synchronize
 
 COLLECTIVES = ("all_to_all", "alltoall", "all_gather", "allgather", "all_reduce", "allreduce", "nccl")
 
@@ -68,7 +68,7 @@ def measure(args: dict) -> dict:
 
     step()  # allocates the gradients, so that the peak below is the activations'
     times = interleaved_times({"step": step}, device=device, warmup=args["warmup"], reps=args["reps"])["step"]
-    tokens = d.latent_frames // (d.patch_size_t or 1) * (d.latent_height // d.patch_size) * (d.latent_width // d.patch_size)
+    tokens = d.token_grid(d.num_frames, d.latent_height, d.latent_width).num_tokens
     return {
         "split": split,
         "video_tokens": tokens,

@@ -21,7 +21,7 @@ def test_bench_tiny_writes_every_section(tmp_path):
     assert f"python tools/bench.py --sizes tiny --threads 1 --out {out}" in report
     for heading in (
         "## Machine",
-        "## Targets (issue #6)",
+        "## Targets",
         "## GEMM peak",
         "## DiT forward + backward",
         "## Where the time goes",

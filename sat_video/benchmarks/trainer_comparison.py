@@ -1,10 +1,11 @@
-"""The fine-tuning rows of ``tools/bench.py``: sat_video's trainer (``tools/train_video.py``) against diffusers'
+"""The fine-tuning comparison: sat_video's trainer (``tools/train_video.py``) against diffusers'
 ``examples/cogvideo/train_cogvideox_lora.py``, both LoRA fine-tuning the same tiny CogVideoX-2B-layout DiT (same
-initial weights) with the same VAE, T5 and clips, on CPU in fp32, each in its own process.
+initial weights) with the same VAE, T5 and clips, on CPU in fp32, each in its own process (the commands that start
+them come from the caller: :class:`~sat_video.benchmarks.context.Commands`).
 
 The diffusers script runs unmodified through ``benchmarks/diffusers_lora/run_timed.py``, which times steps and
 phases from outside and lends it the torchvision stand-in of that folder. sat_video's figures come from its
-``metrics.jsonl`` (``train.log_interval=1``: one record per step).
+``metrics.jsonl`` (``train.log_interval=1``: one record per step). ``fine_tuning.py`` writes the section.
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ import os
 import shlex
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import OmegaConf
 
 from sat_video.common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sat_video.benchmarks.context import Commands
 
 DIFFUSERS_COMMIT = "58eb52c0803ea9af3abec60841c2a093bdf1f951"
 DIFFUSERS_SCRIPT = "examples/cogvideo/train_cogvideox_lora.py"
@@ -49,8 +53,6 @@ BUCKETS = ("data_s", "encode_s", "forward_s", "backward_s", "optimizer_s")
 PIPELINE_INDEX = {"_class_name": "CogVideoXPipeline", "scheduler": ["diffusers", "CogVideoXDPMScheduler"],
                   "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
                   "transformer": ["diffusers", "CogVideoXTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLCogVideoX"]}
-
-SECTION_BEGIN, SECTION_END = "<!-- bench:trainers -->", "<!-- /bench:trainers -->"
 
 
 @dataclass(frozen=True)
@@ -79,17 +81,18 @@ class Assets:
     """The same DiT weights in SAT's layout, for ``train.init_checkpoint``."""
 
 
-def model_config(root: Path, overrides: Sequence[str] = ()):
+def model_config(configs: Path, overrides: Sequence[str] = ()):
+    """The comparison's model from the folder of the model configs."""
     from sat_video.config.loader import load_config
 
-    return load_config([root / "configs" / name for name in MODEL_CONFIGS], [*dit_overrides(), *overrides])
+    return load_config([configs / name for name in MODEL_CONFIGS], [*dit_overrides(), *overrides])
 
 
 def dit_overrides() -> list[str]:
     return [f"model.dit.{key}={value}" for key, value in DIT_SIZES.items()]
 
 
-def build_assets(root: Path, workdir: Path, setup: ComparisonSetup) -> Assets:
+def build_assets(configs: Path, workdir: Path, setup: ComparisonSetup) -> Assets:
     import sentencepiece
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler
     from transformers import T5Tokenizer
@@ -108,7 +111,7 @@ def build_assets(root: Path, workdir: Path, setup: ComparisonSetup) -> Assets:
     (clips / "prompt.txt").write_text("".join(f"{caption}\n" for _, caption in items))
     (clips / "videos.txt").write_text("".join(f"{path.relative_to(clips)}\n" for path, _ in items))
 
-    cfg = model_config(root)
+    cfg = model_config(configs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         dit = build_dit(cfg)
@@ -165,9 +168,9 @@ def diffusers_script(given: Path | None = None) -> tuple[Path, str]:
                   f"sha256 {DIFFUSERS_SCRIPT_SHA256})")
 
 
-def diffusers_arguments(root: Path, assets: Assets, setup: ComparisonSetup, output: Path) -> list[str]:
+def diffusers_arguments(configs: Path, assets: Assets, setup: ComparisonSetup, output: Path) -> list[str]:
     """The script's flags for the run sat_video's config describes (same sizes, LoRA, optimizer and schedule)."""
-    train = model_config(root).train
+    train = model_config(configs).train
     optimizer, schedule = train.optimizer, train.lr_schedule
     frames, height, width = CLIP
     return [
@@ -187,12 +190,12 @@ def diffusers_arguments(root: Path, assets: Assets, setup: ComparisonSetup, outp
     ]
 
 
-def run_diffusers(root: Path, script: Path, assets: Assets, setup: ComparisonSetup, workdir: Path) -> dict:
+def run_diffusers(commands: Commands, configs: Path, script: Path, assets: Assets, setup: ComparisonSetup,
+                  workdir: Path) -> dict:
     out = workdir / f"diffusers-{len(list(workdir.glob('diffusers-*')))}"
     out.mkdir()
-    bench = root / "benchmarks" / "diffusers_lora"
-    command = [sys.executable, str(bench / "run_timed.py"), str(out / "timings.json"), str(script),
-               *diffusers_arguments(root, assets, setup, out / "output")]
+    command = [*commands.diffusers, str(out / "timings.json"), str(script),
+               *diffusers_arguments(configs, assets, setup, out / "output")]
     env = {**_env(setup), "HF_HUB_OFFLINE": "1"}  # run_timed.py puts its torchvision stand-in on sys.path itself
     _run(command, env, out / "log.txt", cwd=assets.pipeline.parent)
     record = json.loads((out / "timings.json").read_text())
@@ -210,24 +213,25 @@ def sat_overrides(assets: Assets, setup: ComparisonSetup) -> list[str]:
             f"model.dit.mixins.lora.rank={setup.rank}", f"model.dit.mixins.lora.alpha={setup.rank}"]
 
 
-def _sat_base(root: Path) -> list[str]:
-    return [str(root / "configs" / name) for name in (*MODEL_CONFIGS, "lora.yaml")]
+def _sat_base(configs: Path) -> list[str]:
+    return [str(configs / name) for name in (*MODEL_CONFIGS, "lora.yaml")]
 
 
-def precompute_latents(root: Path, assets: Assets, setup: ComparisonSetup, workdir: Path) -> tuple[Path, float]:
+def precompute_latents(commands: Commands, configs: Path, assets: Assets, setup: ComparisonSetup,
+                       workdir: Path) -> tuple[Path, float]:
     """``tools/precompute_latents.py`` over the clips: the cache folder and the seconds it took."""
     out = workdir / "latents"
-    command = [sys.executable, str(root / "tools" / "precompute_latents.py"), "--base", *_sat_base(root),
-               *sat_overrides(assets, setup), "--out", str(out)]
+    command = [*commands.precompute, "--base", *_sat_base(configs), *sat_overrides(assets, setup), "--out", str(out)]
     start = time.perf_counter()
     _run(command, _env(setup), workdir / "precompute-log.txt")
     return out, time.perf_counter() - start
 
 
-def run_sat(root: Path, assets: Assets, setup: ComparisonSetup, workdir: Path, extra: Sequence[str] = ()) -> dict:
+def run_sat(commands: Commands, configs: Path, assets: Assets, setup: ComparisonSetup, workdir: Path,
+            extra: Sequence[str] = ()) -> dict:
     save = workdir / f"sat-{len(list(workdir.glob('sat-*')))}"
     command = [
-        sys.executable, str(root / "tools" / "train_video.py"), "--base", *_sat_base(root), *sat_overrides(assets, setup),
+        *commands.train, "--base", *_sat_base(configs), *sat_overrides(assets, setup),
         f"train.init_checkpoint={assets.checkpoint}", f"train.save={save}", f"train.train_iters={setup.steps}",
         f"train.save_interval={setup.steps}", f"train.micro_batch_size={setup.batch}", "deepspeed.precision=fp32",
         "train.log_interval=1", "train.tensorboard=false", "train.seed=0", f"data.num_workers={SAT_LOADER_WORKERS}", *extra,
@@ -314,15 +318,16 @@ def summarize(runs: Sequence[dict]) -> dict:
 SAT_RAW, SAT_CACHE, DIFFUSERS = "sat_video, raw video (default)", "sat_video, explicit latent cache", "diffusers"
 
 
-def compare(root: Path, workdir: Path, setup: ComparisonSetup, script: Path | None = None) -> dict:
-    """Build the assets, run every row ``setup.rounds`` times in turn, and summarise each row."""
+def compare(commands: Commands, configs: Path, workdir: Path, setup: ComparisonSetup, script: Path | None = None) -> dict:
+    """Build the assets from the model configs in ``configs``, run every row ``setup.rounds`` times in turn, and
+    summarise each row."""
     script, provenance = diffusers_script(script)  # before minutes of work, so that a missing script fails at once
-    assets = build_assets(root, workdir, setup)
-    cache, precompute_s = precompute_latents(root, assets, setup, workdir)
+    assets = build_assets(configs, workdir, setup)
+    cache, precompute_s = precompute_latents(commands, configs, assets, setup, workdir)
     rows = {
-        SAT_RAW: lambda: run_sat(root, assets, setup, workdir),
-        SAT_CACHE: lambda: run_sat(root, assets, setup, workdir, [f"data.latent_cache={cache}"]),
-        DIFFUSERS: lambda: run_diffusers(root, script, assets, setup, workdir),
+        SAT_RAW: lambda: run_sat(commands, configs, assets, setup, workdir),
+        SAT_CACHE: lambda: run_sat(commands, configs, assets, setup, workdir, [f"data.latent_cache={cache}"]),
+        DIFFUSERS: lambda: run_diffusers(commands, configs, script, assets, setup, workdir),
     }
     runs: dict[str, list[dict]] = {name: [] for name in rows}
     load = [os.getloadavg()] if hasattr(os, "getloadavg") else []
@@ -342,23 +347,3 @@ def compare(root: Path, workdir: Path, setup: ComparisonSetup, script: Path | No
         "setup": setup,
     }
 
-
-def marked(section: str) -> str:
-    """``section`` between the markers :func:`replace_section` finds."""
-    return f"{SECTION_BEGIN}\n{section.strip()}\n{SECTION_END}"
-
-
-def replace_section(text: str, section: str, before: str | None = None) -> str:
-    """``text`` with its marked section (:func:`marked`) replaced by ``section``. When ``text`` has none yet, the
-    section goes in front of the line ``before`` if there is one, else at the end."""
-    block = marked(section)
-    head, begin, rest = text.partition(SECTION_BEGIN)
-    if not begin:
-        head, found, tail = text.partition(f"\n{before}\n") if before else (text, "", "")
-        if found:
-            return f"{head}\n{block}\n{found}{tail}"
-        return f"{text.rstrip()}\n\n{block}\n" if text.strip() else f"{block}\n"
-    _, end, tail = rest.partition(SECTION_END)
-    if not end:
-        raise ValueError(f"{SECTION_BEGIN} without {SECTION_END}")
-    return f"{head}{block}{tail}"

@@ -1,0 +1,91 @@
+"""The sizes the benchmarks run at: ``tiny`` (seconds, what the CI test runs) and ``default`` (benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sat_video.benchmarks.sampling_memory import DecodeCase
+from sat_video.benchmarks.trainer_comparison import ComparisonSetup
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class DiTSize:
+    """One model shape compared with diffusers: ``configs/<variant>.yaml`` plus ``overrides``."""
+
+    name: str
+    variant: str
+    overrides: tuple[str, ...]
+    batch: int
+    flops_target: bool = False
+    """The FLOP/s target (>= 60% of the fp32 GEMM peak) is judged at this size."""
+
+    def load(self, configs: Path):
+        """The config of this size, from the folder of the model configs."""
+        from sat_video.config.loader import load_config
+
+        return load_config([configs / f"{self.variant}.yaml"], list(self.overrides))
+
+
+@dataclass(frozen=True)
+class Preset:
+    dits: tuple[DiTSize, ...]
+    checkpointing: str
+    """Name of the DiT size the activation-checkpointing comparison runs at."""
+    gemm_sizes: tuple[int, ...]
+    warmup: int
+    reps: int
+    clip: tuple[int, int, int]
+    """Frames, height, width of the clips the data-loading section decodes."""
+    clip_videos: int
+    clip_batches: int
+    train_videos: int
+    train_iters: int
+    sequence_parallel: DiTSize
+    """A long video (many latent frames, thousands of tokens) at a small width, for the sequence-parallel row."""
+    vae_decode: DecodeCase
+    """The VAE decode timed exactly and in tiles."""
+    full_size: bool
+    """Predict full-size sampling memory for the README's models (a minute of probes at their real widths)."""
+    trainers: ComparisonSetup | None
+    """Clips, steps and rounds of the fine-tuning comparison with diffusers' LoRA script; ``None``: not run (the tiny
+    preset: a dozen training processes are a benchmark, not a CI test; ``--only trainers --sizes tiny`` still runs it)."""
+
+
+def _dit(
+    name, variant, batch, hidden, layers, heads, latent_hw, frames, text, text_hidden, flops_target=False, **more
+) -> DiTSize:
+    keys = dict(hidden_size=hidden, num_layers=layers, num_attention_heads=heads, latent_height=latent_hw[0],
+                latent_width=latent_hw[1], num_frames=frames, text_length=text, text_hidden_size=text_hidden, **more)
+    return DiTSize(name, variant, tuple(f"model.dit.{k}={v}" for k, v in keys.items()), batch, flops_target)
+
+
+PRESETS = {
+    "tiny": Preset(
+        dits=(_dit("tiny", "cogvideox_5b", 2, 64, 2, 2, (8, 8), 13, 8, 32),),
+        checkpointing="tiny", gemm_sizes=(128, 256), warmup=1, reps=3,
+        clip=(9, 64, 64), clip_videos=2, clip_batches=4, train_videos=2, train_iters=4,
+        sequence_parallel=_dit("tiny", "cogvideox_5b", 1, 64, 2, 2, (16, 16), 29, 8, 32),
+        vae_decode=DecodeCase(9, 64, 96, (32, 48), (8, 8), ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml")),
+        full_size=False, trainers=None),
+    "default": Preset(
+        dits=(
+            # 5B layout (3D RoPE), 4 x 16 x 16 latents -> 256 video + 64 text tokens
+            _dit("small", "cogvideox_5b", 2, 256, 4, 4, (16, 16), 13, 64, 512),
+            # 5B layout, 4 x 32 x 32 latents -> 1024 video + 226 text tokens
+            _dit("mid", "cogvideox_5b", 1, 512, 8, 8, (32, 32), 13, 226, 4096, flops_target=True),
+            # CogVideoX-2B's block (1920 wide, 30 heads, sin-cos positions) on one 60 x 90 latent frame, 1 layer
+            _dit("2b_layer", "cogvideox_2b", 1, 1920, 1, 30, (60, 90), 1, 226, 4096),
+        ),
+        checkpointing="mid", gemm_sizes=(1024, 2048, 4096), warmup=2, reps=9,
+        clip=(49, 480, 720), clip_videos=4, clip_batches=12, train_videos=4, train_iters=20,
+        # 5B layout, 8 x 32 x 32 latents -> 2048 video + 16 text tokens, 4 blocks of width 128
+        sequence_parallel=_dit("long", "cogvideox_5b", 1, 128, 4, 4, (32, 32), 29, 16, 64, time_embed_dim=64),
+        # CogVideoX's VAE (random weights): 3 latent frames of 12 x 20, tiles of 8 x 12 latents sharing 2 x 3
+        vae_decode=DecodeCase(9, 96, 160, (64, 96), (16, 24), ("cogvideox_2b.yaml", "tiny.yaml")),
+        full_size=True, trainers=ComparisonSetup(clips=16, steps=32, rounds=3)),
+}
