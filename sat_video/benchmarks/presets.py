@@ -50,7 +50,7 @@ class Preset:
     vae_decode: DecodeCase
     """The VAE decode timed exactly and in tiles."""
     full_size: bool
-    """Predict full-size sampling memory for the README's models (a minute of probes at their real widths)."""
+    """Predict full-size sampling memory for the published models (a minute of probes at their real widths)."""
     trainers: ComparisonSetup | None
     """Clips, steps and rounds of the fine-tuning comparison with diffusers' LoRA script; ``None``: not run (the tiny
     preset: a dozen training processes are a benchmark, not a CI test; ``--only trainers --sizes tiny`` still runs it)."""

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 FULL_SIZES = (("CogVideoX-2B", "cogvideox_2b", (49, 480, 720)), ("CogVideoX-5B", "cogvideox_5b", (49, 480, 720)),
               ("CogVideoX1.5-5B", "cogvideox1.5_5b", (81, 768, 1360)))
-"""The models of the README's table at their native sizes."""
+"""The published models (README's table) at their native sizes."""
 OFFLOADS = ("none", "model", "sequential")
 
 

@@ -19,7 +19,7 @@ All hooks receive the per-forward :class:`~sat_video.model.context.ForwardContex
 layers, the ``layer_idx``. Shapes use ``B`` batch, ``L`` condition tokens (the text plus any token an ``embed``
 wrapper prepends), ``N`` video tokens, ``S = L + N``, ``D`` hidden size, ``H`` heads and ``hd`` head dim.
 
-:data:`HOOKS` is the one written table of the hooks; :func:`hook_table_markdown` renders it for the README and
+:data:`HOOKS` is the one written table of the hooks; :func:`hook_table_markdown` renders it for
 ``docs/mixins.md`` (a test fails when they drift).
 """
 
@@ -94,7 +94,7 @@ HOOKS: tuple[HookSpec, ...] = (
 
 
 def hook_table_markdown() -> str:
-    """:data:`HOOKS` as the markdown table the README and ``docs/mixins.md`` show, in call order."""
+    """:data:`HOOKS` as the markdown table ``docs/mixins.md`` shows, in call order."""
     rows = ["| hook | returns | what it may change | composition | default |", "|---|---|---|---|---|"]
     for spec in HOOKS:
         params = [name for name, param in inspect.signature(getattr(Mixin, spec.name)).parameters.items()

@@ -46,7 +46,7 @@ STAGE_HOOKS: tuple[StageHookSpec, ...] = (
 
 
 def stage_table_markdown() -> str:
-    """:data:`STAGE_HOOKS` as the markdown table the README and ``docs/mixins.md`` show."""
+    """:data:`STAGE_HOOKS` as the markdown table ``docs/mixins.md`` shows."""
     rows = ["| stage hook | provided by | what it computes |", "|---|---|---|"]
     rows += [f"| `{spec.name}` | {spec.role} (`{spec.section}.type`) | {spec.does} |" for spec in STAGE_HOOKS]
     return "\n".join(rows)

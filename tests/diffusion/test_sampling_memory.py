@@ -85,7 +85,7 @@ def test_vae_tiling_stays_close_to_exact_decode(train_assets):
         tiled_mean, _ = stages.encode_moments(video)
     assert stages.first_stage.tiling is False  # restored
     assert tiled.shape == exact.shape and not torch.equal(tiled, exact)
-    assert psnr(tiled, exact) > 20  # 22.0 dB measured (random tiny VAE); README "Sampling at full size"
+    assert psnr(tiled, exact) > 20  # 22.0 dB measured (random tiny VAE); docs/sampling.md "Sampling at full size"
     # each tile's GroupNorm sees only its tile: latents move far more than pixels (1.13 x the mean's norm here)
     assert tiled_mean.shape == mean.shape and not torch.equal(tiled_mean, mean)
     small, small_clip = mean[..., :4, :6], video[..., :32, :48]  # no larger than a tile: whole, exactly
