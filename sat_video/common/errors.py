@@ -80,6 +80,10 @@ class BuildLockError(SatVideoError, RuntimeError):
     """A native-op build lock that may be stale and cannot be checked (names the file and what to do)."""
 
 
+class FolderInUseError(SatVideoError, RuntimeError):
+    """Another live job holds the lock of the folder a job would write (names the folder, the holder and what to do)."""
+
+
 class RunStopped(SatVideoError, RuntimeError):
     """A run cannot go on (e.g. too many non-finite steps in a row); a checkpoint was saved first."""
 

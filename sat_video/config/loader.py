@@ -29,7 +29,7 @@ from sat_video.model.config import DiTConfig
 from sat_video.model.stages import SPATIAL_COMPRESSION
 from sat_video.training.config import TrainConfig
 from sat_video.training.optim import check_schedule
-from sat_video.training.progressive import plan_stages, staged_lr_lambda
+from sat_video.training.progressive import lr_lambda_by_period, plan_periods
 
 
 def _check_known_keys(data: Any, schema: type, path: str, source: str) -> None:
@@ -270,17 +270,17 @@ def load_config(paths: str | Path | dict | Sequence[str | Path | dict], override
 
 def _check_stages(cfg: DictConfig, dit, layers) -> None:
     """Each stage of ``train.stages``: keys that may change, in order, and its config as valid as the run's."""
-    stages = plan_stages(cfg)
+    periods = plan_periods(cfg)
     if not cfg.train.stages:
         return
-    for stage in stages:
+    for period in periods:
         try:
-            _check_section(stage.cfg.data, DataConfig, "data", [])
-            _check_section(stage.cfg.train, TrainConfig, "train", [])
-            _check_buckets(stage.cfg, dit)
+            _check_section(period.cfg.data, DataConfig, "data", [])
+            _check_section(period.cfg.train, TrainConfig, "train", [])
+            _check_buckets(period.cfg, dit)
         except ConfigError as err:
-            raise ConfigError(f"train.stages[{stage.index}]: {str(err).removeprefix('default: ')}") from None
-    staged_lr_lambda(cfg, stages)
+            raise ConfigError(f"train.stages[{period.index}]: {str(err).removeprefix('default: ')}") from None
+    lr_lambda_by_period(cfg, periods)
 
 
 def _check_buckets(cfg: DictConfig, dit) -> None:

@@ -110,6 +110,11 @@ class TrainConfig:
     """The same for start-up, the first step (compilation) and each validation."""
     collective_timeout_s: float = field(default=3600.0, metadata=at_least(1))
     """A collective that waits longer for the other ranks fails (gloo and NCCL) instead of blocking for ever."""
+    lock_stale_s: float = field(default=300.0, metadata=at_least(60))
+    """A run holds ``<save>/.lock`` from start to exit (refreshed every 30 s), and a second job started on ``save``
+    meanwhile is refused (exit 2). A lock left by a job that is gone is taken over at start: at once on the host where
+    it ran, from other hosts (shared storage) once it has not been refreshed for this long. At least 60 s: a slow
+    refresh must not look stale. ``tools/precompute_latents.py`` locks its ``--out`` the same way."""
     tensorboard: bool = True
     progress_bar: bool = True
     validation: ValidationConfig = field(default_factory=ValidationConfig)

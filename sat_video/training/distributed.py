@@ -83,6 +83,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (the others pass anything, e.g. ``None``)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """``obj`` of every rank, in rank order."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

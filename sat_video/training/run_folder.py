@@ -9,6 +9,7 @@
     <save>/<iteration>/zero_pp_rank_<r>_mp_rank_00_optim_states.pt   DeepSpeed: optimizer partitions
     <save>/<iteration>/trainer_state_rank<r>.pt            RNG states, data position, counters of rank r
     <save>/hang-rank<r>.txt                 written by the watchdog when rank r stopped making progress
+    <save>/.lock                            held by the job writing the folder (sat_video.training.folder_lock)
 
 A checkpoint is written under ``.tmp-<iteration>`` and renamed when every rank has finished, then
 ``latest`` is replaced; a process killed at any moment leaves the previous checkpoint intact and loadable.
@@ -25,6 +26,7 @@ from sat_video.common.files import atomic_write
 from sat_video.formats.sat_checkpoint import MODEL_STATES
 
 TMP_PREFIX = ".tmp-"
+LOCK_NAME = ".lock"
 RUN_FILES = ("latest", "metrics.jsonl", "config.yaml", "skipped_files.txt")
 
 
@@ -50,6 +52,11 @@ class RunFolder:
 
     def hang_file(self, rank: int) -> Path:
         return self.path / hang_file_name(rank)
+
+    @property
+    def lock_file(self) -> Path:
+        """Hidden, so no checkpoint name or clean-up (``start_fresh``, ``remove_partial``) ever matches it."""
+        return self.path / LOCK_NAME
 
     def iterations(self) -> list[int]:
         """Iterations of complete checkpoints on disk, oldest first."""

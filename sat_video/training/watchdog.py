@@ -30,6 +30,7 @@ HINTS = {
     "optimizer step": "another rank that stopped (ZeRO reduces and gathers here)",
     "collective (loss all-reduce)": "another rank that stopped or crashed",
     "collective (gathering skipped files)": "another rank that stopped or crashed",
+    "callbacks": "a callback's own work after the step (sat_video/training/callbacks.py), or a rank that stopped",
     "saving checkpoint": "a full or stuck file system, or another rank that stopped",
     "validation": "another rank that stopped, or sampling slower than train.slow_stage_timeout_s allows",
     "start-up": "a stuck file system (checkpoint loading) or a rank that did not join",

@@ -1,9 +1,5 @@
 """LoRAMixin: identity at init, only adapters train, merge = unmerged, diffusers adapter parity, SAT LoRA
-checkpoints, clear errors, and a LoRA run through tools/train_video.py."""
-
-import os
-import subprocess
-import sys
+checkpoints, clear errors, and a LoRA training run."""
 
 import pytest
 import torch
@@ -20,6 +16,7 @@ from sat_video.training.optim import select_trainable
 from tests.conftest import ROOT, VARIANTS, randomize_, tiny_config, tiny_inputs
 from tests.formats.test_sat_checkpoint import _sat_lora_state
 from tests.numerics import FLOAT32_RTOL, assert_close_rel, assert_identical
+from tests.training.runs import BASE, train_here
 from tools.convert_to_diffusers import main as convert_to_diffusers
 
 ALL_TARGETS = "[attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h]"
@@ -379,7 +376,7 @@ def test_adapter_export_needs_lora_weights(tmp_path, capsys):
     assert not (tmp_path / "hf").exists()
 
 
-# ---------------------------------------------------------------------- training through tools/train_video.py
+# ---------------------------------------------------------------------- training (one rank, in this process)
 
 
 @pytest.mark.slow
@@ -388,27 +385,11 @@ def test_lora_training_run_changes_only_lora_weights_and_resumes(train_assets, t
     base = randomize_(sat_video.build_dit(tiny_config("cogvideox_2b")))
     sat_video.save_checkpoint(base, tmp_path / "base", 1)
     save = tmp_path / "run"
-    configs = [str(ROOT / "configs" / name) for name in ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml", "lora.yaml")]
+    configs = [*BASE, str(ROOT / "configs" / "lora.yaml")]
 
     def train(*overrides):
-        command = [
-            sys.executable,
-            str(ROOT / "tools" / "train_video.py"),
-            "--base",
-            *configs,
-            f"data.sources=[{train_assets / 'data'}]",
-            f"model.text_encoder.path={train_assets / 't5'}",
-            f"train.save={save}",
-            f"train.init_checkpoint={tmp_path / 'base'}",
-            "train.tensorboard=false",
-            "model.dit.mixins.lora.rank=4",
-            "train.save_interval=2",
-            *overrides,
-        ]
-        proc = subprocess.run(
-            command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
-        )
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        train_here(train_assets, save, f"train.init_checkpoint={tmp_path / 'base'}", "model.dit.mixins.lora.rank=4",
+                   "train.save_interval=2", *overrides, base=configs)
 
     train("train.train_iters=2")
     after_two = {k[len(SAT_PREFIX) :]: v for k, v in read_state_dict(save).items()}

@@ -1,14 +1,13 @@
-"""End-to-end training through tools/train_video.py: torchrun with two CPU processes, DeepSpeed ZeRO-2,
-real mp4 files, exact resume, a SIGKILL while saving, bad files, non-finite steps."""
+"""End-to-end training: torchrun with two CPU processes and DeepSpeed ZeRO-2 on real mp4 files, exact resume, a
+SIGKILL while saving, a stuck rank; one process for bad files, non-finite steps and refused starts (in this process
+where the run needs no process of its own)."""
 
 import contextlib
-import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,42 +16,13 @@ import pytest
 import torch
 
 from sat_video.formats.sat_checkpoint import read_state_dict
-from sat_video.training.trainer import PAUSE_BEFORE_COMMIT_ENV
 from sat_video.training.watchdog import EXIT_GRACE_S, HANG_EXIT_CODE
 from tests.conftest import ROOT, start_fake_build, write_hostile_videos
 from tests.numerics import FLOAT32_RTOL, assert_close_rel
+from tests.training.runs import BASE, command, launch, metrics, ok, train_here, train_video_here
+from tools.train_video import main as train_video
 
 pytestmark = pytest.mark.slow
-
-BASE = [str(ROOT / "configs" / name) for name in ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml")]
-
-
-def command(assets, save, *overrides, nproc=1, data=None, restarts=0):
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={restarts}"]
-        if nproc > 1
-        else [sys.executable]
-    )
-    return [
-        *launcher,
-        str(ROOT / "tools" / "train_video.py"),
-        "--base",
-        *BASE,
-        f"data.sources=[{data or assets / 'data'}]",
-        f"model.text_encoder.path={assets / 't5'}",
-        f"train.save={save}",
-        "train.tensorboard=false",
-        *overrides,
-    ]
-
-
-def run(*args, env=None, **kwargs):
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(command(*args, **kwargs), cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
-
-
-def metrics(save):
-    return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
 
 
 def kill_process_tree(pid):
@@ -73,14 +43,9 @@ def kill_process_tree(pid):
             os.kill(member, signal.SIGKILL)
 
 
-def ok(proc):
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
 def test_two_processes_zero2_loss_finite_and_falls(train_assets, tmp_path):
     save = tmp_path / "run"
-    proc = ok(run(train_assets, save, "train.train_iters=40", "train.save_interval=20", "train.tensorboard=true",
+    proc = ok(launch(train_assets, save, "train.train_iters=40", "train.save_interval=20", "train.tensorboard=true",
                   "data.random_start=true", nproc=2))
     records = metrics(save)
     assert [r["step"] for r in records] == list(range(1, 41))
@@ -130,7 +95,7 @@ def test_resume_is_exact_with_two_processes_and_the_in_run_cache_changes_no_loss
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # validation in the straight run only: sampling must not change what training draws
     ok(
-        run(
+        launch(
             train_assets,
             straight,
             "train.train_iters=6",
@@ -145,8 +110,8 @@ def test_resume_is_exact_with_two_processes_and_the_in_run_cache_changes_no_loss
     )
     assert sorted(p.name for p in (straight / "samples").iterdir()) == ["2", "4", "6"]
     assert (straight / "samples" / "6" / "contact_sheet.png").is_file()
-    ok(run(train_assets, resumed, "train.train_iters=3", *common, nproc=2, data=data))
-    proc = ok(run(train_assets, resumed, "train.train_iters=6", "train.resume=latest", *common, nproc=2, data=data))
+    ok(launch(train_assets, resumed, "train.train_iters=3", *common, nproc=2, data=data))
+    proc = ok(launch(train_assets, resumed, "train.train_iters=6", "train.resume=latest", *common, nproc=2, data=data))
     a, b = metrics(straight), metrics(resumed)
     assert [r["step"] for r in b] == list(range(1, 7))
     assert [r["epoch"] for r in b] == [0, 0, 1, 1, 2, 2]
@@ -166,9 +131,9 @@ def test_resume_is_exact_with_two_processes_and_the_in_run_cache_changes_no_loss
 def test_sigkill_while_saving_resumes_from_previous_checkpoint(train_assets, tmp_path):
     save = tmp_path / "run"
     args = ["train.train_iters=4", "train.save_interval=2", "train.resume=auto"]  # the same command both times
-    env = {**os.environ, "OMP_NUM_THREADS": "1", PAUSE_BEFORE_COMMIT_ENV: "4"}
-    proc = subprocess.Popen(
-        command(train_assets, save, *args, nproc=2),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(  # each checkpoint's commit waits a few seconds (tests/training/paused_commit.py)
+        command(train_assets, save, *args, nproc=2, script=ROOT / "tests" / "training" / "paused_commit.py"),
         cwd=ROOT,
         env=env,
         start_new_session=True,
@@ -187,13 +152,13 @@ def test_sigkill_while_saving_resumes_from_previous_checkpoint(train_assets, tmp
     assert (save / "latest").read_text().strip() == "2" and not (save / "4").exists()
     read_state_dict(save)  # the previous checkpoint is complete and loadable
 
-    resumed = ok(run(train_assets, save, *args, nproc=2))
+    resumed = ok(launch(train_assets, save, *args, nproc=2))
     assert f"train.resume=auto: resuming from {save / '2'}" in resumed.stderr
     assert (save / "latest").read_text().strip() == "4" and not (save / ".tmp-4").exists()
     assert [r["step"] for r in metrics(save)] == [1, 2, 3, 4]
 
 
-def test_bad_and_hostile_files_are_skipped_and_reported_and_a_killed_build_costs_nothing(train_assets, tmp_path):
+def test_bad_and_hostile_files_are_skipped_and_reported_and_a_killed_build_costs_nothing(train_assets, tmp_path, capsys):
     from sat_video.data.video_io import write_mp4
 
     data = tmp_path / "data"
@@ -209,8 +174,15 @@ def test_bad_and_hostile_files_are_skipped_and_reported_and_a_killed_build_costs
     for name in bad:
         (labels / name).with_suffix(".txt").write_text("a bad file\n")
     save = tmp_path / "run"
+    # A process of its own: its peak memory is the run's, and DeepSpeed starts there for the first time, where a
+    # first-run build of its shm op killed midway (as a pre-empted job leaves it) must neither block it nor be built again.
+    extensions = tmp_path / "torch_extensions"
+    killed = start_fake_build(extensions / "deepspeed_shm_comm")
+    killed.kill()
+    killed.wait()
     # 11 files, one process, micro-batch 1: 22 steps visit every file at least once
-    proc = ok(run(train_assets, save, "train.train_iters=22", "train.micro_batch_size=1", "train.save_interval=100", data=data))
+    proc = ok(launch(train_assets, save, "train.train_iters=22", "train.micro_batch_size=1", "train.save_interval=100", data=data,
+                     env={"TORCH_EXTENSIONS_DIR": str(extensions)}))
     report = (save / "skipped_files.txt").read_text()
     for name in bad:
         assert name in report and name in proc.stderr
@@ -220,23 +192,17 @@ def test_bad_and_hostile_files_are_skipped_and_reported_and_a_killed_build_costs
     records = metrics(save)
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in records])))
     assert max(r["cpu_peak_rss_gb"] for r in records) < 1.5, [r["cpu_peak_rss_gb"] for r in records]
-
-    # the finished run is not overwritten by a fresh start ...
-    again = run(train_assets, save, "train.train_iters=1", data=data)
-    assert again.returncode == 2 and "already holds a run" in again.stderr and "train.resume=latest" in again.stderr
-    assert (save / "latest").read_text().strip() == "22"
-    # ... unless asked to; and a first-run build of DeepSpeed's shm op killed midway (as a pre-empted job leaves
-    # it) neither blocks that run nor is built again
-    extensions = tmp_path / "torch_extensions"
-    killed = start_fake_build(extensions / "deepspeed_shm_comm")
-    killed.kill()
-    killed.wait()
-    started = time.monotonic()
-    proc = ok(run(train_assets, save, "train.train_iters=1", "train.overwrite=true", "train.micro_batch_size=1", data=data,
-                  env={"TORCH_EXTENSIONS_DIR": str(extensions)}))
-    assert time.monotonic() - started < 60
     assert f"removed {extensions / 'deepspeed_shm_comm' / 'lock'}" in proc.stderr
     assert list(extensions.rglob("*")) == [extensions / "deepspeed_shm_comm"]  # nothing was built
+    assert records[0]["startup_s"] < 60  # nothing waited for the lock
+
+    # the finished run is not overwritten by a fresh start ...
+    assert train_video_here(train_assets, save, "train.train_iters=1", data=data) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "train.resume=latest" in err
+    assert (save / "latest").read_text().strip() == "22"
+    # ... unless asked to
+    train_here(train_assets, save, "train.train_iters=1", "train.overwrite=true", "train.micro_batch_size=1", data=data)
     assert (save / "latest").read_text().strip() == "1" and not (save / "22").exists()
 
 
@@ -244,9 +210,9 @@ def test_a_stuck_rank_ends_the_job_with_stacks_and_a_restart_continues_from_the_
     save = tmp_path / "run"
     hang = ["model.dit.mixin_modules=[tests.training.hang_mixin]", "model.dit.mixins.hang.type=test_hang_on_rank",
             "model.dit.mixins.hang.rank=1", "model.dit.mixins.hang.after_forwards=2"]  # in each attempt, rank 1's 3rd step hangs
-    # The README's recipe for unattended jobs: torchrun restarts a failed job (its shared-store bug worked around),
+    # docs/troubleshooting.md's recipe for unattended jobs: torchrun restarts a failed job (its shared-store bug worked around),
     # and train.resume=auto continues from the last checkpoint. Attempt 1 hangs in step 3; attempt 2 runs steps 3-4.
-    proc = ok(run(train_assets, save, *hang, "train.train_iters=4", "train.save_interval=2", "train.hang_timeout_s=8",
+    proc = ok(launch(train_assets, save, *hang, "train.train_iters=4", "train.save_interval=2", "train.hang_timeout_s=8",
                   "train.resume=auto", nproc=2, restarts=1,
                   env={"PYTHONPATH": str(ROOT), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}))
     saved = re.search(r"^(\S+ \S+) sat_video.train: saved checkpoint \S+/2$", proc.stderr, re.MULTILINE).group(1)
@@ -268,30 +234,23 @@ def test_a_stuck_rank_ends_the_job_with_stacks_and_a_restart_continues_from_the_
     assert [r["step"] for r in metrics(save)] == [1, 2, 3, 4]
 
 
-def test_dataset_without_usable_sample_fails_at_start(tmp_path, train_assets):
+def test_dataset_without_usable_sample_fails_at_start(tmp_path, train_assets, capsys):
     data = tmp_path / "data"
     (data / "videos").mkdir(parents=True)
     (data / "labels").mkdir()
     (data / "videos" / "a.mp4").write_bytes(b"")
     (data / "labels" / "a.txt").write_text("caption\n")
-    proc = run(train_assets, tmp_path / "run", data=data)
-    assert proc.returncode == 2 and "no usable sample" in proc.stderr and "a.mp4" in proc.stderr
+    assert train_video_here(train_assets, tmp_path / "run", data=data) == 2
+    err = capsys.readouterr().err
+    assert "no usable sample" in err and "a.mp4" in err
 
 
-def test_non_finite_steps_stop_the_run_with_a_checkpoint(train_assets, tmp_path):
+def test_non_finite_steps_stop_the_run_with_a_checkpoint(train_assets, tmp_path, capsys):
     save = tmp_path / "run"
-    proc = run(
-        train_assets,
-        save,
-        "train.train_iters=20",
-        "train.max_nonfinite_steps=3",
-        "train.optimizer.lr=1e30",
-        "train.lr_schedule.warmup_iters=0",
-        "train.lr_schedule.min_lr=0",
-        "train.grad_clip=0",
-    )
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "3 steps in a row had a non-finite loss or gradients" in proc.stderr
+    status = train_video_here(train_assets, save, "train.train_iters=20", "train.max_nonfinite_steps=3",
+                              "train.optimizer.lr=1e30", "train.lr_schedule.warmup_iters=0", "train.lr_schedule.min_lr=0",
+                              "train.grad_clip=0")
+    assert status == 1 and "3 steps in a row had a non-finite loss or gradients" in capsys.readouterr().err
     records = metrics(save)
     assert records[-1]["skipped_steps"] == 3
     weights = read_state_dict(save)  # the last good state, saved before stopping
@@ -299,11 +258,6 @@ def test_non_finite_steps_stop_the_run_with_a_checkpoint(train_assets, tmp_path)
 
 
 def test_config_typo_exits_nonzero_naming_the_key(capsys):
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import train_video
-    finally:
-        sys.path.pop(0)
-    assert train_video.main(["--base", *BASE, "model.dit.hiden_size=64"]) == 2
+    assert train_video(["--base", *BASE, "model.dit.hiden_size=64"]) == 2
     err = capsys.readouterr().err
     assert "model.dit.hiden_size" in err and "did you mean 'hidden_size'" in err

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from tests.numerics import FLOAT32_RTOL
-from tests.training.test_trainer import metrics, ok, run
+from tests.training.runs import launch, metrics, ok
 
 pytestmark = pytest.mark.slow
 
@@ -17,10 +17,10 @@ VALIDATION = ["train.validation.interval=2", "train.validation.prompts=[a red sq
 
 def test_zero3_validation_samples_logs_memory_and_leaves_training_unchanged(train_assets, tmp_path):
     with_validation, without = tmp_path / "validated", tmp_path / "plain"
-    proc = ok(run(train_assets, with_validation, *COMMON, *VALIDATION, nproc=2))
+    proc = ok(launch(train_assets, with_validation, *COMMON, *VALIDATION, nproc=2))
     # ZeRO-3's engine outlives shutdown() (its hooks hold it): the process ends without interpreter finalization
     assert "outlived shutdown(): ending the process without interpreter finalization" in proc.stderr
-    ok(run(train_assets, without, *COMMON, nproc=2))
+    ok(launch(train_assets, without, *COMMON, nproc=2))
 
     a, b = metrics(with_validation), metrics(without)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
