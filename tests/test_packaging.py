@@ -10,6 +10,8 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 PACKAGES = ("sat_video", "mixins")
@@ -43,6 +45,7 @@ def _checkout_modules() -> list[str]:
     return sorted(names)
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_every_module_and_imports_outside_the_checkout(tmp_path):
     source = tmp_path / "source"  # a copy, so that building leaves no build/ or egg-info in the checkout
     source.mkdir()

@@ -30,6 +30,7 @@ def _saved(tmp_path, variant="cogvideox_5b", seed=0):
     return model, tmp_path / f"{variant}-sat"
 
 
+@pytest.mark.slow
 def test_cli_export_writes_a_loadable_transformer_and_the_matching_scheduler(tmp_path):
     _, ckpt = _saved(tmp_path, "cogvideox_2b")
     result = subprocess.run(

@@ -200,9 +200,9 @@ def measure_quality(cfg: DictConfig, checkpoint: Path | None, prompts: Sequence[
             dit = build_dit(cfg)
         load_checkpoint(dit, checkpoint)
     spec = ClipSpec.from_config(cfg.data, cfg.model.dit)
-    generator = VideoGenerator(dit.eval(), build_frozen_stages(cfg.model), device=device,
+    video_generator = VideoGenerator(dit.eval(), build_frozen_stages(cfg.model), device=device,
                                snr_shift_scale=cfg.model.diffusion.snr_shift_scale)
-    videos = generator.generate([p.caption for p in prompts], cfg.sample, num_frames=spec.num_frames, height=spec.height,
+    videos = video_generator.generate([p.caption for p in prompts], cfg.sample, num_frames=spec.num_frames, height=spec.height,
                                 width=spec.width, batch_size=batch_size)
     write_samples(out / "samples", videos, cfg.data.fps, overwrite=True)
     scores = score(prompts, [v.frames.numpy() for v in videos], references)

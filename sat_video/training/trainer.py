@@ -156,11 +156,12 @@ class Trainer:
         world = self.layout.data_size if diffusion.interval_timesteps else 1
         data_rank = self.layout.data_rank if diffusion.interval_timesteps else 0
         self.interval = timestep_interval(data_rank, world, diffusion.num_train_timesteps)
-        module = DiffusionLoss(dit, NoiseSchedule(diffusion.snr_shift_scale, diffusion.num_train_timesteps), ofs=diffusion.ofs)
+        schedule = NoiseSchedule(diffusion.snr_shift_scale, diffusion.num_train_timesteps)
+        diffusion_loss = DiffusionLoss(dit, schedule, ofs=diffusion.ofs)
         self.optimizer = FiniteAdamW(parameter_groups(dit, cfg.train.optimizer.weight_decay), cfg.train.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda_by_period(cfg, self.periods))
         self.engine, _, _, _ = deepspeed.initialize(
-            model=module,
+            model=diffusion_loss,  # the DiT with its loss: what DeepSpeed trains
             optimizer=self.optimizer,
             lr_scheduler=self.scheduler,
             config=deepspeed_config(cfg.deepspeed, cfg.train),

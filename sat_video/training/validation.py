@@ -36,7 +36,7 @@ class Validation:
         cfg, dit_config = self.cfg, dit.dit_config
         validation = cfg.train.validation
         sizes = [tuple(size) for size in validation.sizes] or [(dit_config.num_frames, clip_spec.height, clip_spec.width)]
-        generator = VideoGenerator(  # the engine's DiT as it is: under ZeRO-3 each block is gathered as it runs
+        video_generator = VideoGenerator(  # the engine's DiT as it is: under ZeRO-3 each block is gathered as it runs
             dit,
             self.frozen_stages,
             snr_shift_scale=cfg.model.diffusion.snr_shift_scale,
@@ -47,7 +47,7 @@ class Validation:
         folder = self.run_folder.path / "samples" / str(iteration)
         for frames, height, width in sizes:
             image = load_image(validation.image, height, width) if validation.image else None
-            videos = generator.generate(list(validation.prompts), cfg.sample, num_frames=frames, height=height,
+            videos = video_generator.generate(list(validation.prompts), cfg.sample, num_frames=frames, height=height,
                                         width=width, image=image, steps=validation.steps)
             if self.env.is_main:  # one folder per size when several are asked for
                 size = Bucket(frames, height, width).name if validation.sizes else ""
@@ -56,5 +56,5 @@ class Validation:
         if not self.env.is_main:
             return None
         logger.info("validation at iteration %d took %.1f s; samples in %s\n%s", iteration, time.perf_counter() - started,
-                    folder, generator.memory.describe())
+                    folder, video_generator.memory.describe())
         return folder

@@ -4,9 +4,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_bench_tiny_writes_every_section(tmp_path):
     out = tmp_path / "RESULTS.md"
     proc = subprocess.run(

@@ -95,6 +95,7 @@ def test_vae_tiling_stays_close_to_exact_decode(train_assets):
         assert torch.equal(stages.encode_moments(small_clip)[0], exact_small_mean)
 
 
+@pytest.mark.slow
 def test_memory_estimate_within_20_percent_of_the_measured_peak(train_assets):
     cfg = load("cogvideox_2b", train_assets, "model.first_stage.tile_size=[32,48]", "model.first_stage.tile_overlap=[8,8]")
     for offload, tiled in (("none", False), ("sequential", True)):

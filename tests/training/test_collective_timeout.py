@@ -5,6 +5,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = """
 import sys, time
 import torch, torch.distributed as dist
@@ -23,6 +25,7 @@ else:
 """
 
 
+@pytest.mark.slow
 def test_an_all_reduce_without_its_peer_fails_after_the_configured_timeout():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

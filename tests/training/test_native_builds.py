@@ -3,12 +3,14 @@
 import sys
 import time
 
+import pytest
 from deepspeed.comm.torch import build_shm_op
 
 from sat_video.training.native_builds import clear_stale_build_locks, find_build_locks, private_extensions_dir, skip_shm_op
 from tests.conftest import start_fake_build
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_build_is_left_alone(tmp_path):
     killed, live = start_fake_build(tmp_path / "deepspeed_shm_comm"), start_fake_build(tmp_path / "cpu_adam")
     try:

@@ -4,6 +4,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from sat_video.training.watchdog import HANG_EXIT_CODE
 
 SCRIPT = """
@@ -22,6 +24,7 @@ with Watchdog(1.0, 3.0, sys.argv[1], rank=5, exit_grace_s=0) as watchdog:
 """
 
 
+@pytest.mark.slow
 def test_a_stuck_stage_ends_the_process_with_its_name_and_every_stack(tmp_path):
     dump = tmp_path / "run" / "hang-rank5.txt"
     started = time.monotonic()
