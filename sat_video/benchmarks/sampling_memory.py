@@ -14,6 +14,7 @@ from sat_video.benchmarks.markdown import table
 from sat_video.benchmarks.measure import MIB
 from sat_video.common.live_tensors import LiveTensorBytes
 from sat_video.diffusion.memory_estimate import SamplingMemoryModel
+from sat_video.model.config import DiTConfig
 from sat_video.model.stages import SPATIAL_COMPRESSION
 
 if TYPE_CHECKING:
@@ -54,9 +55,9 @@ def vae_decode_rows(case: DecodeCase, config_folder: Path, seed: int = 0) -> lis
                  f"model.first_stage.tile_overlap=[{case.overlap[0]},{case.overlap[1]}]", "model.first_stage.path=null"]
     cfg = load_config([config_folder / name for name in case.configs], overrides)
     stages = build_frozen_stages(cfg.model, text_encoder=False)
-    latent_frames = (case.frames - 1) // 4 + 1
-    latents = torch.randn(1, 16, latent_frames, case.height // SPATIAL_COMPRESSION, case.width // SPATIAL_COMPRESSION,
-                          generator=torch.Generator().manual_seed(seed))
+    dit = DiTConfig.from_config(cfg)  # the latents the sampler decodes: out_channels, the clip's latent frames
+    latents = torch.randn(1, dit.out_channels, dit.latent_frames_of(case.frames), case.height // SPATIAL_COMPRESSION,
+                          case.width // SPATIAL_COMPRESSION, generator=torch.Generator().manual_seed(seed))
     estimate = SamplingMemoryModel(cfg, num_frames=case.frames, height=case.height, width=case.width,
                                    dtype=torch.float32)
     rows, videos = [], {}

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from omegaconf import OmegaConf
 
+from sat_video.benchmarks.machine import load_average
 from sat_video.common.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -330,14 +331,13 @@ def compare(commands: Commands, configs: Path, workdir: Path, setup: ComparisonS
         DIFFUSERS: lambda: run_diffusers(commands, configs, script, assets, setup, workdir),
     }
     runs: dict[str, list[dict]] = {name: [] for name in rows}
-    load = [os.getloadavg()] if hasattr(os, "getloadavg") else []
+    load_before = load_average()
     for round_ in range(setup.rounds):
         for name in list(rows) if round_ % 2 == 0 else reversed(list(rows)):
             runs[name].append(rows[name]())
             print(f"trainers round {round_ + 1}/{setup.rounds}: {name} done", flush=True)
-    if load:
-        load.append(os.getloadavg())
-    before_loop = [r["before_loop"]["encode_s"] for r in runs.get(DIFFUSERS, []) if r["before_loop"]]
+    load = [load_before, load_average()] if load_before else []
+    before_loop = [r["before_loop"]["encode_s"] for r in runs[DIFFUSERS] if r["before_loop"]]
     return {
         "rows": {name: summarize(row_runs) for name, row_runs in runs.items()},
         "diffusers": provenance,

@@ -286,14 +286,15 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> LoopState:
     process group behind."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     rank = int(os.environ.get("RANK", 0))  # the watchdog also watches joining the process group
-    watch = Watchdog(cfg.train.hang_timeout_s, cfg.train.slow_stage_timeout_s, RunFolder(cfg.train.save).hang_file(rank), rank)
+    run_folder = RunFolder(cfg.train.save)
+    watch = Watchdog(cfg.train.hang_timeout_s, cfg.train.slow_stage_timeout_s, run_folder.hang_file(rank), rank)
     with watch:
         env = init_distributed(cfg.train.collective_timeout_s)
         if not env.is_main:
             logging.getLogger("sat_video").setLevel(logging.WARNING)
         try:
             # taken before anything in train.save is read or written, released once every rank is done with it
-            lock = FolderLock(RunFolder(cfg.train.save).lock_file, f"train.save={cfg.train.save}", cfg.train.lock_stale_s)
+            lock = FolderLock(run_folder.lock_file, f"train.save={cfg.train.save}", cfg.train.lock_stale_s)
             with hold_folder_lock(lock, env.is_main):
                 trainer = Trainer(cfg, env, watch, callbacks)
                 try:

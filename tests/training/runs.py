@@ -29,10 +29,15 @@ def arguments(assets, save, *overrides, data=None, base=BASE):
     return ["--base", *map(str, base), *run_keys(assets, save, *overrides, data=data)]
 
 
-def command(assets, save, *overrides, nproc=1, data=None, restarts=0, script=ROOT / "tools" / "train_video.py"):
+def command(assets, save, *overrides, nproc=1, data=None, restarts=0, script=ROOT / "tools" / "train_video.py",
+            monitor_interval_s=None):
+    """``monitor_interval_s``: how often torchrun looks at its workers; a long one lets the other ranks end by themselves
+    (with their own message) when one exits, before torchrun stops them."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={restarts}"]
+        if monitor_interval_s is not None:
+            launcher.append(f"--monitor-interval={monitor_interval_s}")
     return [*launcher, str(script), *arguments(assets, save, *overrides, data=data)]
 
 

@@ -19,8 +19,8 @@ from sat_video.common.errors import FolderInUseError
 from sat_video.data.latent_cache import LatentCache
 from sat_video.training.folder_lock import FolderLock, LockHolder, hold_folder_lock, lock_file_beside
 from tests.conftest import ROOT
+from tests.training.runs import BASE, launch
 
-BASE = [str(ROOT / "configs" / name) for name in ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml")]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 LOGGER = "sat_video.training.folder_lock"
 # A job holding the lock on argv[1]; it refreshes only hourly, so that the lock file stays as it is during a test.
@@ -225,12 +225,6 @@ def precompute(assets, out, nproc):
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
 
-def train_video(assets, save, *overrides, nproc=1):
-    command = [*torchrun(nproc), str(ROOT / "tools" / "train_video.py"), "--base", *BASE, f"data.sources=[{assets / 'data'}]",
-               f"model.text_encoder.path={assets / 't5'}", f"train.save={save}", "train.tensorboard=false", *overrides]
-    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
 def test_precompute_under_torchrun_takes_one_lock_beside_its_output_and_both_ranks_stop_when_it_is_held(train_assets,
                                                                                                          tmp_path):
@@ -264,9 +258,9 @@ def test_train_video_on_a_run_folder_a_live_job_holds_stops_every_rank_and_chang
         before = snapshot(save)
         refusal = (f"train_video: error: train.save={save} is in use by another job: {save / '.lock'} is held by process "
                    f"{holder.pid}")
-        proc = train_video(train_assets, save, "train.resume=auto")
+        proc = launch(train_assets, save, "train.resume=auto")
         assert proc.returncode == 2 and refusal in proc.stderr, proc.stderr[-4000:]
-        proc = train_video(train_assets, save, "train.resume=auto", nproc=2)
+        proc = launch(train_assets, save, "train.resume=auto", nproc=2, monitor_interval_s=5)
         assert proc.returncode != 0 and proc.stderr.count(refusal) == 2, proc.stderr[-4000:]
         assert snapshot(save) == before
     finally:
