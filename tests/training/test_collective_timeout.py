@@ -10,7 +10,7 @@ import pytest
 SCRIPT = """
 import sys, time
 import torch, torch.distributed as dist
-from sat_video.training.distributed import init_distributed
+from sat_video.training.distributed import exit_process, init_distributed
 env = init_distributed(collective_timeout_s=3)
 if env.rank == 1:
     time.sleep(30)  # a peer that stopped: never joins the all-reduce
@@ -20,7 +20,7 @@ else:
         dist.all_reduce(torch.ones(4))
     except Exception as err:
         print(f"failed after {time.monotonic() - started:.1f} s: {type(err).__name__}", flush=True)
-        sys.exit(0)
+        exit_process(0)  # the group's gloo threads live on: finalizing the interpreter under them can abort
     sys.exit("the all-reduce returned without its peer")
 """
 
