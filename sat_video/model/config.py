@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sat_video.common.constraints import at_least, check_fields
+from sat_video.common.constraints import at_least, check_fields, one_of
 from sat_video.common.errors import ConfigError
 from sat_video.model.context import TokenGrid
 
@@ -58,6 +58,9 @@ class DiTConfig:
     later file giving it another ``type`` replaces it (parameters are not carried over)."""
     mixin_modules: list[str] = field(default_factory=list)
     """Extra Python modules to import so that their ``@register_mixin`` classes can be named in ``type``."""
+    storage_dtype: str | None = field(default=None, metadata=one_of(None, "float8_e4m3fn", "float8_e5m2"))
+    """``float8_e4m3fn`` or ``float8_e5m2``: the frozen base weights are stored in fp8 and upcast layer by layer to the
+    compute dtype just before use (LoRA only); ``null``: stored in the compute dtype."""
 
     @classmethod
     def from_config(cls, cfg: DictConfig | DiTConfig) -> DiTConfig:

@@ -90,6 +90,9 @@ class TrainConfig:
     """With activation checkpointing, keep each block's attention-kernel output (``[B, N, D]`` plus softmax
     statistics) so that backward does not run the attention forward kernel again; ``false`` keeps only each
     block's input (least memory, most recomputation)."""
+    offload_blocks: int = field(default=0, metadata=at_least(0))
+    """Keep this many of the DiT's (frozen) transformer blocks in host memory and stream each to the device for its
+    forward and its backward recomputation (LoRA only); 0 keeps every block on the device."""
     compile: bool = False
     """``torch.compile`` each transformer block (inductor) before training; the first steps compile (minutes
     at full size). ``tools/bench.py --compile`` measures what it gains on the machine at hand."""
