@@ -58,7 +58,7 @@ class DiTConfig:
     later file giving it another ``type`` replaces it (parameters are not carried over)."""
     mixin_modules: list[str] = field(default_factory=list)
     """Extra Python modules to import so that their ``@register_mixin`` classes can be named in ``type``."""
-    storage_dtype: str | None = field(default=None, metadata=one_of(None, "float8_e4m3fn", "float8_e5m2"))
+    storage_dtype: str | None = field(default=None, metadata=one_of("float8_e4m3fn", "float8_e5m2"))
     """``float8_e4m3fn`` or ``float8_e5m2``: the frozen base weights are stored in fp8 and upcast layer by layer to the
     compute dtype just before use (LoRA only); ``null``: stored in the compute dtype."""
 
