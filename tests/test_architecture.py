@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 LAYERS = [
     "sat_video.common", "sat_video.model", "mixins", "sat_video.model.build", "sat_video.data", "sat_video.fixtures",
     "sat_video.diffusion", "sat_video.formats", "sat_video.training", "sat_video.config", "sat_video.benchmarks",
-    "sat_video.experiments",
+    "sat_video.experiments", "sat_video.gpu_check",
 ]
 
 

@@ -21,11 +21,22 @@ over interleaved repetitions after warm-up):
   activation memory and the share of the step spent in collectives.
 * Sampling memory: VAE decode exact vs tiled (time, peak, PSNR, the estimate), and the predicted full-size peak of
   each model per offload and tiling mode.
-* Fine-tuning: ``tools/train_video.py`` against diffusers' ``examples/cogvideo/train_cogvideox_lora.py`` (LoRA, same
-  tiny model, VAE, T5 and clips), first-epoch and later-epoch step time, start-up, peak RSS, where a step's time goes.
-  ``--only trainers`` runs just this section and replaces it inside an existing ``--out``:
+* Fine-tuning (``trainers``): ``tools/train_video.py`` against diffusers' ``examples/cogvideo/train_cogvideox_lora.py``
+  (LoRA, same tiny model, VAE, T5 and clips), first-epoch and later-epoch step time, start-up, peak RSS, where a step's
+  time goes.
+* fp8-stored frozen weights (``fp8_storage``): a LoRA step with ``model.dit.storage_dtype`` vs the compute dtype: time,
+  weight bytes, output error; the published models' weight bytes.
+* Block offload while training (``block_streaming``): a LoRA step with ``train.offload_blocks`` K = 0, half, all: time
+  and the weights left on the device, against ``offloaded_bytes``' prediction.
+* Training memory (``training_memory``): the planner (``--estimate-memory``) against the measured peak of real tiny
+  runs, LoRA and SFT, ZeRO-2 and ZeRO-3, three clip sizes (12 runs of ``tools/train_video.py``, about 2 minutes).
+
+The sections named in parentheses also regenerate alone: ``--only NAME [NAME ...]`` runs just those and replaces them
+inside an existing ``--out`` (a section it lacks goes where the report's order puts it), leaving the rest as it was;
+each shows the command that regenerates it:
 
     python tools/bench.py --only trainers --trainer-steps 24 --trainer-rounds 2
+    python tools/bench.py --only fp8_storage block_streaming training_memory --dtypes fp32
 """
 
 from __future__ import annotations
@@ -40,15 +51,17 @@ from pathlib import Path
 
 import torch
 
-from sat_video.benchmarks import fine_tuning
-from sat_video.benchmarks.context import Bench, Commands, measure
+from sat_video.benchmarks import fine_tuning, training_memory
+from sat_video.benchmarks.context import Bench, Commands, measure, standalone
 from sat_video.benchmarks.presets import DTYPES, PRESETS, Preset
-from sat_video.benchmarks.report import SECTIONS, assemble
+from sat_video.benchmarks.report import SECTIONS, assemble, update
 from sat_video.benchmarks.trainer_comparison import DIFFUSERS_SCRIPT_ENV, ComparisonSetup, diffusers_script
 from sat_video.config.cli import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "RESULTS.md"
+STANDALONE = {name: section for section in SECTIONS if (name := standalone(section))}
+"""``--only`` name -> section."""
 COMMANDS = Commands(
     train=(sys.executable, str(ROOT / "tools" / "train_video.py")),
     precompute=(sys.executable, str(ROOT / "tools" / "precompute_latents.py")),
@@ -71,8 +84,9 @@ def run(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
                         help="precisions of the DiT sections (a CPU without bf16 instructions emulates bf16 matmuls "
                              "at a fraction of a GFLOP/s: measure fp32 only there)")
-    parser.add_argument("--only", choices=["trainers"],
-                        help="run only this section and replace it inside --out (which keeps everything else)")
+    parser.add_argument("--only", nargs="+", choices=list(STANDALONE), metavar="NAME",
+                        help=f"run only these sections ({', '.join(STANDALONE)}) and replace them inside --out (which "
+                             "keeps everything else)")
     parser.add_argument("--trainer-steps", type=int, help="optimizer steps per fine-tuning run (default: the preset's)")
     parser.add_argument("--trainer-rounds", type=int, help="runs of each fine-tuning row (default: the preset's)")
     parser.add_argument("--diffusers-script", type=Path,
@@ -81,24 +95,23 @@ def run(argv=None) -> int:
     command = shlex.join(["python", "tools/bench.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     preset = PRESETS[args.sizes]
-    only_trainers = args.only == "trainers"
-    trainers = _trainer_setup(args, preset) if only_trainers or preset.trainers else None
+    sections = tuple(s for s in SECTIONS if standalone(s) in args.only) if args.only else SECTIONS
+    trainers = _trainer_setup(args, preset) if fine_tuning in sections and (args.only or preset.trainers) else None
     if trainers is not None:
-        diffusers_script(args.diffusers_script)  # the section comes last: a missing script fails now, not in an hour
-    trainers_command = command if only_trainers else shlex.join(["python", "tools/bench.py", "--only", "trainers",
-                                                                     *_trainer_arguments(args)])
-    sections = (fine_tuning,) if only_trainers else SECTIONS
+        diffusers_script(args.diffusers_script)  # the section comes late: a missing script fails now, not in an hour
+    alone_commands = {name: shlex.join(["python", "tools/bench.py", "--only", name, *_alone_arguments(args, name)])
+                      for name in STANDALONE}
     with tempfile.TemporaryDirectory(prefix="sat_video_bench_") as workdir:
         bench = Bench(preset=preset, device=torch.device(args.device), dtypes={label: DTYPES[label] for label in args.dtypes},
                       threads=args.threads, configs=ROOT / "configs", workdir=Path(workdir), commands=COMMANDS,
                       compile_blocks=args.compile, trainers=trainers, diffusers_script=args.diffusers_script,
-                      trainers_command=trainers_command)
+                      alone_commands=alone_commands)
         measure(sections, bench)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if only_trainers:
+    if args.only:
         old = args.out.read_text() if args.out.exists() else ""
-        args.out.write_text(fine_tuning.update(old, bench.rows(fine_tuning)))
-        print(f"wrote the fine-tuning section of {args.out}")
+        args.out.write_text(update(old, bench.results))
+        print(f"wrote the sections {', '.join(args.only)} of {args.out}")
     else:
         args.out.write_text(assemble(sections, bench.results, command) + "\n")
         print(f"wrote {args.out}")
@@ -113,12 +126,22 @@ def _trainer_setup(args, preset: Preset) -> ComparisonSetup:
                    rounds=args.trainer_rounds or setup.rounds)
 
 
-def _trainer_arguments(args) -> list[str]:
-    """The arguments of this run that the fine-tuning section depends on."""
-    given = {"--sizes": args.sizes, "--threads": args.threads, "--trainer-steps": args.trainer_steps,
-             "--trainer-rounds": args.trainer_rounds, "--diffusers-script": args.diffusers_script, "--out": args.out}
-    defaults = {"--sizes": "default", "--threads": os.cpu_count(), "--out": DEFAULT_OUT}
-    return [str(part) for flag, value in given.items() if value not in (None, defaults.get(flag)) for part in (flag, value)]
+def _alone_arguments(args, name: str) -> list[str]:
+    """The arguments of this run, other than their defaults, that the section ``name`` depends on."""
+    given = {"--sizes": args.sizes, "--threads": args.threads}
+    if name == fine_tuning.STANDALONE:
+        given |= {"--trainer-steps": args.trainer_steps, "--trainer-rounds": args.trainer_rounds,
+                  "--diffusers-script": args.diffusers_script}
+    elif name != training_memory.STANDALONE:  # the DiT sections' device and precisions (training runs on the CPU, fp32)
+        given |= {"--device": args.device, "--dtypes": args.dtypes}
+    given["--out"] = args.out
+    defaults = {"--sizes": "default", "--threads": os.cpu_count(), "--out": DEFAULT_OUT,
+                "--device": "cuda" if torch.cuda.is_available() else "cpu", "--dtypes": list(DTYPES)}
+    parts = []
+    for flag, value in given.items():
+        if value not in (None, defaults.get(flag)):
+            parts += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return parts
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from sat_video.diffusion.offload import OFFLOAD_MODES
 from sat_video.diffusion.sampling import VideoGenerator, write_samples
 from sat_video.model.build import build_frozen_stages
 from sat_video.model.config import DiTConfig
+from sat_video.model.storage_dtype import store_frozen_weights
 from sat_video.training.distributed import exit_process, init_distributed, shutdown
 from sat_video.training.sequence_parallel import SequenceParallelGroups
 
@@ -105,6 +106,7 @@ def sample(cfg, ckpt: str, texts: list[str], image_path: str | None, out: str, d
     env = join_sequence_group(model, cfg.parallel.sequence_parallel_size)
     device = env.device if env else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(dtype).eval()  # the video generator places the weights as sample.offload says
+    store_frozen_weights(model.requires_grad_(False), cfg.model.dit.storage_dtype)  # fp8 weights, upcast per layer
     stages = build_frozen_stages(cfg.model).to(dtype)
     image = load_image(image_path, spec.height, spec.width) if image_path else None
     video_generator = VideoGenerator(

@@ -34,7 +34,10 @@ class Commands:
 class Section(Protocol):
     """One section of the report, as a module: ``run`` measures and returns its rows, ``render`` writes them as
     markdown lines. A module with ``SUMMARY = True`` reads the rows of others (``bench.rows(module)``) or the state
-    of the machine after them, so it runs after every other section, wherever the report puts it."""
+    of the machine after them, so it runs after every other section, wherever the report puts it. A module with
+    ``STANDALONE = "<name>"`` also regenerates alone (``tools/bench.py --only <name>``, replacing itself inside an
+    existing report); it must not read other sections' rows, and shows ``bench.command_alone(STANDALONE)``. A module's
+    ``HEADING``, where it has one, is where a standalone section that comes before it goes in a report lacking it."""
 
     def run(self, bench: Bench) -> Any: ...
 
@@ -61,11 +64,15 @@ class Bench:
     """The fine-tuning comparison's setup; ``None``: not run."""
     diffusers_script: Path | None = None
     """diffusers' ``train_cogvideox_lora.py`` (else ``$SAT_VIDEO_DIFFUSERS_SCRIPT``)."""
-    trainers_command: str = ""
-    """The command that regenerates the fine-tuning section alone."""
+    alone_commands: dict[str, str] = field(default_factory=dict)
+    """``STANDALONE`` name -> the command that regenerates that section alone."""
     started: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
     load_before: tuple[float, float, float] | None = field(default_factory=load_average)
     results: dict[Section, Any] = field(default_factory=dict)
+
+    def command_alone(self, name: str) -> str:
+        """The command that regenerates the section ``STANDALONE = name`` alone."""
+        return self.alone_commands.get(name, f"python tools/bench.py --only {name}")
 
     def rows(self, section: Section) -> Any:
         """The rows ``section`` returned; it must have run before the section asking."""
@@ -74,6 +81,11 @@ class Bench:
             ran = ", ".join(getattr(s, "__name__", repr(s)) for s in self.results) or "none"
             raise LookupError(f"{name} has not run (sections run so far: {ran}); list it before the sections that read it")
         return self.results[section]
+
+
+def standalone(section: Section) -> str | None:
+    """The name ``tools/bench.py --only`` knows ``section`` by, if it regenerates alone."""
+    return getattr(section, "STANDALONE", None)
 
 
 def measure(sections: Sequence[Section], bench: Bench) -> None:

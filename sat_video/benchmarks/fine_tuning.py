@@ -1,22 +1,20 @@
 """Section *Fine-tuning*: ``tools/train_video.py`` against diffusers' LoRA script (:mod:`.trainer_comparison`).
 
-It is the one section that also regenerates alone (``tools/bench.py --only trainers``, a dozen training processes):
-the report keeps it between markers, and :func:`update` replaces it inside an existing report.
+It also regenerates alone (``tools/bench.py --only trainers``, a dozen training processes): ``STANDALONE``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sat_video.benchmarks.markdown import met, table
-from sat_video.benchmarks.method import HEADING as METHOD_HEADING
+from sat_video.benchmarks.markdown import met, regenerate_alone, table
 from sat_video.benchmarks.trainer_comparison import DIFFUSERS, DIT_SIZES, SAT_CACHE, SAT_LOADER_WORKERS, SAT_RAW, compare
 
 if TYPE_CHECKING:
     from sat_video.benchmarks.context import Bench
 
 HEADING = "## Fine-tuning: sat_video vs diffusers' train_cogvideox_lora.py"
-SECTION_BEGIN, SECTION_END = "<!-- bench:trainers -->", "<!-- /bench:trainers -->"
+STANDALONE = "trainers"
 PROFILE_LABELS = {"data_s": "data", "encode_s": "VAE + T5", "forward_s": "DiT forward", "backward_s": "backward",
                   "optimizer_s": "clip + optimizer"}
 
@@ -24,50 +22,20 @@ PROFILE_LABELS = {"data_s": "data", "encode_s": "VAE + T5", "forward_s": "DiT fo
 def run(bench: Bench) -> dict:
     """``result``: the comparison (``None`` when ``bench.trainers`` is), ``command``: what regenerates the section."""
     if bench.trainers is None:
-        return {"result": None, "command": bench.trainers_command}
+        return {"result": None, "command": bench.command_alone(STANDALONE)}
     workdir = bench.workdir / "trainers"
     workdir.mkdir()
     result = compare(bench.commands, bench.configs, workdir, bench.trainers, bench.diffusers_script)
     for name, row in result["rows"].items():
         print(f"fine-tuning, {name}: {_seconds(row['cold'], 3)} s/step first epoch, {_seconds(row['warm'], 3)} later, "
               f"start-up {_seconds(row['startup'], 1)} s, peak RSS {row['peak_rss_gib']:.2f} GiB", flush=True)
-    return {"result": result, "command": bench.trainers_command}
+    return {"result": result, "command": bench.command_alone(STANDALONE)}
 
 
 def render(rows: dict) -> list[str]:
-    return [marked(_text(rows))]
-
-
-def update(report: str, rows: dict) -> str:
-    """``report`` with this section replaced (or put in front of the method, when it has none yet)."""
-    return replace_section(report, _text(rows), before=METHOD_HEADING)
-
-
-def _text(rows: dict) -> str:
     if rows["result"] is None:
-        return f"{HEADING}\n\nNot run at these sizes; `{rows['command']}` runs it."
-    return "\n".join(_lines(rows["result"], rows["command"]))
-
-
-def marked(section: str) -> str:
-    """``section`` between the markers :func:`replace_section` finds."""
-    return f"{SECTION_BEGIN}\n{section.strip()}\n{SECTION_END}"
-
-
-def replace_section(text: str, section: str, before: str | None = None) -> str:
-    """``text`` with its marked section (:func:`marked`) replaced by ``section``. When ``text`` has none yet, the
-    section goes in front of the line ``before`` if there is one, else at the end."""
-    block = marked(section)
-    head, begin, rest = text.partition(SECTION_BEGIN)
-    if not begin:
-        head, found, tail = text.partition(f"\n{before}\n") if before else (text, "", "")
-        if found:
-            return f"{head}\n{block}\n{found}{tail}"
-        return f"{text.rstrip()}\n\n{block}\n" if text.strip() else f"{block}\n"
-    _, end, tail = rest.partition(SECTION_END)
-    if not end:
-        raise ValueError(f"{SECTION_BEGIN} without {SECTION_END}")
-    return f"{head}{block}{tail}"
+        return [HEADING, "", f"Not run at these sizes; `{rows['command']}` runs it."]
+    return _lines(rows["result"], rows["command"])
 
 
 def _seconds(value: float | None, digits: int) -> str:
@@ -119,7 +87,7 @@ def _lines(result: dict, command: str) -> list[str]:
     return [
         HEADING,
         "",
-        f"Regenerate this section alone (it replaces itself in this file): `{command}`",
+        regenerate_alone(command),
         "",
         f"LoRA fine-tuning (rank {setup.rank}, alpha {setup.rank}: scale 1, on q, k, v and the attention output; base "
         "weights frozen) of one tiny CogVideoX-2B-layout DiT (`configs/cogvideox_2b.yaml configs/tiny.yaml "

@@ -9,6 +9,7 @@ import torch
 
 from sat_video.benchmarks.sampling_memory import DecodeCase
 from sat_video.benchmarks.trainer_comparison import ComparisonSetup
+from sat_video.benchmarks.training_memory import MemoryGrid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -54,6 +55,8 @@ class Preset:
     trainers: ComparisonSetup | None
     """Clips, steps and rounds of the fine-tuning comparison with diffusers' LoRA script; ``None``: not run (the tiny
     preset: a dozen training processes are a benchmark, not a CI test; ``--only trainers --sizes tiny`` still runs it)."""
+    training_memory: MemoryGrid
+    """The planner's validation runs (a few seconds each)."""
 
 
 def _dit(
@@ -71,7 +74,9 @@ PRESETS = {
         clip=(9, 64, 64), clip_videos=2, clip_batches=4, train_videos=2, train_iters=4,
         sequence_parallel=_dit("tiny", "cogvideox_5b", 1, 64, 2, 2, (16, 16), 29, 8, 32),
         vae_decode=DecodeCase(9, 64, 96, (32, 48), (8, 8), ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml")),
-        full_size=False, trainers=None),
+        full_size=False, trainers=None,
+        # one run: the section's code path, not the validation
+        training_memory=MemoryGrid(recipes=("LoRA",), stages=(2,), sizes=((5, 48, 80),))),
     "default": Preset(
         dits=(
             # 5B layout (3D RoPE), 4 x 16 x 16 latents -> 256 video + 64 text tokens
@@ -87,5 +92,7 @@ PRESETS = {
         sequence_parallel=_dit("long", "cogvideox_5b", 1, 128, 4, 4, (32, 32), 29, 16, 64, time_embed_dim=64),
         # CogVideoX's VAE (random weights): 3 latent frames of 12 x 20, tiles of 8 x 12 latents sharing 2 x 3
         vae_decode=DecodeCase(9, 96, 160, (64, 96), (16, 24), ("cogvideox_2b.yaml", "tiny.yaml")),
-        full_size=True, trainers=ComparisonSetup(clips=16, steps=32, rounds=3)),
+        full_size=True, trainers=ComparisonSetup(clips=16, steps=32, rounds=3),
+        # three sizes that differ in frames and area, none of the planner's tests' (9 and 13 x 64 x 64)
+        training_memory=MemoryGrid(recipes=("LoRA", "SFT"), stages=(2, 3), sizes=((5, 48, 80), (9, 80, 96), (13, 96, 128)))),
 }

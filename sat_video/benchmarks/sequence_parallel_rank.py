@@ -3,11 +3,13 @@
     python -m sat_video.benchmarks.sequence_parallel_rank '<json args>'                         # S = 1
     torchrun --nproc_per_node 2 -m sat_video.benchmarks.sequence_parallel_rank '<json args>'    # S = 2
 
-Args (JSON): ``config`` (a model config file), ``overrides`` (config keys of the model), ``batch``, ``warmup``,
-``reps``, ``device`` (one process; under torchrun each rank takes its own GPU, or the CPU). Under torchrun the
+Args (JSON): ``config`` (a model config file, or a list of them stacked), ``overrides`` (config keys of the model),
+``batch``, ``warmup``, ``reps``, ``device`` (one process; under torchrun each rank takes its own GPU, or the CPU);
+optional ``dtype`` (``bfloat16``: weights and inputs in it; default fp32) and ``checkpointing`` (activation
+checkpointing). Under torchrun the
 model is split over all processes. Rank 0 prints one JSON line: the median step time, this rank's peak activation
-bytes (allocated during the step, above the weights and gradients that exist before it), and the share of one
-profiled step spent in collectives.
+bytes (allocated during the step, above the weights and gradients that exist before it), the share of one
+profiled step spent in collectives, and the first step's loss (the mean squared output over all ranks' tokens).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def measure(args: dict) -> dict:
     from sat_video.model.build import build_dit
     from sat_video.model.config import DiTConfig
 
-    cfg = load_config([args["config"]], args["overrides"])
+    configs = args["config"] if isinstance(args["config"], list) else [args["config"]]
+    cfg = load_config(configs, args["overrides"])
     split = int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.get("device", "cpu"))
     torch.manual_seed(0)
@@ -55,18 +58,26 @@ def measure(args: dict) -> dict:
 
         device = init_distributed().device
         SequenceParallelGroups.initialize_sequence_parallel(split).add_to(dit)
-    dit.to(device)
+    dtype = getattr(torch, args.get("dtype", "float32"))
+    dit.to(device, dtype)
+    dit.activation_checkpointing = args.get("checkpointing", False)
     d = DiTConfig.from_config(cfg)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(args["batch"], d.latent_frames, d.in_channels, d.latent_height, d.latent_width, generator=generator)
     text = torch.randn(args["batch"], d.text_length, d.text_hidden_size, generator=generator)
-    x, text, timesteps = x.to(device), text.to(device), torch.full((args["batch"],), 500, device=device)
+    x, text, timesteps = x.to(device, dtype), text.to(device, dtype), torch.full((args["batch"],), 500, device=device)
+    losses = []
 
     def step():
         dit.zero_grad(set_to_none=False)
-        (dit(x, timesteps, text).square().mean() / split).backward()
+        loss = dit(x, timesteps, text).float().square().mean() / split
+        loss.backward()
+        losses.append(loss.detach())
 
     step()  # allocates the gradients, so that the peak below is the activations'
+    loss = losses[0]
+    if split > 1:
+        torch.distributed.all_reduce(loss)
     times = interleaved_times({"step": step}, device=device, warmup=args["warmup"], reps=args["reps"])["step"]
     tokens = d.token_grid(d.num_frames, d.latent_height, d.latent_width).num_tokens
     return {
@@ -76,6 +87,7 @@ def measure(args: dict) -> dict:
         "time": median(times),
         "activations": step_peak_bytes(step, device),  # above the weights and gradients, which exist before the step
         "communication": communication_share(step, device) if split > 1 else 0.0,
+        "loss": loss.item(),
     }
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from sat_video.common.errors import CheckpointError, OutputExistsError
 from sat_video.common.files import atomic_write
 from sat_video.formats.sat_lora import has_sat_lora, merge_sat_lora, sat_lora_to_mixin
+from sat_video.model.storage_dtype import STORAGE_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +200,11 @@ def load_dit_state(
     """:func:`load_checkpoint` for a prefix-free state dict already in memory (``source`` names it in errors)."""
     state = check_state_dict(model, _place_lora(model, dict(state), source, lora_alpha), source)
     on_meta = any(t.is_meta for t in model.state_dict().values())
+    if on_meta:  # a run with fp8-stored weights (model.dit.storage_dtype) saved them in fp8: assigned, they take the
+        # dtype of its other weights (its compute dtype): only store_frozen_weights' linears can compute from fp8
+        dtype = next((v.dtype for v in state.values() if v.is_floating_point() and v.dtype not in STORAGE_DTYPES.values()),
+                     torch.float32)
+        state = {k: v.to(dtype) if v.dtype in STORAGE_DTYPES.values() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=on_meta)
     return model
 

@@ -28,6 +28,8 @@ from sat_video.training.sequence_parallel import ParallelLayout
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
+    from sat_video.training.elastic_resume import ElasticResume
+
 logger = logging.getLogger("sat_video.train")
 
 SAVED_AS = {"period": "stage"}
@@ -47,6 +49,10 @@ class LoopState:
     iteration: int = 0
     data_position: tuple[int, int] = (0, 0)
     """``(epoch, batch)`` of the next batch in the current period's data."""
+    data_drawn: list[int] = field(default_factory=list)
+    """Samples of epoch ``data_position[0]`` drawn before its batches were planned on this run's ranks (a resume on
+    another number of them, :mod:`~sat_video.training.elastic_resume`); ``batch`` counts from that plan. Empty
+    otherwise."""
     nonfinite_streak: int = 0
     skipped_steps: int = 0
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
@@ -92,10 +98,11 @@ class RngState:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def saved_period(folder: Path | None, rank: int) -> int:
-    """The period a checkpoint was written in, read before the data is built so that only its data is; 0 for a fresh
-    start (a missing state file is reported by :meth:`Checkpoints.load`)."""
-    state_file = trainer_state_file(folder, rank) if folder is not None else None
+def saved_period(folder: Path | None) -> int:
+    """The period a checkpoint was written in (the same on every rank: rank 0's file, which a run on any number of
+    processes has), read before the data is built so that only its data is; 0 for a fresh start (a missing state file
+    is reported by :meth:`Checkpoints.load`)."""
+    state_file = trainer_state_file(folder, 0) if folder is not None else None
     if state_file is None or not state_file.is_file():
         return 0
     return torch.load(state_file, map_location="cpu", weights_only=True)["loop"].get(SAVED_AS["period"], 0)
@@ -138,25 +145,39 @@ class Checkpoints:
         barrier()
         return final
 
-    def load(self, folder: Path) -> None:
-        """Resume from ``folder``: the engine, then every part."""
+    def load(self, folder: Path, elastic: ElasticResume | None = None) -> None:
+        """Resume from ``folder``: the engine, then every part; ``elastic``: written with another layout or ZeRO stage
+        (the layout was checked before the engine was built, :func:`~sat_video.training.elastic_resume.check_resume_layout`)."""
         state_file = trainer_state_file(folder, self.env.rank)
-        if not state_file.is_file():
+        if elastic is None and not state_file.is_file():
             raise CheckpointError(
                 f"{state_file} is missing: {folder} was written by a run with another number of processes "
                 f"(resuming needs the same number of processes, now {self.env.world_size})"
             )
-        path, _ = self.engine.load_checkpoint(
-            str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        if elastic is None:
+            path, _ = self.engine.load_checkpoint(
+                str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        else:
+            universal = elastic.universal_folder(self.env)
+            # The universal load restores what the optimizer holds; frozen weights (LoRA's base) and buffers come from
+            # the module file, as in a load as written.
+            module = torch.load(folder / MODEL_STATES, map_location="cpu", weights_only=False, mmap=True)["module"]
+            self.engine.load_module_state_dict({"module": module}, strict=True)
+            path, _ = self.engine.load_checkpoint(
+                str(folder), tag=universal.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {folder}")
         # The optimizer state carries the LR of the saved step; take it from the schedule of this config, which
         # may extend the run (a larger train.train_iters) or change its decay.
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
             group["lr"] = lr
-        saved = torch.load(state_file, map_location="cpu", weights_only=True)
-        self.layout.check_resumable(saved["loop"].get("layout"), folder)
+        if elastic is None:
+            saved = torch.load(state_file, map_location="cpu", weights_only=True)
+        else:
+            saved = elastic.trainer_state(self.env.rank)
+            saved.setdefault("rng", self.parts["rng"].state_dict())  # a new data-parallel rank keeps its own seeding
         for name, part in self.parts.items():
             if name not in saved:
                 raise CheckpointError(f"{state_file} holds no '{name}' state (it holds: {', '.join(saved)}): the run that "

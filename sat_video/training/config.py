@@ -67,6 +67,11 @@ class TrainConfig:
     """``latest`` (the newest complete checkpoint in ``save``; an error if there is none), ``auto`` (``latest`` if
     there is one, else a fresh start that replaces what a run killed before its first checkpoint left: one
     command for a pre-emptible job), or a checkpoint folder to continue from."""
+    resume_layout: str = field(default="strict", metadata=one_of("strict", "elastic"))
+    """A checkpoint written with another number of data-parallel or sequence-parallel processes: ``strict`` refuses it
+    before anything is loaded; ``elastic`` continues it through DeepSpeed's universal checkpoint, made once beside it
+    (ZeRO-1/2, across the two): weights, optimizer state, LR schedule, iteration, RNG and the samples drawn this epoch
+    carry over, not bit-identically (:mod:`sat_video.training.elastic_resume`)."""
     overwrite: bool = False
     """Allow starting a fresh run in a ``save`` folder that already holds a run (its checkpoints are
     deleted). Without it such a start is refused."""
@@ -93,6 +98,10 @@ class TrainConfig:
     offload_blocks: int = field(default=0, metadata=at_least(0))
     """Keep this many of the DiT's (frozen) transformer blocks in host memory and stream each to the device for its
     forward and its backward recomputation (LoRA only); 0 keeps every block on the device."""
+    measure_memory: bool = False
+    """On a CPU, record each logged window's peak memory in ``metrics.jsonl`` (``peak_memory_gb``: weights and states
+    held plus the live-tensor peak of the step, :mod:`sat_video.training.step_memory`); counting every operator's
+    outputs slows a step, so it is off unless asked. On CUDA ``peak_memory_gb`` is always recorded."""
     compile: bool = False
     """``torch.compile`` each transformer block (inductor) before training; the first steps compile (minutes
     at full size). ``tools/bench.py --compile`` measures what it gains on the machine at hand."""

@@ -130,18 +130,35 @@ class DataPipeline:
         self._encode_with = frozen_stages, image_condition
         self._open_loader()
 
-    def _open_loader(self) -> None:
-        self.close()
+    def _sampler(self, data_rank: int, data_size: int) -> ClipBatchSampler:
         weights = self.period.cfg.data.bucket_weights
-        sampler = ClipBatchSampler(
+        return ClipBatchSampler(
             self.kinds,
             self.micro_batch_size,
-            self.layout.data_rank,
-            self.layout.data_size,
+            data_rank,
+            data_size,
             self.cfg.train.seed,
             start=self.state.data_position,
             weights={Bucket.from_name(name): float(w) for name, w in weights.items()} if weights else None,
+            drawn=self.state.data_drawn,
         )
+
+    def continue_epoch(self, saved_data_size: int) -> None:
+        """After a resume written by ``saved_data_size`` data-parallel ranks (:mod:`~sat_video.training.elastic_resume`):
+        the samples its epoch has drawn on all of them, so that this run's ranks are dealt the rest of the epoch."""
+        epoch, position = self.state.data_position
+        drawn = set(self.state.data_drawn)
+        for rank in range(saved_data_size):
+            sampler = self._sampler(rank, saved_data_size)
+            drawn.update(index for batch in sampler.epoch_batches(epoch, sampler.drawn)[:position] for index in batch)
+        self.state.data_position, self.state.data_drawn = (epoch, 0), sorted(drawn)
+        if self.env.is_main:
+            logger.info("epoch %d continues on %d data-parallel rank(s) without its %d sample(s) drawn before", epoch,
+                        self.layout.data_size, len(drawn))
+
+    def _open_loader(self) -> None:
+        self.close()
+        sampler = self._sampler(self.layout.data_rank, self.layout.data_size)
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=sampler if self.run_cache is None else self.run_cache.planned(sampler),
@@ -163,7 +180,7 @@ class DataPipeline:
         if iteration <= self.period.until:
             return
         period = period_of(self.periods, iteration)
-        self.state.period, self.state.data_position = period.index, (0, 0)
+        self.state.period, self.state.data_position, self.state.data_drawn = period.index, (0, 0), []
         self._build(period)
         if self.env.is_main:
             logger.info("stage %d from iteration %d: %s", period.index, period.start + 1,
@@ -177,6 +194,8 @@ class DataPipeline:
         self.profile.add("data_wait", time.perf_counter() - waited)
         self.profile.add("encode", encoded.encode_s)
         batch = encoded.batch
+        if batch.position[0] != self.state.data_position[0]:
+            self.state.data_drawn = []  # a continued epoch is over
         self.state.data_position = (batch.position[0], batch.position[1] + 1)
         self.bucket = batch.bucket
         self._note_skipped(batch.skipped)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from sat_video.common.files import atomic_write
 from sat_video.training.distributed import DistributedEnv
 from sat_video.training.run_folder import RunFolder
+from sat_video.training.step_memory import StepMemory
 from sat_video.training.step_profile import StepProfile
 
 logger = logging.getLogger("sat_video.train")
@@ -51,6 +52,8 @@ class MetricsLog:
     def __init__(self, run_folder: RunFolder, train: DictConfig, env: DistributedEnv):
         self.run_folder, self.train, self.env = run_folder, train, env
         self.profile = StepProfile(env.device)
+        self.memory: StepMemory | None = None
+        """Each step's peak (the trainer sets it once the engine exists)."""
         self._loss, self._steps, self._seconds = 0.0, 0, 0.0  # the window: loss of its applied steps, time of all
         self._startup_s: float | None = None
         self._writer = None
@@ -106,6 +109,7 @@ class MetricsLog:
             "skipped_steps": skipped_steps,
             **memory_stats(self.env.device),
             **self.profile.take(steps),
+            **(self.memory.take() if self.memory is not None else {}),
             **data,
         }
         if self._startup_s is not None:  # once: in the first record after this process's first step

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from sat_video.common.constraints import divisors
-from sat_video.common.errors import CheckpointError, ConfigError
+from sat_video.common.errors import ConfigError
 from sat_video.model.dit import DiffusionTransformer
 
 
@@ -40,18 +40,6 @@ class ParallelLayout:
 
     def describe(self) -> str:
         return f"{self.data_size} data-parallel x {self.sequence_size} sequence-parallel"
-
-    def check_resumable(self, saved: list[int] | None, folder) -> None:
-        """Refuse to resume checkpoint ``folder`` written with another ``[D, S]`` (``None``: before the layout was
-        recorded, when every process was data-parallel)."""
-        saved = tuple(saved) if saved else (self.data_size * self.sequence_size, 1)
-        if saved != (self.data_size, self.sequence_size):
-            raise CheckpointError(
-                f"{folder} was written by {saved[0]} data-parallel x {saved[1]} sequence-parallel processes, this run "
-                f"has {self.describe()}: an exact resume needs the same layout (data order and random draws follow the "
-                f"data-parallel rank). To go on with this layout, start a new run with train.init_checkpoint={folder} "
-                "(weights only)"
-            )
 
 
 class SequenceParallelGroups:

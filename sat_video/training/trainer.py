@@ -30,17 +30,21 @@ from sat_video.formats.sat_checkpoint import load_checkpoint
 from sat_video.model.build import build_dit, build_frozen_stages
 from sat_video.model.config import DiTConfig
 from sat_video.model.dit import DiffusionTransformer
+from sat_video.model.storage_dtype import check_storage_dtype, store_frozen_weights
+from sat_video.training.block_offload import BlockOffload, check_block_offload
 from sat_video.training.callbacks import Callback, StepEnd
 from sat_video.training.checkpoint import Checkpoints, LoopState, RngState, saved_period
 from sat_video.training.data_pipeline import DataPipeline
 from sat_video.training.deepspeed_setup import deepspeed_config, frozen_stage_dtype
 from sat_video.training.distributed import DistributedEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from sat_video.training.elastic_resume import check_resume_layout
 from sat_video.training.folder_lock import FolderLock, hold_folder_lock
 from sat_video.training.metrics import MetricsLog
 from sat_video.training.optim import FiniteAdamW, parameter_groups, select_trainable
 from sat_video.training.progressive import lr_lambda_by_period, plan_periods
 from sat_video.training.run_folder import RunFolder
 from sat_video.training.sequence_parallel import ParallelLayout, SequenceParallelGroups
+from sat_video.training.step_memory import StepMemory
 from sat_video.training.validation import Validation
 from sat_video.training.watchdog import Watchdog
 
@@ -70,7 +74,7 @@ class Trainer:
         # Data first: a dataset without a usable sample fails before any model is built; a resumed run builds only
         # the data of the period it stopped in.
         self.periods = plan_periods(cfg)
-        self.state.period = saved_period(resume_from, self.env.rank)
+        self.state.period = saved_period(resume_from)
         self.data = DataPipeline(cfg, self.env, self.layout, self.run_folder, self.state, self.metrics.profile, self.periods)
 
         # The same initial weights on every rank; afterwards each data-parallel group draws its own timesteps and
@@ -94,13 +98,21 @@ class Trainer:
         self.inputs = TrainingInputBuilder(dit_config, cfg.model.diffusion, self.frozen_stages,
                                            scale_factor=cfg.model.first_stage.scale_factor)
         self._build_engine(dit)
+        self.metrics.memory = StepMemory(self.env.device, lambda: [self.engine.module, self.engine.optimizer,
+                                                                   self.frozen_stages], cfg.train.measure_memory)
         try:
             self.validation = Validation(cfg, self.env, self.run_folder, self.frozen_stages, self.metrics)
             self.checkpoints = Checkpoints(self.run_folder, self.engine, self.optimizer, self.scheduler,
                                            {"rng": RngState(self.generator), "loop": self.state, **self._callback_parts()},
                                            self.layout, self.env, cfg.train.keep_last)
             if resume_from is not None:
-                self.checkpoints.load(resume_from)
+                with self.block_offload.on_host():  # DeepSpeed loads into the parameters themselves
+                    self.checkpoints.load(resume_from, self.elastic)
+                if self.elastic is not None:
+                    if self.elastic.saved.data_size != self.layout.data_size:  # else the same plan goes on as written
+                        self.data.continue_epoch(self.elastic.saved.data_size)
+                    if self.env.is_main:
+                        logger.warning("%s", self.elastic.describe())
                 if self.env.is_main:
                     self.metrics.truncate(self.state.iteration)
                     logger.info("resumed from %s at iteration %d", resume_from, self.state.iteration)
@@ -114,6 +126,9 @@ class Trainer:
         """The checkpoint ``train.resume`` names, or ``None`` for a fresh start in a folder made ready for it."""
         train, run_folder = self.cfg.train, self.run_folder
         resume_from = run_folder.resolve_resume(train.resume)
+        # Before anything in the folder is written or loaded; every rank reads the same file and decides alike.
+        self.elastic = None if resume_from is None else check_resume_layout(
+            train.resume_layout, resume_from, self.layout, self._deepspeed_config()["zero_optimization"]["stage"])
         if self.env.is_main:
             if resume_from is None:
                 # auto found no complete checkpoint: what a run killed before its first save left is replaced
@@ -135,6 +150,11 @@ class Trainer:
         if train.init_checkpoint:
             load_checkpoint(dit, train.init_checkpoint)
         select_trainable(dit, list(train.trainable))
+        check_storage_dtype(dit, self.cfg.model.dit.storage_dtype, list(train.trainable),  # SFT, ZeRO-3: refused
+                            deepspeed_config(self.cfg.deepspeed, train)["zero_optimization"]["stage"])
+        check_block_offload(dit, train.offload_blocks, activation_checkpointing=train.activation_checkpointing,
+                            zero_stage=deepspeed_config(self.cfg.deepspeed, train)["zero_optimization"]["stage"],
+                            compiled=train.compile)
         dit.activation_checkpointing = train.activation_checkpointing
         dit.checkpoint_keeps_attention = train.checkpoint_keeps_attention
         self.sequence_groups = None
@@ -164,10 +184,17 @@ class Trainer:
             model=diffusion_loss,  # the DiT with its loss: what DeepSpeed trains
             optimizer=self.optimizer,
             lr_scheduler=self.scheduler,
-            config=deepspeed_config(cfg.deepspeed, cfg.train),
+            config=self._deepspeed_config(),
             dist_init_required=False,
             mpu=self.sequence_groups,  # ZeRO then sums gradients over each sequence group and averages over D
         )
+        store_frozen_weights(dit, cfg.model.dit.storage_dtype)  # after the engine cast the DiT to its dtype
+        # once the engine has moved and cast the DiT: the offloaded blocks' frozen weights wait in host memory
+        self.block_offload = BlockOffload(dit, cfg.train.offload_blocks, self.env.device)
+
+    def _deepspeed_config(self) -> dict:
+        config = deepspeed_config(self.cfg.deepspeed, self.cfg.train)
+        return config if getattr(self, "elastic", None) is None else self.elastic.deepspeed_config(config)
 
     def _callback_parts(self) -> dict[str, Callback]:
         parts = {}
@@ -220,7 +247,8 @@ class Trainer:
         step_start = time.perf_counter()
         lr = self.engine.get_lr()[0]
         self.optimizer.last_step_skipped = False
-        losses = torch.stack([self._micro_step(first) for _ in range(self.cfg.train.gradient_accumulation_steps)])
+        with self.metrics.memory.measure():
+            losses = torch.stack([self._micro_step(first) for _ in range(self.cfg.train.gradient_accumulation_steps)])
         # [sum of losses, non-finite micro-steps, micro-steps] over all ranks
         self.watchdog.enter("collective (loss all-reduce)")
         totals = all_reduce_sum(torch.tensor([losses.nan_to_num(0.0, 0.0, 0.0).sum().item(),
@@ -263,7 +291,8 @@ class Trainer:
     def save(self) -> Path:
         """Write a complete checkpoint of the current iteration (collective: every rank must call it)."""
         self.watchdog.enter("saving checkpoint")
-        final = self.checkpoints.save(self.state.iteration)
+        with self.block_offload.on_host():  # DeepSpeed also saves the frozen parameters themselves
+            final = self.checkpoints.save(self.state.iteration)
         self.watchdog.completed(f"checkpoint {self.state.iteration}")
         return final
 

@@ -34,8 +34,14 @@ def test_bench_tiny_writes_every_section(tmp_path):
         "## Sequence parallelism",
         "## Mixed sizes: buckets vs one size",
         "## Sampling memory: VAE decode exact vs tiled",
+        "## fp8-stored frozen weights (LoRA)",
+        "## Block offload while training (LoRA)",
+        "## Training memory: the planner against measured peaks",
+        "## How these figures are measured",
     ):
         assert heading in report
+    for name in ("trainers", "fp8_storage", "block_streaming", "training_memory"):  # each can be replaced alone later
+        assert f"<!-- bench:{name} -->" in report and f"`python tools/bench.py --only {name} --sizes tiny" in report
     assert "| torch threads | 1 |" in report
     # one comparison row per dtype, with positive times for both implementations
     rows = re.findall(r"^\| tiny \| (fp32|bf16) \| 72 \| [\d.]+M \| ([\d.]+) \| ([\d.]+) \|", report, re.M)
@@ -52,5 +58,12 @@ def test_bench_tiny_writes_every_section(tmp_path):
     decode = re.findall(r"^\| (exact|tiled) \| [\d.]+ \| (\d+) \| (\d+) \| ([\d.]*) \|$", report, re.M)
     assert [mode for mode, *_ in decode] == ["exact", "tiled"] and float(decode[1][3]) > 15, decode
     assert int(decode[1][1]) < int(decode[0][1])  # tiles hold less than the whole frame
+    # block offload: K = 0, 1, 2 of the tiny DiT's 2 blocks, the device weights as offloaded_bytes predicts them
+    offload = re.findall(r"^\| tiny \| fp32 \| (\d) of 2 \| [\d.]+ \| [-+\d]+% \| ([\d.]+) \| ([\d.]+) \|", report, re.M)
+    assert [k for k, *_ in offload] == ["0", "1", "2"] and all(ours == predicted for _, ours, predicted in offload), offload
+    assert float(offload[2][1]) < float(offload[0][1])
+    # the planner's validation: one LoRA run under ZeRO-2 at the tiny preset
+    assert re.search(r"^\| LoRA \| 2 \| 5x48x80 \| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| \w[\w ]* \| (yes|\*\*no\*\*) \|$",
+                     report, re.M)
     workers = [int(w) for w in re.findall(r"^\| (\d+) \| [\d.]+ \|$", report, re.M)]  # data loading: 0, 1, ... workers
     assert workers[0] == 0 and len(workers) >= 2 and workers == sorted(set(workers))

@@ -419,3 +419,27 @@ def test_tiny_dataset_still_feeds_every_rank():
         batches = take(ClipBatchSampler(kinds, 2, rank, 4, seed=0), 6)
         assert all(len(batch) == 2 and len({kinds[i] for i, _, _ in batch}) == 1 for batch in batches)
         assert {batch[0][1] for batch in batches} >= {0, 1}  # batches in every epoch
+
+
+@pytest.mark.parametrize("saved_ranks, ranks, batch", [(1, 2, 1), (2, 1, 1), (3, 2, 2), (2, 3, 2), (4, 4, 3)])
+def test_an_epoch_continued_on_another_number_of_ranks_draws_each_sample_once(saved_ranks, ranks, batch):
+    """An elastic resume: the samples the first ranks drew, then the rest dealt to the new ranks (with a smaller last batch
+    per kind where at least one sample per rank is left), never a sample twice, and only fewer than ``ranks`` left out."""
+    kinds = [False] * 23 + [True] * 9  # videos and images: never mixed in a batch, one kind per position on all ranks
+    for done in range(1, 4):  # positions drawn before the resume
+        before = [ClipBatchSampler(kinds, batch, r, saved_ranks, seed=5).epoch_batches(3) for r in range(saved_ranks)]
+        drawn = [i for plan in before for b in plan[:done] for i in b]
+        after = [ClipBatchSampler(kinds, batch, r, ranks, seed=5, start=(3, 0), drawn=drawn) for r in range(ranks)]
+        rest = [list(itertools.takewhile(lambda items: items[0][1] == 3, iter(sampler))) for sampler in after]
+        assert len({len(plan) for plan in rest}) == 1  # every rank draws at every position
+        for position in zip(*rest):
+            assert len({kinds[items[0][0]] for items in position}) == 1 and all(items for items in position)
+            assert all(all(kinds[i] == kinds[items[0][0]] for i, *_ in items) for items in position)
+        again = [i for plan in rest for items in plan for i, *_ in items]
+        assert len(again) == len(set(again)) and not set(again) & set(drawn)
+        for kind in (False, True):
+            left = [i for i, k in enumerate(kinds) if k == kind and i not in drawn and i not in again]
+            assert len(left) < ranks, (kind, left)
+        # the epoch after is planned as always
+        assert next(iter(after[0]))[0][1] == 3 and after[0].epoch_batches(4) == ClipBatchSampler(
+            kinds, batch, 0, ranks, seed=5).epoch_batches(4)

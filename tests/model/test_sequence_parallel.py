@@ -34,13 +34,27 @@ def test_the_layout_is_data_groups_of_neighbouring_sequence_ranks():
         ParallelLayout.of(0, 4, 3)
 
 
-def test_resuming_needs_the_layout_the_checkpoint_was_written_with():
-    layout = ParallelLayout.of(0, 2, 2)
-    layout.check_resumable([1, 2], "run/5")
-    with pytest.raises(CheckpointError, match=r"run/5 was written by 2 data-parallel x 1 sequence-parallel .* has 1 "
-                                              r"data-parallel x 2 sequence-parallel.*train.init_checkpoint=run/5"):
-        layout.check_resumable(None, "run/5")  # written before layouts were recorded: all data-parallel
-    ParallelLayout.of(1, 2, 1).check_resumable(None, "run/5")
+def test_resuming_needs_the_layout_the_checkpoint_was_written_with(tmp_path):
+    import torch
+
+    from sat_video.training.elastic_resume import check_resume_layout
+    from sat_video.training.run_folder import trainer_state_file
+
+    def written_by(layout, ranks=1):
+        folder = tmp_path / f"{layout}-{ranks}"
+        folder.mkdir()
+        for rank in range(ranks):
+            torch.save({"loop": {"layout": layout}}, trainer_state_file(folder, rank))
+        return folder
+
+    here = ParallelLayout.of(0, 2, 2)
+    assert check_resume_layout("strict", written_by([1, 2]), here, 2) is None
+    legacy = written_by(None, ranks=2)  # written before layouts were recorded: every process data-parallel
+    with pytest.raises(CheckpointError, match=r"was written by 2 data-parallel x 1 sequence-parallel processes, this run has 1 "
+                                              r"data-parallel x 2 sequence-parallel.*train.resume_layout=elastic.*"
+                                              r"train.init_checkpoint="):
+        check_resume_layout("strict", legacy, here, 2)
+    assert check_resume_layout("strict", legacy, ParallelLayout.of(1, 2, 1), 2) is None
 
 
 def test_sizes_and_mixins_that_cannot_run_split_are_refused_at_load():

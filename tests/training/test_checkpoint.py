@@ -13,7 +13,8 @@ from tests.training.runs import BASE, metrics, one_process_group, run_keys, trai
 
 pytestmark = pytest.mark.slow
 
-LOOP_KEYS = {"iteration", "data_position", "nonfinite_streak", "skipped_steps", "skipped_files", "layout", "stage"}
+LOOP_KEYS = {"iteration", "data_position", "data_drawn", "nonfinite_streak", "skipped_steps", "skipped_files", "layout",
+             "stage"}
 
 
 class StepLog(Callback):
@@ -45,9 +46,9 @@ def test_a_callback_sees_every_step_and_its_state_resumes_with_the_run(train_ass
     assert set(saved) == {"rng", "loop", "step_log"} and set(saved["loop"]) == LOOP_KEYS
     assert saved["loop"]["iteration"] == 2 and saved["step_log"] == {"steps": first.steps}
 
-    # A checkpoint written before "stage" and "layout" were saved resumes as one of the first period, with every process
-    # data-parallel; the Trainer here is built on the process group this test joined.
-    for key in ("stage", "layout"):
+    # A checkpoint written before "stage", "layout" and "data_drawn" were saved resumes as one of the first period, with
+    # every process data-parallel; the Trainer here is built on the process group this test joined.
+    for key in ("stage", "layout", "data_drawn"):
         del saved["loop"][key]
     torch.save(saved, state_file)
     resumed = StepLog()
