@@ -29,7 +29,20 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return {"memory_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
                 "memory_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
-    return {"cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"cpu_peak_rss_gb": peak_rss_bytes() / 2**30}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux's ``ru_maxrss`` also counts the process it was forked from (exec
+    keeps the larger of the old and new peaks), so a run launched by a large parent would report the parent's peak;
+    ``VmHWM`` belongs to this program's own address space."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def process_age_s() -> float | None:

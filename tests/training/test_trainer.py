@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -261,3 +262,13 @@ def test_config_typo_exits_nonzero_naming_the_key(capsys):
     assert train_video(["--base", *BASE, "model.dit.hiden_size=64"]) == 2
     err = capsys.readouterr().err
     assert "model.dit.hiden_size" in err and "did you mean 'hidden_size'" in err
+
+
+def test_peak_rss_is_the_runs_own_not_the_launching_processs():
+    # Linux's ru_maxrss carries the parent's peak across fork + exec: a run launched by a large process (this test
+    # process, after full-width probes) would report it as its own
+    ballast = bytearray(800 * 2**20)
+    ballast[::4096] = b"\1" * len(ballast[::4096])
+    code = "from sat_video.training.metrics import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < len(ballast), child
