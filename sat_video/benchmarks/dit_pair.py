@@ -21,9 +21,7 @@ class DiTPair:
     """
 
     def __init__(self, cfg, batch: int, device: torch.device):
-        from diffusers import CogVideoXTransformer3DModel
-
-        from sat_video.formats.diffusers_format import diffusers_rotary_embedding, to_diffusers_config, to_diffusers_state_dict
+        from sat_video.formats.diffusers_format import diffusers_rotary_embedding
         from sat_video.model.build import build_dit
         from sat_video.model.config import DiTConfig
 
@@ -33,8 +31,7 @@ class DiTPair:
         with torch.no_grad():
             for param in self.ours.parameters():
                 param.add_(torch.randn_like(param) * 0.02)
-        self.theirs = CogVideoXTransformer3DModel(**to_diffusers_config(dit_config))
-        self.theirs.load_state_dict(to_diffusers_state_dict(self.ours.state_dict(), dit_config), strict=True)
+        self.theirs = diffusers_twin(self.ours, dit_config)
         self.ours.to(device).train()
         self.theirs.to(device).train()
         self.device = device
@@ -80,6 +77,20 @@ class DiTPair:
 
     def steps(self, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
         return {"sat_video": self.step(self.ours, dtype), "diffusers": self.step(self.theirs, dtype)}
+
+
+def diffusers_twin(ours: torch.nn.Module, dit_config) -> torch.nn.Module:
+    """diffusers' ``CogVideoXTransformer3DModel`` holding ``ours``'s weights, built on the device ``ours`` is on."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from sat_video.formats.diffusers_format import to_diffusers_config, to_diffusers_state_dict
+
+    device = next(ours.parameters()).device
+    with torch.device(device):
+        theirs = CogVideoXTransformer3DModel(**to_diffusers_config(dit_config))
+    theirs.to(device)  # a table made on the host (numpy) would stay there otherwise
+    theirs.load_state_dict(to_diffusers_state_dict(ours.state_dict(), dit_config), strict=True)
+    return theirs
 
 
 def check_same_gradients(ours, theirs, dit_config) -> None:

@@ -86,7 +86,7 @@ def model_weights(module: nn.Module, itemsize: int) -> ModelWeights:
     return ModelWeights(_bytes(tensors, itemsize), unit_bytes(resident) + max(at_once, default=0))
 
 
-def _materialised(module: nn.Module) -> nn.Module:
+def materialised(module: nn.Module) -> nn.Module:
     """A meta-built probe given real (arbitrary, finite) storage on the CPU: its numbers do not matter, only sizes."""
     module = module.to_empty(device="cpu").eval()
     with torch.no_grad():
@@ -180,7 +180,7 @@ class SamplingMemoryModel:
     def t5_activation(self) -> int:
         with torch.device("meta"):
             t5 = self._t5(self._t5_config(num_layers=1))
-        t5 = _materialised(t5)
+        t5 = materialised(t5)
         ids = torch.ones(1, self.dit_config.text_length, dtype=torch.long)
         return round(_live_peak(functools.partial(t5, input_ids=ids)) * self._activation_scale)
 
@@ -197,7 +197,7 @@ class SamplingMemoryModel:
                                                latent_width=side * patch)
             with torch.device("meta"):
                 dit = build_dit(probe_config)
-            dit = _materialised(dit)
+            dit = materialised(dit)
             latent = torch.zeros(1, patch_t, dit_config.out_channels, side * patch, side * patch)
             image = torch.zeros_like(latent) if self.image_to_video else None
             text = torch.zeros(1, dit_config.text_length, dit_config.text_hidden_size)
@@ -216,7 +216,7 @@ class SamplingMemoryModel:
         first_stage = self.cfg.model.first_stage
         with torch.device("meta"):
             vae = self._vae()
-        stage = VideoVAEMixin(_materialised(vae), first_stage.scale_factor)
+        stage = VideoVAEMixin(materialised(vae), first_stage.scale_factor)
         decode, encode = [], []
         for h, w in PROBE_AREAS:
             latents = torch.zeros(1, vae.config.latent_channels, self.latent_frames, h, w)

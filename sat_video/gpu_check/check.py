@@ -78,7 +78,3 @@ class Check:
 
         stacked = self.sizes.train_configs if training else self.sizes.model_configs
         return load_config([self.configs / f"{variant}.yaml", *(self.configs / name for name in stacked)], list(overrides))
-
-    def synchronize(self) -> None:
-        if self.torch_device.type == "cuda":
-            torch.cuda.synchronize()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import subprocess
-import time
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +12,7 @@ from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
+from sat_video.benchmarks.measure import interleaved_times, median, synchronize
 from sat_video.gpu_check.check import Check
 
 BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
@@ -48,8 +48,7 @@ def _kernel(run, device: torch.device) -> str:
     activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
     events = prof.key_averages()
     if device.type == "cuda":
         kernels = [e for e in events if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
@@ -61,15 +60,7 @@ def _kernel(run, device: torch.device) -> str:
 
 
 def _seconds(run, device: torch.device, reps: int) -> float:
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / reps
+    return median(interleaved_times({"run": run}, device=device, warmup=1, reps=reps)["run"])
 
 
 def _attention(check: Check) -> None:

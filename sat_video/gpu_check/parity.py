@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from sat_video.benchmarks.measure import synchronize
 from sat_video.gpu_check.check import Check
 from sat_video.gpu_check.report import verdict
 
@@ -21,9 +22,8 @@ def _relative(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
 
 
 def _variant(check: Check, variant: str) -> None:
-    from diffusers import CogVideoXTransformer3DModel
-
-    from sat_video.formats.diffusers_format import diffusers_rotary_embedding, to_diffusers_config, to_diffusers_state_dict
+    from sat_video.benchmarks.dit_pair import diffusers_twin
+    from sat_video.formats.diffusers_format import diffusers_rotary_embedding
     from sat_video.model.build import build_dit
     from sat_video.model.config import DiTConfig
 
@@ -34,12 +34,11 @@ def _variant(check: Check, variant: str) -> None:
     torch.manual_seed(0)
     with torch.device(device):
         ours = build_dit(cfg).eval()
-        with torch.no_grad():
-            for param in ours.parameters():  # zero-initialised parts (gates, modulations) must matter
-                param.add_(torch.randn_like(param) * 0.02)
-        theirs = CogVideoXTransformer3DModel(**to_diffusers_config(dit_config)).eval()
-    ours.to(device), theirs.to(device)  # a table made on the host (numpy) would stay there otherwise
-    theirs.load_state_dict(to_diffusers_state_dict(ours.state_dict(), dit_config), strict=True)
+    ours.to(device)  # a table made on the host (numpy) would stay there otherwise
+    with torch.no_grad():
+        for param in ours.parameters():  # zero-initialised parts (gates, modulations) must matter
+            param.add_(torch.randn_like(param) * 0.02)
+    theirs = diffusers_twin(ours, dit_config).eval()
     params = sum(p.numel() for p in ours.parameters())
     generator = torch.Generator(device).manual_seed(0)
     frames, height, width = check.sizes.parity_latent_frames, dit_config.latent_height, dit_config.latent_width
@@ -58,7 +57,7 @@ def _variant(check: Check, variant: str) -> None:
         theirs.to(torch.bfloat16)
         mine = ours(x.bfloat16(), t, context.bfloat16())
         diffusers = theirs(x.bfloat16(), context.bfloat16(), t, image_rotary_emb=rope, return_dict=False)[0]
-    check.synchronize()
+    synchronize(device)
     scale = reference.abs().max().item()
     ours_error, theirs_error = _relative(mine, reference, scale), _relative(diffusers, reference, scale)
     between = _relative(mine, diffusers, scale)

@@ -12,24 +12,14 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sat_video.benchmarks.measure import count_flops, median
+from sat_video.benchmarks.gemm_peak import gemm_peak
+from sat_video.benchmarks.measure import count_flops, median, synchronize
 from sat_video.gpu_check.check import Check
 from sat_video.gpu_check.report import gib
 
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "H20": 148e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
                   "RTX 4090": 165e12}
 """Dense bf16 tensor-core peaks (FLOP/s) by a substring of the device name."""
-
-
-def _matmul_peak(device: torch.device, n: int) -> float:
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    a @ a
-    torch.cuda.synchronize() if device.type == "cuda" else None
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    torch.cuda.synchronize() if device.type == "cuda" else None
-    return 2 * n**3 * 10 / (time.perf_counter() - start)
 
 
 def _datasheet_peak(device: torch.device) -> float | None:
@@ -43,9 +33,8 @@ class _Models:
     """Both DiTs in bf16 with the same random weights, checkpointing on, and one batch of inputs."""
 
     def __init__(self, check: Check):
-        from diffusers import CogVideoXTransformer3DModel
-
-        from sat_video.formats.diffusers_format import diffusers_rotary_embedding, to_diffusers_config, to_diffusers_state_dict
+        from sat_video.benchmarks.dit_pair import diffusers_twin
+        from sat_video.formats.diffusers_format import diffusers_rotary_embedding
         from sat_video.model.build import build_dit
         from sat_video.model.config import DiTConfig
         from sat_video.model.stages import SPATIAL_COMPRESSION
@@ -56,9 +45,8 @@ class _Models:
         torch.manual_seed(0)
         with torch.device(device):
             self.ours = build_dit(cfg).to(torch.bfloat16).train()
-            self.theirs = CogVideoXTransformer3DModel(**to_diffusers_config(dit_config)).to(torch.bfloat16).train()
-        self.ours.to(device), self.theirs.to(device)  # a table made on the host (numpy) would stay there otherwise
-        self.theirs.load_state_dict(to_diffusers_state_dict(self.ours.state_dict(), dit_config), strict=True)
+        self.ours.to(device)  # a table made on the host (numpy) would stay there otherwise
+        self.theirs = diffusers_twin(self.ours, dit_config).to(torch.bfloat16).train()
         self.ours.activation_checkpointing = True
         self.theirs.enable_gradient_checkpointing()
         frames, height, width = check.sizes.step_clip
@@ -91,10 +79,10 @@ def _time(models: _Models, which: str, check: Check, reps: int) -> tuple[list[fl
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(reps + 1):  # the first is warm-up (and compilation)
-        check.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         models.step(which)
-        check.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return times, peak
@@ -102,7 +90,7 @@ def _time(models: _Models, which: str, check: Check, reps: int) -> tuple[list[fl
 
 def run(check: Check) -> None:
     device, report = check.torch_device, check.report
-    measured_peak = _matmul_peak(device, 256 if check.quick else 8192)
+    measured_peak, _ = gemm_peak(torch.bfloat16, device, (256 if check.quick else 8192,), reps=10)
     datasheet = _datasheet_peak(device)
     models = _Models(check)
     with torch.no_grad():

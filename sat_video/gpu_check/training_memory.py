@@ -7,7 +7,6 @@ while the run trains."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 from sat_video.gpu_check.check import Check
-from sat_video.gpu_check.training_data import run_overrides
+from sat_video.gpu_check.training_data import read_records, run_overrides
 
 STEPS = 2
 TOLERANCE = 0.20
@@ -48,10 +47,6 @@ class _Run:
                 stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")})
 
-    def _records(self) -> list[dict]:
-        metrics = self.save / "metrics.jsonl"
-        return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
-
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
@@ -60,13 +55,13 @@ class _Run:
     def finish(self) -> tuple[float, float]:
         """``(peak GiB over the first STEPS steps, seconds)``."""
         while self.process.poll() is None:
-            records = self._records()
+            records = read_records(self.save)
             if records and records[-1]["step"] >= STEPS:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 break
             time.sleep(0.2)
         self.process.wait()
-        peaks = [record["peak_memory_gb"] for record in self._records() if "peak_memory_gb" in record]
+        peaks = [record["peak_memory_gb"] for record in read_records(self.save) if "peak_memory_gb" in record]
         if not peaks:
             lines = self.log.read_text().splitlines()
             cause = next((line for line in reversed(lines) if "Error" in line or "error:" in line), lines[-1] if lines else "")

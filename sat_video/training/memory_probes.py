@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from sat_video.common.live_tensors import LiveTensorBytes
+from sat_video.diffusion.memory_estimate import materialised
 from sat_video.model.build import build_dit
 from sat_video.model.config import DiTConfig
 from sat_video.model.stages import SPATIAL_COMPRESSION
@@ -70,16 +71,6 @@ class ActivationFit:
     def bytes(self, layers: int, tokens: float, tokens_per_rank: float) -> float:
         """fp32 bytes for ``tokens`` in all (batch included) of which this rank's blocks hold ``tokens_per_rank``."""
         return self.outside.at(tokens) + layers * self.per_block.at(tokens_per_rank) + self.recompute.at(tokens_per_rank)
-
-
-def materialised(module: nn.Module) -> nn.Module:
-    """A meta-built probe given real (arbitrary, finite) CPU storage: only sizes matter."""
-    module = module.to_empty(device="cpu")
-    with torch.no_grad():
-        for tensor in (*module.parameters(), *module.buffers()):
-            if tensor.is_floating_point():
-                tensor.fill_(0.01)
-    return module
 
 
 def _drop_gradients(model: nn.Module) -> None:
@@ -166,7 +157,7 @@ class TrainingProbes:
         first_stage = self.cfg.model.first_stage
         with torch.device("meta"):
             vae = VideoVAEMixin.network(first_stage.architecture)
-        stage = VideoVAEMixin(materialised(vae).eval(), first_stage.scale_factor)
+        stage = VideoVAEMixin(materialised(vae), first_stage.scale_factor)
         points = []
         for h, w in VAE_PROBE_AREAS:
             video = torch.zeros(1, 3, frames, h * SPATIAL_COMPRESSION, w * SPATIAL_COMPRESSION)
