@@ -9,7 +9,8 @@ Writes ``<out>/transformer`` (``CogVideoXTransformer3DModel.from_pretrained`` lo
 ``configs/lora.yaml`` in ``--base``, or SAT LoRA weights in the checkpoint) are merged into the transformer;
 with ``--lora-adapter`` the transformer is the base and the adapter goes to
 ``<out>/pytorch_lora_weights.safetensors`` in diffusers' LoRA format (``pipe.load_lora_weights(out)``). Refuses,
-listing the keys, when the config and the checkpoint disagree.
+listing the keys, when the config and the checkpoint disagree. ``--weights ema`` exports the moving average of the
+trained weights that a run with ``train.ema`` saved beside them (merged, or as the adapter with ``--lora-adapter``).
 """
 
 import argparse
@@ -23,7 +24,7 @@ import sat_video
 from sat_video.common.errors import ConversionError, OutputExistsError
 from sat_video.config.cli import add_config_arguments, run_tool, split_config_arguments
 from sat_video.formats.diffusers_format import LORA_WEIGHTS, write_diffusers_folder
-from sat_video.formats.sat_checkpoint import dit_state_dict, load_dit_state, lora_mixins, read_state_dict
+from sat_video.formats.sat_checkpoint import WEIGHTS, dit_state_dict, load_dit_state, lora_mixins, read_state_dict
 from sat_video.formats.sat_lora import has_sat_lora, lora_to_diffusers, merge_lora, sat_lora_config
 from sat_video.model.config import DiTConfig
 
@@ -56,6 +57,8 @@ def run(argv=None) -> int:
     parser.add_argument("--ckpt", required=True, help="SAT run folder, iteration folder, .pt or .safetensors")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep the checkpoint's)")
+    parser.add_argument("--weights", choices=WEIGHTS, default="live",
+                        help="ema: the moving average of the trained weights a run with train.ema saved (default: live)")
     parser.add_argument("--lora-adapter", action="store_true",
                         help=f"write the transformer without LoRA and the adapter as <out>/{LORA_WEIGHTS} instead of merging")
     parser.add_argument("--lora-alpha", type=float,
@@ -65,7 +68,7 @@ def run(argv=None) -> int:
     if Path(args.out).exists():  # before reading a checkpoint of many GB
         raise OutputExistsError(f"{args.out} already exists; choose a new --out (nothing was written)")
     paths, overrides = split_config_arguments(args)
-    state = dit_state_dict(read_state_dict(args.ckpt))
+    state = dit_state_dict(read_state_dict(args.ckpt, args.weights))
     cfg, model = build_with_lora(paths, overrides, state, args)
     load_dit_state(model, state, source=str(args.ckpt), lora_alpha=args.lora_alpha)
     state, dit_config = model.state_dict(), DiTConfig.from_config(cfg)

@@ -16,7 +16,8 @@ sequential``), and decode in tiles (``--vae-tiling``). Predict the peak first, w
 
 Writes ``<out>/<i>_<prompt>.mp4`` (one per prompt) and ``<out>/contact_sheet.png``, and prints the peak memory of
 each stage. The sampler, guidance, seed, offload and tiling come from the config's ``sample`` section; the flags below
-override them. The VAE and T5 are the config's ``model.first_stage`` / ``model.text_encoder``.
+override them. The VAE and T5 are the config's ``model.first_stage`` / ``model.text_encoder``. ``--weights ema``
+samples with the moving average of the trained weights that a run with ``train.ema`` saved beside them.
 """
 
 import argparse
@@ -32,6 +33,7 @@ from sat_video.data.clips import ClipSpec, load_image
 from sat_video.diffusion.config import SCHEDULER_NAMES
 from sat_video.diffusion.offload import OFFLOAD_MODES
 from sat_video.diffusion.sampling import VideoGenerator, write_samples
+from sat_video.formats.sat_checkpoint import WEIGHTS
 from sat_video.model.build import build_frozen_stages
 from sat_video.model.config import DiTConfig
 from sat_video.model.storage_dtype import store_frozen_weights
@@ -56,6 +58,8 @@ def run(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--ckpt", help="SAT run folder, iteration folder, .pt or .safetensors")
+    parser.add_argument("--weights", choices=WEIGHTS, default="live",
+                        help="ema: the moving average of the trained weights a run with train.ema saved (default: live)")
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     prompts.add_argument("--prompts", help="a text file, one prompt per line")
@@ -91,18 +95,18 @@ def run(argv=None) -> int:
         print_memory_estimate(cfg, dit.num_frames, spec.height, spec.width, dtype, args.gpu_memory)
         return 0
     texts = args.prompt or read_prompts(args.prompts)
-    split = sample(cfg, args.ckpt, texts, args.image, args.out, dtype, spec, dit.num_frames)
+    split = sample(cfg, args.ckpt, texts, args.image, args.out, dtype, spec, dit.num_frames, args.weights)
     if split:  # after sample() has returned: its model holds the process groups, which must go first
         shutdown()
     return 0
 
 
 def sample(cfg, ckpt: str, texts: list[str], image_path: str | None, out: str, dtype: torch.dtype, spec: ClipSpec,
-           num_frames: int) -> bool:
+           num_frames: int, weights: str = "live") -> bool:
     """Write the videos of ``texts``; ``True`` when they were split over this job's processes."""
     with torch.device("meta"):
         model = sat_video.build_dit(cfg)
-    sat_video.load_checkpoint(model, ckpt)
+    sat_video.load_checkpoint(model, ckpt, weights=weights)
     env = join_sequence_group(model, cfg.parallel.sequence_parallel_size)
     device = env.device if env else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(dtype).eval()  # the video generator places the weights as sample.offload says

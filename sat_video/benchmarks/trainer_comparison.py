@@ -235,7 +235,7 @@ def run_sat(commands: Commands, configs: Path, assets: Assets, setup: Comparison
         *commands.train, "--base", *_sat_base(configs), *sat_overrides(assets, setup),
         f"train.init_checkpoint={assets.checkpoint}", f"train.save={save}", f"train.train_iters={setup.steps}",
         f"train.save_interval={setup.steps}", f"train.micro_batch_size={setup.batch}", "deepspeed.precision=fp32",
-        "train.log_interval=1", "train.tensorboard=false", "train.seed=0", f"data.num_workers={SAT_LOADER_WORKERS}", *extra,
+        "train.log_interval=1", "train.report_to=[none]", "train.seed=0", f"data.num_workers={SAT_LOADER_WORKERS}", *extra,
     ]
     _run(command, _env(setup), workdir / f"{save.name}-log.txt")
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]

@@ -52,7 +52,7 @@ def run(bench: Bench) -> dict:
             for frames, height, width in grid.sizes:
                 save = bench.workdir / f"memory-{recipe}-zero{stage}-{frames}x{height}x{width}"
                 keys = [f"data.sources=[{assets.clips}]", f"model.text_encoder.path={assets.t5}", f"train.save={save}",
-                        "train.tensorboard=false", f"train.train_iters={grid.steps}", f"train.save_interval={grid.steps}",
+                        "train.report_to=[none]", f"train.train_iters={grid.steps}", f"train.save_interval={grid.steps}",
                         *SETUP, f"deepspeed.zero_stage={stage}", f"model.dit.num_frames={frames}", f"data.height={height}",
                         f"data.width={width}", *RECIPES[recipe]]
                 prediction = TrainingMemoryPlan(load_config(list(assets.base), keys), gpus=1).predict()

@@ -71,7 +71,7 @@ def train_steps(bench: Bench, assets: TrainAssets, label: str, overrides: tuple[
         f"train.train_iters={iters}",
         f"train.save_interval={iters}",
         "train.log_interval=1",
-        "train.tensorboard=false",
+        "train.report_to=[none]",
         *overrides,
     ])
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]

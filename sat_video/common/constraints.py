@@ -30,6 +30,11 @@ def at_least(low: float, *, exclusive: bool = False) -> dict:
     return {"at_least": (low, exclusive)}
 
 
+def each_one_of(*values: Any) -> dict:
+    """The field is a list whose every item is one of ``values``."""
+    return {"each_one_of": values}
+
+
 def between(low: float, high: float) -> dict:
     """The field lies in ``[low, high]``."""
     return {"between": (low, high)}
@@ -44,6 +49,12 @@ def value_problem(value: Any, metadata: Mapping) -> str | None:
         if value not in allowed:
             shown = ", ".join(repr(v) for v in allowed)
             return f"expected one of {shown}, found {value!r}{did_you_mean(value, [str(v) for v in allowed])}"
+    if "each_one_of" in metadata:
+        allowed = metadata["each_one_of"]
+        for item in value:
+            if item not in allowed:
+                shown = ", ".join(repr(v) for v in allowed)
+                return f"expected items among {shown}, found {item!r}{did_you_mean(item, [str(v) for v in allowed])}"
     if "at_least" in metadata:
         low, exclusive = metadata["at_least"]
         if value < low or (exclusive and value == low):

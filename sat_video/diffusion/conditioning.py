@@ -66,21 +66,22 @@ class TrainingInputBuilder:
         return self._condition(latents, text, video[:, :, :1], generator)
 
     @torch.no_grad()
-    def prepare_cached(self, batch: CachedBatch, generator: torch.Generator) -> TrainingInputs:
+    def prepare_cached(self, batch: CachedBatch, generator: torch.Generator, dropout: bool = True) -> TrainingInputs:
         """The same from a latent-cache batch (already on the training device): for the same generator state, the
         same inputs as :meth:`prepare` on the clips the cache was made from (the posterior is sampled here, as
-        encoding would)."""
+        encoding would). ``dropout=False``: every caption and first frame kept (a held-out loss)."""
         latents = latents_from_moments(batch.latent_mean, batch.latent_std, self.scale_factor, generator)
-        return self._condition(latents, batch.text, batch.first_frame, generator)
+        return self._condition(latents, batch.text, batch.first_frame, generator, dropout)
 
     def _condition(self, latents: torch.Tensor, text: torch.Tensor, first_frame: torch.Tensor | None,
-                   generator: torch.Generator) -> TrainingInputs:
+                   generator: torch.Generator, dropout: bool = True) -> TrainingInputs:
         """Latents ``[B, C, F, h, w]`` and text -> padded latents, caption dropout, the I2V condition."""
         batch = latents.shape[0]
         latents = self._pad_frames(latents.permute(0, 2, 1, 3, 4))  # -> [B, T, C, H, W]
         text = text.float()
-        keep_text = torch.rand(batch, generator=generator) >= self.diffusion.text_dropout
-        text = text * keep_text.to(text.device, text.dtype).view(-1, 1, 1)
+        if dropout:
+            keep_text = torch.rand(batch, generator=generator) >= self.diffusion.text_dropout
+            text = text * keep_text.to(text.device, text.dtype).view(-1, 1, 1)
 
         image_latents = None
         if self.image_condition:
@@ -91,8 +92,9 @@ class TrainingInputBuilder:
             noisy_first = first + sigma.to(first.device).view(-1, 1, 1, 1, 1) * noise
             encoded = self.stages.encode(noisy_first.to(first_frame.dtype), generator=generator).permute(0, 2, 1, 3, 4)
             image_latents = torch.cat([encoded, torch.zeros_like(latents[:, 1:])], dim=1)
-            keep_image = torch.rand(batch, generator=generator) >= self.diffusion.image_dropout
-            image_latents = image_latents * keep_image.to(image_latents.device, image_latents.dtype).view(-1, 1, 1, 1, 1)
+            if dropout:
+                keep_image = torch.rand(batch, generator=generator) >= self.diffusion.image_dropout
+                image_latents = image_latents * keep_image.to(image_latents.device, image_latents.dtype).view(-1, 1, 1, 1, 1)
         return TrainingInputs(latents=latents, text=text, image_latents=image_latents)
 
     def _pad_frames(self, latents: torch.Tensor) -> torch.Tensor:

@@ -217,6 +217,10 @@ class RunSummary:
     peak_memory_gb: float | None = None
     quality: QualityScores | None = None
     """The quality stage's scores of the trained model (``None``: not measured)."""
+    eval_loss: float | None = None
+    """The last held-out loss (``train.eval`` in the grid's base config; ``None``: not measured)."""
+    eval_ema_loss: float | None = None
+    """The same with the moving average of the weights (``train.ema``)."""
 
     @property
     def final_loss(self) -> float | None:
@@ -229,12 +233,17 @@ class RunSummary:
 
 
 def read_metrics(run: Path) -> RunSummary:
-    """Loss curve, median step time and peak memory from a run folder's ``metrics.jsonl`` (empty if absent)."""
+    """Loss curve, median step time, peak memory and the last held-out loss from a run folder's ``metrics.jsonl`` (empty
+    if absent)."""
     summary = RunSummary()
     file = run / "metrics.jsonl"
     if not file.is_file():
         return summary
     records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    evaluations = [r for r in records if "eval_loss" in r]
+    if evaluations:
+        summary.eval_loss, summary.eval_ema_loss = evaluations[-1]["eval_loss"], evaluations[-1].get("eval_ema_loss")
+    records = [r for r in records if "loss" in r]  # the training steps'
     summary.steps = [r["step"] for r in records]
     summary.losses = [float(r["loss"]) for r in records]
     times = [r["step_time_s"] for r in records if r.get("step_time_s") is not None]

@@ -49,7 +49,12 @@ QUALITY_METRICS = (
     Metric("fsd", "FSD", False, lambda run: run.quality.fsd if run.quality else None),
 )
 FINAL_LOSS = Metric("final_loss", "final loss", False, lambda run: run.final_loss if run.returncode == 0 else None)
-COMPARED = ("heldout_all", "seen_all", "fsd", "final_loss")
+EVAL_METRICS = (
+    Metric("eval_loss", "held-out loss", False, lambda run: run.eval_loss if run.returncode == 0 else None),
+    Metric("eval_ema_loss", "held-out loss (EMA)", False, lambda run: run.eval_ema_loss if run.returncode == 0 else None),
+)
+"""``train.eval``'s last held-out loss, with the live weights and their moving average."""
+COMPARED = ("heldout_all", "seen_all", "fsd", "final_loss", "eval_loss", "eval_ema_loss")
 """Metrics every pair of variants is tested on."""
 
 
@@ -63,9 +68,14 @@ def estimate(report: VariantReport, metric: Metric) -> Estimate:
 
 
 def _metrics(reports: Sequence[VariantReport]) -> list[Metric]:
-    """The quality metrics some run measured, then the final loss."""
-    measured = [m for m in QUALITY_METRICS if any(m.read(run) is not None for r in reports for run in r.runs.values())]
-    return [*measured, FINAL_LOSS]
+    """The quality metrics some run measured, the final loss, then the held-out losses some run measured."""
+    measured = lambda metrics: [m for m in metrics if any(m.read(run) is not None for r in reports  # noqa: E731
+                                                           for run in r.runs.values())]
+    return [*measured(QUALITY_METRICS), FINAL_LOSS, *measured(EVAL_METRICS)]
+
+
+def _quality(reports: Sequence[VariantReport]) -> list[Metric]:
+    return [m for m in _metrics(reports) if m in QUALITY_METRICS]
 
 
 @dataclass(frozen=True)
@@ -135,10 +145,11 @@ def write_results(path: Path, *, grid: Grid, reports: Sequence[VariantReport], s
     """``results.md``: training and quality tables (mean ± spread over seeds), the significant differences, the variants."""
     seeds = _seeds(reports)
     spread_note = f"mean ± standard deviation over {seeds} training seeds" if seeds > 1 else "one training seed"
+    held_out = [m for m in _metrics(reports) if m in EVAL_METRICS]
     lines = [f"# Ablation: `{grid.path}`", "", *(f"- {item}" for item in setup), "", "## Training", "",
-             _row(["variant", "parameters", "FLOPs / step", "final loss", "best loss", "step time (s)", "peak memory (GB)",
-                   "status"]),
-             "|---|---|---|---|---|---|---|---|"]
+             _row(["variant", "parameters", "FLOPs / step", "final loss", "best loss", *(m.label for m in held_out),
+                   "step time (s)", "peak memory (GB)", "status"]),
+             "|---" * (8 + len(held_out)) + "|"]
     for report in reports:
         total, trainable = report.parameters
         runs = list(report.runs.values())
@@ -148,13 +159,16 @@ def write_results(path: Path, *, grid: Grid, reports: Sequence[VariantReport], s
             _si(report.flops),
             estimate(report, FINAL_LOSS).format(4),
             _optional([run.best_loss for run in runs], min, 4),
+            *(estimate(report, m).format(4) for m in held_out),
             _optional([run.step_time_s for run in runs], np.median),
             _optional([run.peak_memory_gb for run in runs], max),
             _status(report),
         ]))
     lines += [
         "",
-        f"- final loss: the last logged training loss ({spread_note}); best loss: the lowest over all seeds.",
+        f"- final loss: the last logged training loss ({spread_note}); best loss: the lowest over all seeds."
+        + (" Held-out loss: the last `train.eval` loss (fixed clips, timesteps and noise, the same function in every "
+           "variant)." if held_out else ""),
         "- parameters: of the DiT. FLOPs / step: one optimizer step of one process: forward and backward of the DiT on a "
         "video micro-batch at the config's shape, times the gradient-accumulation steps. Counted by "
         "`torch.utils.flop_counter` (matrix products, convolutions and attention; backward only for trainable weights); "
@@ -163,7 +177,7 @@ def write_results(path: Path, *, grid: Grid, reports: Sequence[VariantReport], s
         "(`memory_allocated_gb`); CPU: peak resident memory of the rank-0 process (`cpu_peak_rss_gb`, frozen stages and "
         "data loading included); the highest over the seeds.",
     ]
-    quality = [m for m in _metrics(reports) if m is not FINAL_LOSS]
+    quality = _quality(reports)
     if quality:
         lines += ["", "## Sample quality", "", _row(["variant", *(m.label for m in quality)]), "|---" * (len(quality) + 1) + "|"]
         for report in reports:
@@ -210,6 +224,7 @@ def write_json(path: Path, *, grid: Grid, reports: Sequence[VariantReport], setu
         for seed, run in sorted(report.runs.items()):
             runs[str(seed)] = {"returncode": run.returncode, "error": run.error, "log": run.log, "final_loss": run.final_loss,
                                "best_loss": run.best_loss, "step_time_s": run.step_time_s, "peak_memory_gb": run.peak_memory_gb,
+                               "eval_loss": run.eval_loss, "eval_ema_loss": run.eval_ema_loss,
                                "quality": asdict(run.quality) if run.quality else None}
         summary = {}
         for metric in metrics:
@@ -261,7 +276,7 @@ def plot_quality(path: Path, reports: Sequence[VariantReport], untrained: Baseli
     """``quality.png``: bars of each quality metric per variant (mean over seeds, error bar: ± the spread; dots:
     the seeds; distances on a log scale), the untrained baseline as a grey line. Returns False (and writes nothing)
     when nothing was measured."""
-    metrics = [m for m in _metrics(reports) if m is not FINAL_LOSS and m.key in (*COMPARED, "heldout_shape")]
+    metrics = [m for m in _quality(reports) if m.key in (*COMPARED, "heldout_shape")]
     if not metrics:
         return False
     from matplotlib.figure import Figure

@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 SAT_PREFIX = "model.diffusion_model."
 IGNORED_PREFIXES = ("conditioner.", "first_stage_model.")
 MODEL_STATES = "mp_rank_00_model_states.pt"
+EMA_STATES = "ema_model_states.pt"
+"""Beside :data:`MODEL_STATES` in a checkpoint of a run with ``train.ema``: the moving average of the trained weights
+(``{"module": {SAT key: tensor}}``, only the parameters that trained), which ``weights="ema"`` puts over the weights."""
+WEIGHTS = ("live", "ema")
 
 
 def resolve_checkpoint_file(path: str | Path) -> Path:
@@ -51,9 +55,31 @@ def resolve_checkpoint_file(path: str | Path) -> Path:
     raise CheckpointError(f"{path} is a folder with neither a 'latest' file nor {MODEL_STATES}")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load the raw state dict (``module`` of a SAT file, a plain ``.pt`` state dict, or ``.safetensors``)."""
+def read_state_dict(path: str | Path, weights: str = "live") -> dict[str, torch.Tensor]:
+    """Load the raw state dict (``module`` of a SAT file, a plain ``.pt`` state dict, or ``.safetensors``).
+
+    ``weights="ema"``: with the moving average of the trained weights (:data:`EMA_STATES`, beside the weights file) in
+    place of their values."""
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"weights: expected one of {', '.join(WEIGHTS)}, found {weights!r}")
     file = resolve_checkpoint_file(path)
+    state = _read_weights_file(file)
+    if weights == "ema":
+        ema_file = file.with_name(EMA_STATES)
+        if not ema_file.is_file():
+            raise CheckpointError(f"{file.parent} holds no moving average of the weights ({EMA_STATES}): the run that "
+                                  "wrote it had train.ema off (a checkpoint of SAT's own code keeps its FusedEmaAdam "
+                                  "average inside the optimizer's partitions, which sat_video does not read); use the "
+                                  "live weights")
+        average = _read_weights_file(ema_file)
+        unknown = sorted(set(average) - set(state))
+        if unknown:
+            raise CheckpointError(f"{ema_file}: {len(unknown)} key(s) not in {file}, e.g. {unknown[:3]}")
+        state.update(average)
+    return state
+
+
+def _read_weights_file(file: Path) -> dict[str, torch.Tensor]:
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -176,7 +202,8 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     return {k: state[k] for k in expected}
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, *, lora_alpha: float | None = None) -> nn.Module:
+def load_checkpoint(model: nn.Module, path: str | Path, *, lora_alpha: float | None = None,
+                    weights: str = "live") -> nn.Module:
     """Load DiT weights into ``model`` from a SAT run folder, an iteration folder, a ``.pt`` or a
     ``.safetensors`` file.
 
@@ -187,11 +214,13 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, lora_alpha: float | N
         lora_alpha (`float`, *optional*): alpha of SAT LoRA weights in the checkpoint when ``model`` has no LoRA
             mixin: they are merged with scale ``lora_alpha / r`` (default 1, SAT's). A model with a LoRA mixin
             takes them into the mixin unmerged, and its config sets alpha.
+        weights: ``live``, or ``ema``: the moving average of the trained weights that a run with ``train.ema`` saved
+            beside them (:data:`EMA_STATES`).
     Raises:
         CheckpointError: listing every missing, unexpected or wrongly shaped key.
     """
     file = resolve_checkpoint_file(path)
-    return load_dit_state(model, dit_state_dict(read_state_dict(file)), source=str(file), lora_alpha=lora_alpha)
+    return load_dit_state(model, dit_state_dict(read_state_dict(file, weights)), source=str(file), lora_alpha=lora_alpha)
 
 
 def load_dit_state(

@@ -42,5 +42,5 @@ def run_overrides(check: Check, variant: str, save: Path) -> list[str]:
     frames, height, width = check.sizes.train_clip
     return [f"data.sources=[{clips}]", f"model.text_encoder.path={t5}", "model.first_stage.path=null",
             f"model.dit.num_frames={frames}", f"data.height={height}", f"data.width={width}", f"data.fps={FPS}",
-            "data.skip_frames=0", "train.init_checkpoint=null", f"train.save={save}", "train.tensorboard=false",
+            "data.skip_frames=0", "train.init_checkpoint=null", f"train.save={save}", "train.report_to=[none]",
             "train.progress_bar=false", "train.log_interval=1", "train.micro_batch_size=1", "deepspeed.precision=bf16"]

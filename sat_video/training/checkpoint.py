@@ -5,14 +5,17 @@ A checkpoint is DeepSpeed's engine (weights, optimizer, LR schedule, in DeepSpee
 
 * ``rng``: every generator a step draws from (:class:`RngState`);
 * ``loop``: the counters, the data position and its period (:class:`LoopState`), with the process layout that wrote it;
-* one entry per callback, under its name (:class:`~sat_video.training.callbacks.Callback`).
+* one entry per callback, under its name (:class:`~sat_video.training.callbacks.Callback`);
+
+and with ``train.ema`` the average of the trained weights gathered into ``ema_model_states.pt`` for sampling and export
+(the average a resume reads is in DeepSpeed's optimizer files, :mod:`~sat_video.training.ema`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from sat_video.common.errors import CheckpointError
-from sat_video.formats.sat_checkpoint import MODEL_STATES
+from sat_video.formats.sat_checkpoint import EMA_STATES, MODEL_STATES
 from sat_video.training.distributed import DistributedEnv, barrier
 from sat_video.training.run_folder import RunFolder, trainer_state_file
 from sat_video.training.sequence_parallel import ParallelLayout
@@ -112,13 +115,16 @@ class Checkpoints:
     """Writes complete checkpoints of a run (collectively: every rank calls :meth:`save`) and resumes from one.
 
     ``parts``: the named stateful parts of each rank's trainer state file, ``loop`` and ``rng`` among them.
+    ``ema_weights``: gathers the average of the weights (collective; filled on the main rank), when there is one.
     """
 
     def __init__(self, run_folder: RunFolder, engine: DeepSpeedEngine, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, parts: Mapping[str, Stateful], layout: ParallelLayout,
-                 env: DistributedEnv, keep_last: int | None):
+                 env: DistributedEnv, keep_last: int | None,
+                 ema_weights: Callable[[], dict[str, torch.Tensor]] | None = None):
         self.run_folder, self.engine, self.optimizer, self.scheduler = run_folder, engine, optimizer, scheduler
         self.parts, self.layout, self.env, self.keep_last = dict(parts), layout, env, keep_last
+        self.ema_weights = ema_weights
 
     def save(self, iteration: int) -> Path:
         """Stage every rank's part of checkpoint ``iteration``, then commit it; returns its folder."""
@@ -134,6 +140,10 @@ class Checkpoints:
             module = self.engine._zero3_consolidated_16bit_state_dict()
             if self.env.is_main:
                 torch.save({"module": module, "iteration": iteration}, staging / MODEL_STATES)
+        if self.ema_weights is not None:
+            average = self.ema_weights()
+            if self.env.is_main:
+                torch.save({"module": average, "iteration": iteration}, staging / EMA_STATES)
         state = {name: part.state_dict() for name, part in self.parts.items()}
         state["loop"]["layout"] = [self.layout.data_size, self.layout.sequence_size]  # checked on resume
         torch.save(state, trainer_state_file(staging, self.env.rank))

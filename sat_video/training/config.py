@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sat_video.common.constraints import at_least, one_of
+from sat_video.common.constraints import at_least, between, each_one_of, one_of
 
 
 @dataclass
@@ -44,6 +44,42 @@ class ValidationConfig:
     sizes: list[list[int]] = field(default_factory=list)
     """``[frames, height, width]`` in pixels to sample each prompt at (e.g. the training buckets), each into
     ``samples/<iteration>/<FxHxW>/``; empty: the training clip size, into ``samples/<iteration>/``."""
+
+
+    weights: str = field(default="live", metadata=one_of("live", "ema", "both"))
+    """Sample with the trained weights (``live``), their moving average (``ema``, needs ``train.ema.enabled``; into
+    ``samples/<iteration>/ema/``) or ``both``."""
+
+
+@dataclass
+class EmaConfig:
+    """``train.ema``: an exponential moving average of the trained weights, kept as optimizer state (SAT's
+    ``FusedEmaAdam``), so ZeRO partitions it like the Adam moments (:mod:`sat_video.training.ema`)."""
+
+    enabled: bool = False
+    decay: float = field(default=0.9999, metadata=between(0, 1))
+    """After each applied step ``ema = decay * ema + (1 - decay) * weights``: 0 follows the weights, 1 keeps the initial
+    ones."""
+    warmup: bool = False
+    """Use ``min(decay, (1 + n) / (10 + n))`` at the n-th update (n from 0), so early weights fade out fast."""
+
+
+@dataclass
+class EvalConfig:
+    """``train.eval``: a held-out loss, the same function of the weights at every evaluation and in every run
+    (:mod:`sat_video.training.eval_loss`)."""
+
+    interval: int = field(default=0, metadata=at_least(0))
+    """Steps between evaluations; 0 turns them off."""
+    sources: list[str] = field(default_factory=list)
+    """Held-out data, in any form ``data.sources`` takes; clips are cut as the training data's (``data.buckets``
+    included)."""
+    timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    """Every clip is noised at each of these timesteps, with noise fixed per clip and timestep."""
+    max_samples: int | None = field(default=None, metadata=at_least(1))
+    """Evaluate only the first this many usable clips (in discovery order); ``null``: all."""
+    seed: int = field(default=0, metadata=at_least(0))
+    """Seeds the fixed noise and latent draws; keep it to compare runs."""
 
 
 @dataclass
@@ -127,9 +163,14 @@ class TrainConfig:
     meanwhile is refused (exit 2). A lock left by a job that is gone is taken over at start: at once on the host where
     it ran, from other hosts (shared storage) once it has not been refreshed for this long. At least 60 s: a slow
     refresh must not look stale. ``tools/precompute_latents.py`` locks its ``--out`` the same way."""
-    tensorboard: bool = True
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata=each_one_of("tensorboard", "wandb", "none"))
+    """Trackers that get the metrics, validation videos, the config and the bucket table: ``tensorboard`` (in
+    ``<save>/tensorboard``), ``wandb`` (``pip install -e ".[wandb]"``; ``WANDB_MODE=offline`` writes under
+    ``<save>/wandb``), ``none`` (``metrics.jsonl`` only) (:mod:`sat_video.training.trackers`)."""
     progress_bar: bool = True
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     stages: list[StageConfig] = field(default_factory=list)
     """Progressive training in one run: ``[{until: <iteration>, set: {dotted.key: value}}, ...]`` switches data,
     batch size and LR at those iterations (:mod:`sat_video.training.progressive`); empty: one stage."""

@@ -1,5 +1,6 @@
-"""What a run reports: one record per logged step in ``<save>/metrics.jsonl``, in TensorBoard and as a log line, the
-progress bar, and how long the process took to its first step."""
+"""What a run reports: one record per logged step (and per held-out evaluation) in ``<save>/metrics.jsonl``, in the
+trackers (:mod:`~sat_video.training.trackers`) and as a log line, the progress bar, and how long the process took to its
+first step."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sat_video.common.files import atomic_write
 from sat_video.training.distributed import DistributedEnv
 from sat_video.training.run_folder import RunFolder
 from sat_video.training.step_memory import StepMemory
 from sat_video.training.step_profile import StepProfile
+from sat_video.training.trackers import Tracker, check_trackers, open_trackers
 
 logger = logging.getLogger("sat_video.train")
 
@@ -59,17 +61,19 @@ def process_age_s() -> float | None:
 class MetricsLog:
     """The steps since the last record (a log window), and where records go. Records are written by the main rank.
 
-    ``train``: the ``train`` section (``tensorboard``, ``progress_bar``, ``train_iters``).
+    ``cfg``: the run's config (``train.report_to``, ``train.progress_bar``, ``train.train_iters``; the whole of it goes to
+    the trackers). A tracker that is not installed is refused here, on every rank.
     """
 
-    def __init__(self, run_folder: RunFolder, train: DictConfig, env: DistributedEnv):
-        self.run_folder, self.train, self.env = run_folder, train, env
+    def __init__(self, run_folder: RunFolder, cfg: DictConfig, env: DistributedEnv):
+        self.run_folder, self.cfg, self.train, self.env = run_folder, cfg, cfg.train, env
+        self._tracker_names = check_trackers(list(cfg.train.report_to))
         self.profile = StepProfile(env.device)
         self.memory: StepMemory | None = None
         """Each step's peak (the trainer sets it once the engine exists)."""
         self._loss, self._steps, self._seconds = 0.0, 0, 0.0  # the window: loss of its applied steps, time of all
         self._startup_s: float | None = None
-        self._writer = None
+        self._trackers: list[Tracker] | None = None
         self._progress = None
 
     def truncate(self, iteration: int) -> None:
@@ -131,34 +135,57 @@ class MetricsLog:
         logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         self._loss, self._steps, self._seconds = 0.0, 0, 0.0
 
-    def write(self, record: dict) -> None:
-        """One line of ``metrics.jsonl``; its numbers also go to TensorBoard, as ``train/<key>`` at ``record["step"]``."""
+    def write(self, record: dict, group: str = "train") -> None:
+        """One line of ``metrics.jsonl``; its numbers also go to the trackers, as ``<group>/<key>`` at
+        ``record["step"]``."""
         with open(self.run_folder.path / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        writer = self._tensorboard()
-        if writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    writer.add_scalar(f"train/{key}", value, record["step"])
-            writer.flush()
+        scalars = {f"{group}/{key}": value for key, value in record.items()
+                   if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)}
+        for tracker in self.trackers():
+            tracker.scalars(scalars, record["step"])
+
+    def log_evaluation(self, iteration: int, results: dict[str, dict]) -> None:
+        """One record of held-out losses, ``{"live": {...}, "ema": {...}}`` (the EMA weights' keys get ``eval_ema_``)."""
+        record = {"step": iteration}
+        for weights, values in results.items():
+            if weights == "ema":  # the same clips
+                values = {key.replace("eval_", "eval_ema_", 1): value for key, value in values.items() if key != "eval_samples"}
+            record.update(values)
+        self.write(record, group="eval")
+        logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     def add_image(self, tag: str, image_file: Path, iteration: int) -> None:
-        """``image_file`` to TensorBoard, when it is on."""
-        writer = self._tensorboard()
-        if writer is not None:
+        """``image_file`` to the trackers."""
+        trackers = self.trackers()
+        if trackers:
             from PIL import Image
 
             image = np.asarray(Image.open(image_file).convert("RGB"))
-            writer.add_image(tag, image, iteration, dataformats="HWC")
-            writer.flush()
+            for tracker in trackers:
+                tracker.image(tag, image, iteration)
 
-    def _tensorboard(self):
-        if self.train.tensorboard and self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+    def add_video(self, tag: str, file: Path, frames: np.ndarray, fps: float, iteration: int) -> None:
+        """The mp4 ``file`` of ``frames`` (uint8 ``[T, H, W, 3]``) to the trackers."""
+        for tracker in self.trackers():
+            tracker.video(tag, file, frames, fps, iteration)
 
-            self._writer = SummaryWriter(str(self.run_folder.path / "tensorboard"))
-        return self._writer
+    def add_text(self, tag: str, text: str) -> None:
+        for tracker in self.trackers():
+            tracker.text(tag, text)
+
+    def trackers(self) -> list[Tracker]:
+        """Opened at their first use, on the main rank (the others have none), with the run's config."""
+        if self._trackers is None:
+            self._trackers = []
+            if self.env.is_main:
+                config = OmegaConf.to_container(self.cfg, resolve=True)
+                self._trackers = open_trackers(self._tracker_names, self.run_folder.path, config)
+                for tracker in self._trackers:
+                    tracker.text("config", OmegaConf.to_yaml(self.cfg))
+        return self._trackers
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        for tracker in self._trackers or []:
+            tracker.close()
+        self._trackers = None

@@ -12,6 +12,7 @@ from torch import nn
 from sat_video.common.constraints import check_fields
 from sat_video.common.errors import ConfigError
 from sat_video.training.config import OptimizerConfig, ScheduleConfig
+from sat_video.training.ema import ExponentialMovingAverage
 
 
 def select_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -46,14 +47,16 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class FiniteAdamW(torch.optim.AdamW):
-    """AdamW that leaves weights and moments untouched when any gradient is not finite.
+    """AdamW that leaves weights and moments untouched when any gradient is not finite, and with ``ema`` also keeps a
+    moving average of the weights it updates (:mod:`sat_video.training.ema`), untouched by a skipped step too.
 
     DeepSpeed's ZeRO and bf16 optimizers already skip such steps before calling this one; this check covers
     the remaining path (ZeRO-0 in fp32), where DeepSpeed would apply NaN updates.
     """
 
-    def __init__(self, params: Iterable, cfg: OptimizerConfig):
+    def __init__(self, params: Iterable, cfg: OptimizerConfig, ema: ExponentialMovingAverage | None = None):
         super().__init__(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        self.ema = ema
         self.last_step_skipped = False
 
     @torch.no_grad()
@@ -63,7 +66,11 @@ class FiniteAdamW(torch.optim.AdamW):
         self.last_step_skipped = not finite
         if not finite:
             return None
-        return super().step(closure)
+        starting = self.ema.starting(self) if self.ema is not None else {}
+        loss = super().step(closure)
+        if self.ema is not None:
+            self.ema.update(self, starting)
+        return loss
 
 
 def check_schedule(schedule: ScheduleConfig, base_lr: float) -> None:

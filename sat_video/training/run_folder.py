@@ -27,7 +27,7 @@ from sat_video.formats.sat_checkpoint import MODEL_STATES
 
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".lock"
-RUN_FILES = ("latest", "metrics.jsonl", "config.yaml", "skipped_files.txt")
+RUN_FILES = ("latest", "metrics.jsonl", "config.yaml", "skipped_files.txt", "wandb_run_id")
 
 
 def trainer_state_file(folder: Path, rank: int) -> Path:
@@ -91,7 +91,8 @@ class RunFolder:
                 (self.path / name).unlink(missing_ok=True)
             for dump in self.path.glob(hang_file_name("*")):
                 dump.unlink()
-            shutil.rmtree(self.path / "tensorboard", ignore_errors=True)
+            for tracker_folder in ("tensorboard", "wandb"):
+                shutil.rmtree(self.path / tracker_folder, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
         self.remove_partial()
 

@@ -10,6 +10,7 @@ callbacks (:mod:`~sat_video.training.callbacks`). This file builds them, orders 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -21,8 +22,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sat_video.common.errors import RunStopped
+from sat_video.common.errors import ConfigError, RunStopped
 from sat_video.common.files import atomic_write
+from sat_video.data.buckets import bucket_table
 from sat_video.diffusion.conditioning import TrainingInputBuilder
 from sat_video.diffusion.loss import DiffusionLoss
 from sat_video.diffusion.schedule import NoiseSchedule, sample_timesteps, timestep_interval
@@ -31,6 +33,7 @@ from sat_video.model.build import build_dit, build_frozen_stages
 from sat_video.model.config import DiTConfig
 from sat_video.model.dit import DiffusionTransformer
 from sat_video.model.storage_dtype import check_storage_dtype, store_frozen_weights
+from sat_video.training import ema
 from sat_video.training.block_offload import BlockOffload, check_block_offload
 from sat_video.training.callbacks import Callback, StepEnd
 from sat_video.training.checkpoint import Checkpoints, LoopState, RngState, saved_period
@@ -38,6 +41,7 @@ from sat_video.training.data_pipeline import DataPipeline
 from sat_video.training.deepspeed_setup import deepspeed_config, frozen_stage_dtype
 from sat_video.training.distributed import DistributedEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from sat_video.training.elastic_resume import check_resume_layout
+from sat_video.training.eval_loss import EvalLoss
 from sat_video.training.folder_lock import FolderLock, hold_folder_lock
 from sat_video.training.metrics import MetricsLog
 from sat_video.training.optim import FiniteAdamW, parameter_groups, select_trainable
@@ -67,7 +71,7 @@ class Trainer:
         self.watchdog = watchdog or Watchdog(0, 0, self.run_folder.hang_file(self.env.rank))
         self.callbacks = list(callbacks)
         self.state = LoopState()
-        self.metrics = MetricsLog(self.run_folder, cfg.train, self.env)
+        self.metrics = MetricsLog(self.run_folder, cfg, self.env)  # a tracker not installed is refused here
         self.layout = ParallelLayout.of(self.env.rank, self.env.world_size, cfg.parallel.sequence_parallel_size)
         resume_from = self._open_run_folder()
 
@@ -90,11 +94,12 @@ class Trainer:
         # only for the I2V condition and validation videos, T5 only for validation prompts.
         dit_config = DiTConfig.from_config(cfg)
         self.image_condition = dit_config.in_channels > dit_config.out_channels
-        sampling = bool(cfg.train.validation.interval)
+        # The held-out loss encodes its clips too.
+        encoding = not self.data.cached or bool(cfg.train.validation.interval) or bool(cfg.train.eval.interval)
         frozen_dtype = frozen_stage_dtype(cfg.deepspeed.precision)
         self.frozen_stages = build_frozen_stages(
-            cfg.model, first_stage=not self.data.cached or sampling or self.image_condition,
-            text_encoder=not self.data.cached or sampling, tiled=cfg.data.vae_tiling).to(self.env.device, frozen_dtype)
+            cfg.model, first_stage=encoding or self.image_condition, text_encoder=encoding,
+            tiled=cfg.data.vae_tiling).to(self.env.device, frozen_dtype)
         self.inputs = TrainingInputBuilder(dit_config, cfg.model.diffusion, self.frozen_stages,
                                            scale_factor=cfg.model.first_stage.scale_factor)
         self._build_engine(dit)
@@ -102,12 +107,15 @@ class Trainer:
                                                                    self.frozen_stages], cfg.train.measure_memory)
         try:
             self.validation = Validation(cfg, self.env, self.run_folder, self.frozen_stages, self.metrics)
+            self.evaluation = EvalLoss(cfg, self.layout, self.env, self.data.clip_spec) if cfg.train.eval.interval else None
+            ema_weights = None if self.average is None else lambda: ema.gather(self.engine, dit, keep=self.env.is_main)
             self.checkpoints = Checkpoints(self.run_folder, self.engine, self.optimizer, self.scheduler,
                                            {"rng": RngState(self.generator), "loop": self.state, **self._callback_parts()},
-                                           self.layout, self.env, cfg.train.keep_last)
+                                           self.layout, self.env, cfg.train.keep_last, ema_weights)
             if resume_from is not None:
                 with self.block_offload.on_host():  # DeepSpeed loads into the parameters themselves
                     self.checkpoints.load(resume_from, self.elastic)
+                ema.check_resumed(ema.base_optimizer(self.engine), self.average is not None, str(resume_from))
                 if self.elastic is not None:
                     if self.elastic.saved.data_size != self.layout.data_size:  # else the same plan goes on as written
                         self.data.continue_epoch(self.elastic.saved.data_size)
@@ -129,6 +137,10 @@ class Trainer:
         # Before anything in the folder is written or loaded; every rank reads the same file and decides alike.
         self.elastic = None if resume_from is None else check_resume_layout(
             train.resume_layout, resume_from, self.layout, self._deepspeed_config()["zero_optimization"]["stage"])
+        ema.check_ema(train.ema, self._deepspeed_config()["zero_optimization"]["stage"], self.cfg.deepspeed.precision,
+                  elastic=self.elastic is not None)
+        if train.validation.weights != "live" and not train.ema.enabled:
+            raise ConfigError(f"train.validation.weights={train.validation.weights} needs train.ema.enabled=true")
         if self.env.is_main:
             if resume_from is None:
                 # auto found no complete checkpoint: what a run killed before its first save left is replaced
@@ -178,7 +190,8 @@ class Trainer:
         self.interval = timestep_interval(data_rank, world, diffusion.num_train_timesteps)
         schedule = NoiseSchedule(diffusion.snr_shift_scale, diffusion.num_train_timesteps)
         diffusion_loss = DiffusionLoss(dit, schedule, ofs=diffusion.ofs)
-        self.optimizer = FiniteAdamW(parameter_groups(dit, cfg.train.optimizer.weight_decay), cfg.train.optimizer)
+        self.average = ema.ExponentialMovingAverage(cfg.train.ema) if cfg.train.ema.enabled else None
+        self.optimizer = FiniteAdamW(parameter_groups(dit, cfg.train.optimizer.weight_decay), cfg.train.optimizer, self.average)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda_by_period(cfg, self.periods))
         self.engine, _, _, _ = deepspeed.initialize(
             model=diffusion_loss,  # the DiT with its loss: what DeepSpeed trains
@@ -211,6 +224,8 @@ class Trainer:
         """Train until ``train.train_iters``; returns the final loop state."""
         train = self.cfg.train
         self.data.open(self.frozen_stages, self.image_condition)
+        for table in sorted(self.run_folder.path.glob("buckets*.json")) if self.env.is_main else ():
+            self.metrics.add_text(f"data/{table.stem}", bucket_table(json.loads(table.read_text())))
         start = self.state.iteration
         with self.metrics.progress(start):
             try:
@@ -220,8 +235,11 @@ class Trainer:
                     if self.env.is_main and (step.iteration % train.log_interval == 0 or step.skipped):
                         grad_norm = self.engine.get_global_grad_norm()
                         global_batch = self.data.micro_batch_size * train.gradient_accumulation_steps * self.layout.data_size
+                        fields = self.data.record_fields()
+                        if self.average is not None:  # this rank's share (all of it without ZeRO)
+                            fields["ema_memory_gb"] = ema.held_bytes(ema.base_optimizer(self.engine)) / 2**30
                         self.metrics.log(step.iteration, step.lr, float(grad_norm) if grad_norm is not None else None,
-                                         global_batch, self.state.skipped_steps, self.data.record_fields())
+                                         global_batch, self.state.skipped_steps, fields)
                     self.watchdog.enter("callbacks")
                     for callback in self.callbacks:
                         callback.on_step_end(self, step)
@@ -234,6 +252,8 @@ class Trainer:
                         )
                     if train.validation.interval and step.iteration % train.validation.interval == 0:
                         self.validate()
+                    if train.eval.interval and step.iteration % train.eval.interval == 0:
+                        self.evaluate()
                     if step.iteration % train.save_interval == 0 or step.iteration == train.train_iters:
                         self.save()
             finally:
@@ -300,10 +320,32 @@ class Trainer:
         """Sample ``train.validation.prompts`` with the current weights (:class:`Validation`); the folder on the main
         rank."""
         self.watchdog.enter("validation", slow=True)
+        weights, dit, folder = self.cfg.train.validation.weights, self.engine.module.dit, None
         with self.data.paused():
-            folder = self.validation.sample(self.engine.module.dit, self.state.iteration, self.data.clip_spec)
+            if weights in ("live", "both"):
+                folder = self.validation.sample(dit, self.state.iteration, self.data.clip_spec)
+            if weights in ("ema", "both"):
+                with ema.swapped_in(self.engine):
+                    folder = self.validation.sample(dit, self.state.iteration, self.data.clip_spec, weights="ema") or folder
         self.watchdog.completed(f"validation at iteration {self.state.iteration}")
         return folder
+
+    def evaluate(self) -> dict[str, dict]:
+        """The held-out loss (:class:`EvalLoss`) of the live weights and, with ``train.ema``, of their average; logged
+        as one record, and returned (collective)."""
+        self.watchdog.enter("held-out evaluation", slow=True)
+        evaluate = lambda: self.evaluation.evaluate(self.engine, self.inputs, self.frozen_stages,  # noqa: E731
+                                                    self.image_condition)
+        with self.data.paused():
+            results = {"live": evaluate()}
+            if self.average is not None:
+                with ema.swapped_in(self.engine):
+                    results["ema"] = evaluate()
+        self.state.skipped_files.extend(item for item in self.evaluation.skipped if item not in self.state.skipped_files)
+        if self.env.is_main:
+            self.metrics.log_evaluation(self.state.iteration, results)
+        self.watchdog.completed(f"held-out evaluation at iteration {self.state.iteration}")
+        return results
 
     def close(self) -> None:
         self.metrics.close()

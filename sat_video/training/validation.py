@@ -1,5 +1,6 @@
 """Validation while training: ``train.validation.prompts`` sampled with the current weights into
-``<save>/samples/<iteration>``, and each contact sheet to TensorBoard."""
+``<save>/samples/<iteration>`` (their moving average into ``samples/<iteration>/ema``), and each video and contact sheet
+to the trackers."""
 
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ class Validation:
                  metrics: MetricsLog):
         self.cfg, self.env, self.run_folder, self.frozen_stages, self.metrics = cfg, env, run_folder, frozen_stages, metrics
 
-    def sample(self, dit: DiffusionTransformer, iteration: int, clip_spec: ClipSpec) -> Path | None:
+    def sample(self, dit: DiffusionTransformer, iteration: int, clip_spec: ClipSpec, weights: str = "") -> Path | None:
         """Sample with ``dit`` at each ``train.validation.sizes`` (none: the frames of the DiT and the size of
-        ``clip_spec``, the training clips'); the samples' folder on the main rank, ``None`` elsewhere."""
+        ``clip_spec``, the training clips'); the samples' folder on the main rank, ``None`` elsewhere. ``weights``: which
+        weights ``dit`` holds when not the live ones (``ema``): names the subfolder and the trackers' tags."""
         started = time.perf_counter()
         cfg, dit_config = self.cfg, dit.dit_config
         validation = cfg.train.validation
@@ -44,17 +46,22 @@ class Validation:
             ofs=cfg.model.diffusion.ofs,
             device=self.env.device,
         )
-        folder = self.run_folder.path / "samples" / str(iteration)
+        folder = self.run_folder.path / "samples" / str(iteration) / weights
+        tag = "validation" + (f"_{weights}" if weights else "")
+        fps = cfg.sample.fps or cfg.data.fps
         for frames, height, width in sizes:
             image = load_image(validation.image, height, width) if validation.image else None
             videos = video_generator.generate(list(validation.prompts), cfg.sample, num_frames=frames, height=height,
                                         width=width, image=image, steps=validation.steps)
             if self.env.is_main:  # one folder per size when several are asked for
                 size = Bucket(frames, height, width).name if validation.sizes else ""
-                written = write_samples(folder / size, videos, cfg.sample.fps or cfg.data.fps, overwrite=True)
-                self.metrics.add_image(f"validation/contact_sheet{size and f'_{size}'}", written[-1], iteration)
+                written = write_samples(folder / size, videos, fps, overwrite=True)
+                self.metrics.add_image(f"{tag}/contact_sheet{size and f'_{size}'}", written[-1], iteration)
+                for file, video in zip(written, videos):
+                    self.metrics.add_video(f"{tag}/{file.stem}{size and f'_{size}'}", file, video.frames.numpy(), fps,
+                                           iteration)
         if not self.env.is_main:
             return None
-        logger.info("validation at iteration %d took %.1f s; samples in %s\n%s", iteration, time.perf_counter() - started,
-                    folder, video_generator.memory.describe())
+        logger.info("validation%s at iteration %d took %.1f s; samples in %s\n%s", f" ({weights} weights)" if weights else "",
+                    iteration, time.perf_counter() - started, folder, video_generator.memory.describe())
         return folder

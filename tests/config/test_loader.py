@@ -137,6 +137,8 @@ def _refused_value(kind, constraint):
         return first + "x" if kind is str else max(constraint["one_of"]) + 1
     if "between" in constraint:
         return kind(constraint["between"][1] + 1)
+    if "each_one_of" in constraint:
+        return [constraint["each_one_of"][0], constraint["each_one_of"][0] + "x"]
     low, exclusive = constraint["at_least"]
     return kind(low) if exclusive else kind(low - 1)
 
@@ -162,7 +164,8 @@ def test_every_constrained_key_is_refused_at_load_naming_file_key_and_allowed_va
     with pytest.raises(ConfigError) as caught:
         sat_video.load_config([ROOT / "configs" / "cogvideox_5b.yaml", ROOT / "configs" / "tiny.yaml", layer])
     message = str(caught.value)
-    assert message.startswith(f"{layer}: {key}: expected ") and repr(value) in message, message
+    refused = value[-1] if isinstance(value, list) else value  # a list names its refused item
+    assert message.startswith(f"{layer}: {key}: expected ") and repr(refused) in message, message
     if "one_of" in constraint:
         assert ", ".join(map(repr, constraint["one_of"])) in message
         if kind is str:

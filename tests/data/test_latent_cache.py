@@ -58,7 +58,7 @@ def train(assets, save, *overrides):
         *BASE,
         *data_args(assets),
         f"train.save={save}",
-        "train.tensorboard=false",
+        "train.report_to=[none]",
         *overrides,
     ]
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)

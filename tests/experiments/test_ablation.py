@@ -45,7 +45,7 @@ def images(tmp_path_factory):
 
 def ablate(out, *args, grid=LATTE, base=BASE):
     command = [sys.executable, str(ROOT / "tools" / "ablate.py"), "--base", *base, "--grid", str(grid), "--out", str(out),
-               *args, "train.tensorboard=false"]
+               *args, "train.report_to=[none]"]
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
 
 
@@ -135,7 +135,7 @@ def test_the_quality_stage_ranks_trained_models_above_the_untrained_one_over_see
         import ablate as tool
     finally:
         sys.path.pop(0)
-    common = ["--base", *base, "--grid", str(grid), "--out", str(out), *settings, "train.tensorboard=false"]
+    common = ["--base", *base, "--grid", str(grid), "--out", str(out), *settings, "train.report_to=[none]"]
     assert tool.main(common) == 2  # finished runs are never replaced unasked
     assert (seed_folder(out, "full_attention", 42) / "run" / "metrics.jsonl").is_file()
     (out / "results.md").unlink()
@@ -168,7 +168,7 @@ def test_joint_image_video_training_with_two_processes_under_zero2(train_assets,
         f"data.sources=[{','.join(sources)}]",
         f"model.text_encoder.path={train_assets / 't5'}",
         f"train.save={save}",
-        "train.tensorboard=false",
+        "train.report_to=[none]",
         f"train.train_iters={steps}",
         "train.micro_batch_size=1",
         "train.seed=42",

@@ -21,7 +21,7 @@ BASE = [str(ROOT / "configs" / name) for name in ("cogvideox_2b.yaml", "tiny.yam
 def run_keys(assets, save, *overrides, data=None):
     """The config overrides of a run on ``data`` (default: the assets' clips) into ``save``, then ``overrides``."""
     return [f"data.sources=[{data or assets / 'data'}]", f"model.text_encoder.path={assets / 't5'}", f"train.save={save}",
-            "train.tensorboard=false", *overrides]
+            "train.report_to=[none]", *overrides]
 
 
 def arguments(assets, save, *overrides, data=None, base=BASE):
@@ -51,8 +51,18 @@ def ok(proc):
     return proc
 
 
-def metrics(save):
+def records(save):
     return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+
+
+def metrics(save):
+    """The training steps' records."""
+    return [record for record in records(save) if "loss" in record]
+
+
+def evaluations(save):
+    """The held-out evaluations' records."""
+    return [record for record in records(save) if "eval_loss" in record]
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ def test_bucketed_staged_training_with_two_processes_resumes_exactly_in_the_seco
         sources = ",".join(sorted(str(p) for p in bucket_clips.iterdir() if p.name != "images"))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                    str(ROOT / "tools" / "train_video.py"), "--base", *CONFIGS, str(layer), f"data.sources=[{sources}]",
-                   f"model.text_encoder.path={train_assets / 't5'}", f"train.save={save}", "train.tensorboard=false",
+                   f"model.text_encoder.path={train_assets / 't5'}", f"train.save={save}", "train.report_to=[none]",
                    "train.micro_batch_size=1", f"data.buckets={json.dumps(BUCKETS[:4])}".replace(" ", ""), *overrides]
         proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                               text=True, timeout=600)

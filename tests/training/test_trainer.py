@@ -46,7 +46,7 @@ def kill_process_tree(pid):
 
 def test_two_processes_zero2_loss_finite_and_falls(train_assets, tmp_path):
     save = tmp_path / "run"
-    proc = ok(launch(train_assets, save, "train.train_iters=40", "train.save_interval=20", "train.tensorboard=true",
+    proc = ok(launch(train_assets, save, "train.train_iters=40", "train.save_interval=20", "train.report_to=[tensorboard]",
                   "data.random_start=true", nproc=2))
     records = metrics(save)
     assert [r["step"] for r in records] == list(range(1, 41))
