@@ -29,6 +29,10 @@ setup(
         "pillow",
         "tensorboard",
         "tqdm",
+        "webdataset>=1.0",  # the tar format of data.shards (tools/make_shards.py); brings braceexpand
+        "braceexpand",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "peft"], "dev": ["pytest", "pytest-timeout", "peft", "ruff==0.17.6"]},
+    # wandb: train.report_to=[wandb]; the tests run it offline
+    extras_require={"wandb": ["wandb"], "test": ["pytest", "pytest-timeout", "peft", "wandb"],
+                    "dev": ["pytest", "pytest-timeout", "peft", "wandb", "ruff==0.17.6"]},
 )

@@ -30,13 +30,18 @@ over interleaved repetitions after warm-up):
   and the weights left on the device, against ``offloaded_bytes``' prediction.
 * Training memory (``training_memory``): the planner (``--estimate-memory``) against the measured peak of real tiny
   runs, LoRA and SFT, ZeRO-2 and ZeRO-3, three clip sizes (12 runs of ``tools/train_video.py``, about 2 minutes).
+* Moving average of the weights (``ema``): a full fine-tuning step with and without ``train.ema``, and the share of
+  the average rank 0 holds in a ZeRO-2 run of ``tools/train_video.py`` on two processes.
+* Data at scale (``shards``): start-up of ``tools/train_video.py`` on 1k to 100k samples from shards and from folder
+  sources, ``tools/make_shards.py``'s speed, decoding per core at 480x720 and 768x1360, the projection to 10M samples on
+  64 ranks (several minutes: the folder sources at 10k samples read 10k headers).
 
 The sections named in parentheses also regenerate alone: ``--only NAME [NAME ...]`` runs just those and replaces them
 inside an existing ``--out`` (a section it lacks goes where the report's order puts it), leaving the rest as it was;
 each shows the command that regenerates it:
 
     python tools/bench.py --only trainers --trainer-steps 24 --trainer-rounds 2
-    python tools/bench.py --only fp8_storage block_streaming training_memory --dtypes fp32
+    python tools/bench.py --only fp8_storage block_streaming training_memory ema --dtypes fp32
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from sat_video.benchmarks.sampling_memory import DecodeCase
+from sat_video.benchmarks.shard_streaming import ShardScale
 from sat_video.benchmarks.trainer_comparison import ComparisonSetup
 from sat_video.benchmarks.training_memory import MemoryGrid
 
@@ -57,6 +58,11 @@ class Preset:
     preset: a dozen training processes are a benchmark, not a CI test; ``--only trainers --sizes tiny`` still runs it)."""
     training_memory: MemoryGrid
     """The planner's validation runs (a few seconds each)."""
+    ema_ranks: int
+    """Processes of the ZeRO-2 run whose per-rank share of the moving average is reported (1 in the tiny preset: the
+    code path; the tests check the split over two)."""
+    shards: ShardScale
+    """Sample counts, shard size and decode sizes of the data-at-scale section."""
 
 
 def _dit(
@@ -76,7 +82,8 @@ PRESETS = {
         vae_decode=DecodeCase(9, 64, 96, (32, 48), (8, 8), ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml")),
         full_size=False, trainers=None,
         # one run: the section's code path, not the validation
-        training_memory=MemoryGrid(recipes=("LoRA",), stages=(2,), sizes=((5, 48, 80),))),
+        training_memory=MemoryGrid(recipes=("LoRA",), stages=(2,), sizes=((5, 48, 80),)), ema_ranks=1,
+        shards=ShardScale(samples=(20,), folder=(20,), per_shard=10, decode_sizes=((9, 64, 96),), decode_clips=2)),
     "default": Preset(
         dits=(
             # 5B layout (3D RoPE), 4 x 16 x 16 latents -> 256 video + 64 text tokens
@@ -94,5 +101,9 @@ PRESETS = {
         vae_decode=DecodeCase(9, 96, 160, (64, 96), (16, 24), ("cogvideox_2b.yaml", "tiny.yaml")),
         full_size=True, trainers=ComparisonSetup(clips=16, steps=32, rounds=3),
         # three sizes that differ in frames and area, none of the planner's tests' (9 and 13 x 64 x 64)
-        training_memory=MemoryGrid(recipes=("LoRA", "SFT"), stages=(2, 3), sizes=((5, 48, 80), (9, 80, 96), (13, 96, 128)))),
+        training_memory=MemoryGrid(recipes=("LoRA", "SFT"), stages=(2, 3), sizes=((5, 48, 80), (9, 80, 96), (13, 96, 128))),
+        ema_ranks=2,
+        # start-up at 1k to 100k samples (folder sources to 10k: a header read per file); decoding at 1.0's and 1.5's sizes
+        shards=ShardScale(samples=(1_000, 10_000, 100_000), folder=(1_000, 10_000), per_shard=1_000,
+                          decode_sizes=((49, 480, 720), (49, 768, 1360)), decode_clips=4)),
 }

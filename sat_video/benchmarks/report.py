@@ -19,16 +19,18 @@ from sat_video.benchmarks import (
     mixed_sizes,
     sampling_memory,
     sequence_parallel,
+    shard_streaming,
     targets,
     training_memory,
     training_steps,
+    weight_average,
 )
 from sat_video.benchmarks.context import Section, standalone
 from sat_video.benchmarks.markdown import begin_marker, marked, replace_section
 
 SECTIONS: tuple[Section, ...] = (machine, targets, gemm_peak, dit_steps, kernel_profile, checkpointing, training_steps,
                                  mixed_sizes, data_loading, sequence_parallel, sampling_memory, fine_tuning, fp8_storage,
-                                 block_streaming, training_memory, method)
+                                 block_streaming, training_memory, weight_average, shard_streaming, method)
 """In the report's order, which is also the order they measure in (the summaries aside: see ``Section``)."""
 
 

@@ -88,7 +88,8 @@ class EvalLoss:
     @torch.no_grad()
     def evaluate(self, loss_fn, inputs: TrainingInputBuilder, stages: FrozenStages, image_condition: bool) -> dict:
         """``{"eval_loss": mean, "eval_loss_t<t>": mean at t, ..., "eval_time_s", "eval_samples"}`` over all ranks'
-        clips (collective). ``loss_fn(inputs, timesteps, noise)``: the per-sample diffusion loss (DeepSpeed's engine)."""
+        clips (collective). ``loss_fn(inputs, timesteps, noise)``: the per-sample diffusion loss (the engine's module,
+        as validation samples with its DiT, outside the engine's training bookkeeping)."""
         started = time.perf_counter()
         if self._encoded is None:
             self._encoded = self._encode(stages, image_condition)

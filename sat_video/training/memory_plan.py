@@ -12,12 +12,12 @@ stages' weights):
 
 Weights and optimizer states follow what DeepSpeed allocates (checked against ``deepspeed/runtime/zero/stage_1_and_2.py``,
 ``stage3.py`` and ``fp16/unfused_optimizer.py``): under bf16/fp16 the module is cast to the compute dtype (frozen
-parameters too), the trainable parameters get an fp32 master copy and two fp32 Adam moments, partitioned over the
+parameters too), the trainable parameters get an fp32 master copy and two fp32 Adam moments (and with ``train.ema`` an
+fp32 average, :mod:`~sat_video.training.ema`), partitioned over the
 data-parallel group from ZeRO-1 on; ZeRO-1/2 allocate ``reduce_bucket_size`` elements of gradient bucket in the compute
 dtype (twice with ``overlap_comm``) whatever the model's size; ZeRO-2 keeps each rank's gradient partition, ZeRO-1 every
 gradient; ZeRO-3 partitions every parameter (frozen ones too) except those under ``stage3_param_persistence_threshold``
 and gathers a block's worth plus ``stage3_prefetch_bucket_size`` at a time. Frozen parameters are not in the optimizer.
-There is no EMA of the weights in this trainer, so no EMA term.
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ class TrainingMemoryPlan:
         trainable, c = self.parameters.trainable, self.compute_bytes
         shards = data_parallel if s.zero_stage >= 1 else 1
         master = 4 * trainable / shards if (c < 4 or s.zero_stage >= 1) else 0.0  # ZeRO-1/2 clone even fp32 params
-        moments = 8 * trainable / shards
+        moments = (12 if self.cfg.train.ema.enabled else 8) * trainable / shards  # + the average, as optimizer state
         fp32_grads = 4 * trainable / shards  # the step's fp32 gradient partition
         adam_temp = 4 * trainable / shards  # AdamW's denominator
         bucket = 0.0
@@ -277,7 +277,8 @@ class TrainingMemoryPlan:
             host = master + moments + fp32_grads + (held if s.zero_stage == 2 else 0)
             held = held if s.zero_stage == 3 else 0.0
             return 0.0, bucket + held, held, host, "fp32 master, Adam moments and fp32 gradients in host memory"
-        detail = (f"fp32 master + 2 Adam moments of {trainable / 1e6:.1f} M trainable"
+        average = " + EMA" if self.cfg.train.ema.enabled else ""
+        detail = (f"fp32 master + 2 Adam moments{average} of {trainable / 1e6:.1f} M trainable"
                   + (f", 1/{shards} each" if shards > 1 else ""))
         return master + moments, bucket + held, held + fp32_grads + adam_temp, 0.0, detail
 

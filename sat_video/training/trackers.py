@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 from pathlib import Path
 from typing import Protocol
 
@@ -100,7 +101,7 @@ class WandbTracker:
 
         self.wandb = wandb
         id_file = folder / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sat_video"), name=folder.name, id=run_id,
                               resume="allow", dir=str(folder), config=config)
         id_file.write_text(run_id + "\n")

@@ -334,7 +334,7 @@ class Trainer:
         """The held-out loss (:class:`EvalLoss`) of the live weights and, with ``train.ema``, of their average; logged
         as one record, and returned (collective)."""
         self.watchdog.enter("held-out evaluation", slow=True)
-        evaluate = lambda: self.evaluation.evaluate(self.engine, self.inputs, self.frozen_stages,  # noqa: E731
+        evaluate = lambda: self.evaluation.evaluate(self.engine.module, self.inputs, self.frozen_stages,  # noqa: E731
                                                     self.image_condition)
         with self.data.paused():
             results = {"live": evaluate()}

@@ -37,10 +37,13 @@ def test_bench_tiny_writes_every_section(tmp_path):
         "## fp8-stored frozen weights (LoRA)",
         "## Block offload while training (LoRA)",
         "## Training memory: the planner against measured peaks",
+        "## Moving average of the weights (train.ema)",
+        "## Data at scale: shards vs folder sources",
         "## How these figures are measured",
     ):
         assert heading in report
-    for name in ("trainers", "fp8_storage", "block_streaming", "training_memory"):  # each can be replaced alone later
+    # each can be replaced alone later
+    for name in ("trainers", "fp8_storage", "block_streaming", "training_memory", "ema", "shards"):
         assert f"<!-- bench:{name} -->" in report and f"`python tools/bench.py --only {name} --sizes tiny" in report
     assert "| torch threads | 1 |" in report
     # one comparison row per dtype, with positive times for both implementations
@@ -65,5 +68,11 @@ def test_bench_tiny_writes_every_section(tmp_path):
     # the planner's validation: one LoRA run under ZeRO-2 at the tiny preset
     assert re.search(r"^\| LoRA \| 2 \| 5x48x80 \| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| \w[\w ]* \| (yes|\*\*no\*\*) \|$",
                      report, re.M)
+    # the average's cost: a step without and with it per dtype; one rank holds all of it
+    ema = re.findall(r"^\| tiny \| (fp32|bf16) \| [\d.]+ M \| ([\d.]+) \| ([\d.]+) \| [-+\d.]+% \| (yes|\*\*no\*\*) \|$",
+                     report, re.M)
+    assert sorted(dtype for dtype, *_ in ema) == ["bf16", "fp32"] and all(float(a) > 0 and float(b) > 0 for _, a, b, _ in ema)
+    assert re.search(r"ZeRO-2 on 1 process\(es\), fp32, every weight trained: rank 0 holds [\d.]+ MiB of average "
+                     r"\(`ema_memory_gb`\), 1.00 of the whole", report)
     workers = [int(w) for w in re.findall(r"^\| (\d+) \| [\d.]+ \|$", report, re.M)]  # data loading: 0, 1, ... workers
     assert workers[0] == 0 and len(workers) >= 2 and workers == sorted(set(workers))

@@ -147,6 +147,10 @@ def test_sample_video_tool_writes_videos_and_a_contact_sheet(train_assets, tmp_p
     sheet = np.asarray(Image.open(tmp_path / "out" / "contact_sheet.png"))
     assert sheet.shape[1] >= 8 * 64 and sheet.shape[0] >= 2 * 64
     assert main(args) == 2  # never overwrites what is there
+    capsys.readouterr()
+    args[args.index("--out") + 1] = str(tmp_path / "ema")
+    assert main([*args, "--weights", "ema"]) == 2  # a checkpoint of a run without train.ema
+    assert "holds no moving average of the weights (ema_model_states.pt)" in capsys.readouterr().err
 
 
 def test_i2v_sampling_needs_an_image(train_assets, tmp_path):

@@ -80,6 +80,24 @@ def test_official_layout_extras_are_accepted(tmp_path):
         assert _same(source, target)
 
 
+def test_a_sat_folder_trained_with_fused_ema_adam_loads_as_before(tmp_path):
+    """SAT's FusedEmaAdam keeps its average in DeepSpeed's optimizer partitions beside the weights: the weights load as
+    ever, and asking for the average names why there is none to read."""
+    cfg, source, target = _pair()
+    folder = tmp_path / "sat" / "1000"
+    folder.mkdir(parents=True)
+    torch.save({"module": {SAT_PREFIX + k: v for k, v in source.state_dict().items()}}, folder / MODEL_STATES)
+    flat = torch.cat([p.detach().flatten() for p in source.parameters()])
+    torch.save({"optimizer_state_dict": {"base_optimizer_state": {"state": {0: {
+        "step": 1000, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat), "ema": flat}}}}},
+        folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    (tmp_path / "sat" / "latest").write_text("1000")
+    sat_video.load_checkpoint(target, tmp_path / "sat")
+    assert _same(source, target)
+    with pytest.raises(CheckpointError, match="FusedEmaAdam average inside the optimizer's partitions"):
+        sat_video.load_checkpoint(target, tmp_path / "sat", weights="ema")
+
+
 def test_wrong_shape_names_the_key(tmp_path):
     cfg, source, target = _pair()
     state = source.state_dict()

@@ -256,6 +256,32 @@ def test_adapter_file_holds_diffusers_keys_with_the_scale_in_lora_b(exported_lor
     )
 
 
+def test_export_of_the_moving_average_equals_the_export_of_those_weights(tmp_path):
+    """``--weights ema``: the average's LoRA factors over the saved weights, merged and as the adapter, are exported as a
+    checkpoint holding those weights would be."""
+    from safetensors.torch import load_file
+
+    from sat_video.formats.sat_checkpoint import EMA_STATES
+
+    live, averaged = _trained_lora_model("cogvideox_5b", seed=3), _trained_lora_model("cogvideox_5b", seed=4)
+    factors = {key: value for key, value in averaged.state_dict().items() if key.startswith("mixins.lora.")}
+    sat_video.save_checkpoint(live, tmp_path / "run", 5)
+    torch.save({"module": {SAT_PREFIX + key: value for key, value in factors.items()}}, tmp_path / "run" / "5" / EMA_STATES)
+    live.load_state_dict(factors, strict=False)  # what the average stands for: the live base, the averaged factors
+    sat_video.save_checkpoint(live, tmp_path / "expected", 5)
+    args = ["--base", *_base("cogvideox_5b"), LORA_YAML, *_lora_overrides()]
+    for name, extra in (("merged", []), ("adapter", ["--lora-adapter"])):
+        assert convert_to_diffusers([*args, "--ckpt", str(tmp_path / "run"), "--weights", "ema",
+                                     "--out", str(tmp_path / f"ema_{name}"), *extra]) == 0
+        assert convert_to_diffusers([*args, "--ckpt", str(tmp_path / "expected"), "--out", str(tmp_path / name), *extra]) == 0
+        files = ["transformer/diffusion_pytorch_model.safetensors", *([LORA_WEIGHTS] if extra else [])]
+        for file in files:
+            got, expected = load_file(str(tmp_path / f"ema_{name}" / file)), load_file(str(tmp_path / name / file))
+            assert got.keys() == expected.keys()
+            for key in expected:
+                assert_identical(got[key], expected[key], what=f"{name} {file} {key}")
+
+
 # ---------------------------------------------------------------------- SAT LoRA checkpoints and loading rules
 
 

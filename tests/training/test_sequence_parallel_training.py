@@ -13,7 +13,7 @@ import pytest
 from sat_video.formats.sat_checkpoint import read_state_dict
 from tests.conftest import ROOT
 from tests.numerics import FLOAT32_RTOL, assert_close_rel
-from tests.training.runs import one_process_group, run_keys, train_here
+from tests.training.runs import evaluations, one_process_group, run_keys, train_here
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def finish(*procs):
 
 
 def losses(save):
-    return {r["step"]: r["loss"] for r in map(json.loads, (save / "metrics.jsonl").read_text().splitlines())}
+    return {r["step"]: r["loss"] for r in map(json.loads, (save / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
 def assert_same_run(a, b, steps):
@@ -64,10 +64,12 @@ def test_two_sequence_ranks_train_sample_and_resume_as_one_process(train_assets,
 
     # The split 5B run trains meanwhile; its validation sampling (split too) draws from its own generators: training is
     # unchanged.
+    # The held-out loss of the split run (its group evaluates each clip together) is the one-process run's.
     validation = ["train.validation.interval=5", "train.validation.prompts=[a red circle]", "train.validation.steps=2"]
-    split_5b = start("cogvideox_5b", train_assets, tmp_path / "split_5b", SPLIT, *validation)
+    held_out = ["train.eval.interval=10", f"train.eval.sources=[{train_assets / 'data'}]"]
+    split_5b = start("cogvideox_5b", train_assets, tmp_path / "split_5b", SPLIT, *validation, *held_out)
     # One-process references, in this process: 5B from video, and 5B-I2V from a latent cache encoded here.
-    train_here(train_assets, tmp_path / "one_5b", *RUN, base=configs("cogvideox_5b"))
+    train_here(train_assets, tmp_path / "one_5b", *RUN, *held_out, base=configs("cogvideox_5b"))
     cache = tmp_path / "i2v_latents"
     with one_process_group():
         encode(load_config(configs("cogvideox_5b_i2v"), [f"data.sources=[{train_assets / 'data'}]",
@@ -76,6 +78,9 @@ def test_two_sequence_ranks_train_sample_and_resume_as_one_process(train_assets,
     train_here(train_assets, tmp_path / "one_i2v", *RUN, from_cache, base=configs("cogvideox_5b_i2v"))
     finish(split_5b)
     assert_same_run(tmp_path / "one_5b", tmp_path / "split_5b", range(1, 11))
+    (split,), (one,) = evaluations(tmp_path / "split_5b"), evaluations(tmp_path / "one_5b")
+    assert split["eval_samples"] == one["eval_samples"] == 4
+    assert split["eval_loss"] == pytest.approx(one["eval_loss"], rel=FLOAT32_RTOL)
     assert (tmp_path / "split_5b" / "samples" / "10" / "000_a_red_circle.mp4").is_file()
 
     # Resumed at checkpoint 5 under the same layout: steps 6-10 and the final weights are those of the straight run.

@@ -92,6 +92,8 @@ def test_resume_is_exact_with_two_processes_and_the_in_run_cache_changes_no_loss
         "data.num_workers=1",
         "train.lr_schedule.decay_iters=4",
         "model.dit.num_frames=9",
+        "train.ema.enabled=true",  # its average resumes exactly too
+        "train.ema.decay=0.5",
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # validation in the straight run only: sampling must not change what training draws
@@ -123,15 +125,17 @@ def test_resume_is_exact_with_two_processes_and_the_in_run_cache_changes_no_loss
     # the cached latents were encoded in other batches than the re-encoded ones: float32 rounding apart
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=FLOAT32_RTOL)
     assert [r["lr"] for r in b] == [r["lr"] for r in a]
-    wa, wb = read_state_dict(straight), read_state_dict(resumed)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert_close_rel(wb[key], wa[key], what=key)
+    for weights in ("live", "ema"):
+        wa, wb = read_state_dict(straight, weights), read_state_dict(resumed, weights)
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert_close_rel(wb[key], wa[key], what=f"{weights} {key}")
 
 
 def test_sigkill_while_saving_resumes_from_previous_checkpoint(train_assets, tmp_path):
     save = tmp_path / "run"
-    args = ["train.train_iters=4", "train.save_interval=2", "train.resume=auto"]  # the same command both times
+    # the same command both times; the average of the weights is saved beside them in each checkpoint
+    args = ["train.train_iters=4", "train.save_interval=2", "train.resume=auto", "train.ema.enabled=true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(  # each checkpoint's commit waits a few seconds (tests/training/paused_commit.py)
         command(train_assets, save, *args, nproc=2, script=ROOT / "tests" / "training" / "paused_commit.py"),
@@ -151,7 +155,7 @@ def test_sigkill_while_saving_resumes_from_previous_checkpoint(train_assets, tmp
     kill_process_tree(proc.pid)  # torchrun starts each worker in a session of its own
     proc.wait()
     assert (save / "latest").read_text().strip() == "2" and not (save / "4").exists()
-    read_state_dict(save)  # the previous checkpoint is complete and loadable
+    read_state_dict(save, "ema")  # the previous checkpoint is complete and loadable
 
     resumed = ok(launch(train_assets, save, *args, nproc=2))
     assert f"train.resume=auto: resuming from {save / '2'}" in resumed.stderr
