@@ -83,7 +83,7 @@ PRESETS = {
         full_size=False, trainers=None,
         # one run: the section's code path, not the validation
         training_memory=MemoryGrid(recipes=("LoRA",), stages=(2,), sizes=((5, 48, 80),)), ema_ranks=1,
-        shards=ShardScale(samples=(20,), folder=(20,), per_shard=10, decode_sizes=((9, 64, 96),), decode_clips=2)),
+        shards=ShardScale(samples=(20,), folder=(), per_shard=10, decode_sizes=((9, 64, 96),), decode_clips=2)),
     "default": Preset(
         dits=(
             # 5B layout (3D RoPE), 4 x 16 x 16 latents -> 256 video + 64 text tokens

@@ -24,6 +24,7 @@ from sat_video.common.errors import ConfigError, UnknownMixinError, did_you_mean
 from sat_video.config.schema import Config
 from sat_video.data.buckets import parse_buckets
 from sat_video.data.config import DataConfig
+from sat_video.data.shard_index import check_shard_config
 from sat_video.model.build import build_dit, import_plugins, mixin_class, stage_class
 from sat_video.model.config import DiTConfig
 from sat_video.model.stages import SPATIAL_COMPRESSION
@@ -264,6 +265,7 @@ def load_config(paths: str | Path | dict | Sequence[str | Path | dict], override
     with torch.device("meta"):  # mixins check the sizes they need (RoPE's head dim, ...) as they are built
         dit = build_dit(cfg)
     _check_buckets(cfg, dit)
+    check_shard_config(cfg.data)
     _check_stages(cfg, dit, layers)
     return cfg
 
@@ -278,6 +280,7 @@ def _check_stages(cfg: DictConfig, dit, layers) -> None:
             _check_section(period.cfg.data, DataConfig, "data", [])
             _check_section(period.cfg.train, TrainConfig, "train", [])
             _check_buckets(period.cfg, dit)
+            check_shard_config(period.cfg.data)
         except ConfigError as err:
             raise ConfigError(f"train.stages[{period.index}]: {str(err).removeprefix('default: ')}") from None
     lr_lambda_by_period(cfg, periods)

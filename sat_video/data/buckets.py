@@ -115,10 +115,12 @@ def assign_bucket(path, shape: SourceShape, buckets: Sequence[Bucket], max_upsca
     return max(fitting, key=lambda b: (b.volume, b.frames))
 
 
-def bucket_table(assigned: dict[str, list[str]]) -> str:
-    """The log's bucket -> clip count table, from ``{"FxHxW": [files]}`` (``buckets.json``)."""
+def bucket_table(assigned: dict[str, list[str] | int]) -> str:
+    """The log's bucket -> clip count table, from ``{"FxHxW": [files]}`` (``buckets.json``; from shards, whose files are in
+    the shards, ``{"FxHxW": count}``)."""
     width = max(len(name) for name in assigned) if assigned else 6
-    lines = [f"{'bucket':<{width}}  clips", *(f"{name:<{width}}  {len(files)}" for name, files in assigned.items())]
+    counts = {name: files if isinstance(files, int) else len(files) for name, files in assigned.items()}
+    lines = [f"{'bucket':<{width}}  clips", *(f"{name:<{width}}  {count}" for name, count in counts.items())]
     return "\n".join(lines)
 
 

@@ -247,6 +247,30 @@ def source_shape(ref: SampleRef, spec: ClipSpec) -> SourceShape:
     return SourceShape(declared.width, declared.height, usable_frames(total, source_fps, spec.fps, spec.skip_frames), False)
 
 
+def source_metadata(ref: SampleRef, max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS) -> dict:
+    """What ``tools/make_shards.py`` stores beside a file: its caption and header (``width`` x ``height`` as displayed,
+    ``frames`` and ``fps`` as decord indexes them, ``duration`` in seconds; ``None`` for images), after every check
+    :func:`load_clip` makes that needs no clip size, the first frame's decoded size included.
+
+    Raises:
+        UnusableSample: as :func:`load_clip` would for the file.
+    """
+    _check_file(ref)
+    caption = read_caption(ref)
+    if ref.is_image:
+        width, height = _read_image(ref.path, max_source_pixels, decode=False)
+        return {"caption": caption, "width": width, "height": height, "frames": 1, "fps": None, "duration": None}
+    reader, total, source_fps, declared = _open_video(ref.path, max_source_pixels)
+    try:
+        first = reader.get_batch([0]).asnumpy()
+    except DECORD_ERRORS as err:
+        raise UnusableSample(ref.path, f"decoding failed ({_short(err, ref.path)})") from None
+    check_decoded_size(ref.path, declared, first.shape[2], first.shape[1])
+    duration = declared.duration_s if declared.duration_s is not None else total / source_fps
+    return {"caption": caption, "width": declared.width, "height": declared.height, "frames": total, "fps": source_fps,
+            "duration": duration}
+
+
 def load_clip(ref: SampleRef, spec: ClipSpec, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, str]:
     """Decode one sample (``rng``: where a ``spec.random_start`` clip starts).
 
@@ -288,7 +312,8 @@ class Sample:
     position: tuple[int, int]
     skipped: tuple[tuple[str, str], ...] = ()
     bucket: str | None = None
-    index: int = 0
+    index: int | str = 0
+    """The sample's key in the run's latent cache: its index in the data set, or a shard sample's key."""
 
 
 @dataclass
@@ -302,7 +327,7 @@ class Batch:
         position: ``(epoch, batch index in the epoch)``; resume with ``start=(epoch, batch index + 1)``.
         skipped: ``(path, reason)`` of every file skipped while producing this batch.
         bucket: the bucket all its clips were cut for (``"FxHxW"``), ``None`` without ``data.buckets``.
-        indices: each sample's index in the data set.
+        indices: each sample's index in the data set (a shard sample's key, :mod:`sat_video.data.shard_dataset`).
         from_cache: per sample, left undecoded because the run's latent cache holds it (:mod:`sat_video.data.run_cache`).
     """
 
@@ -312,7 +337,7 @@ class Batch:
     position: tuple[int, int]
     skipped: list[tuple[str, str]]
     bucket: str | None = None
-    indices: list[int] = dataclasses.field(default_factory=list)
+    indices: list[int | str] = dataclasses.field(default_factory=list)
     from_cache: list[bool] = dataclasses.field(default_factory=list)
 
     def pin_memory(self) -> Batch:

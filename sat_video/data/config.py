@@ -18,6 +18,18 @@ class DataConfig:
     """Folders in SAT's SFT layout (``videos/<name>.mp4`` + ``labels/<name>.txt``) and/or metadata files
     (``.jsonl`` lines ``{"path": ..., "caption": ...}`` or ``.csv`` with ``path,caption`` columns; relative
     paths are relative to the metadata file). ``.png`` / ``.jpg`` entries are one-frame samples."""
+    shards: list[str] = field(default_factory=list)
+    """WebDataset tar shards written by ``tools/make_shards.py``, streamed instead of ``sources`` (docs/data.md): local
+    paths or ``pipe:<command>`` (the shard on the command's stdout), with brace patterns (``/d/{000000..000999}.tar``).
+    ``index.json`` is read from beside the shards (for ``pipe:``, the same command naming ``index.json`` instead of the
+    shard): buckets come from its per-shard summaries, so nothing is probed at start. Each data-parallel rank streams its
+    own shards. Not with ``sources`` or ``latent_cache`` in the same run (or stage)."""
+    shuffle_buffer: int = field(default=256, metadata=at_least(0))
+    """With ``shards``: samples a rank holds to shuffle its stream across shard boundaries (0 or 1: in shard order).
+    The shards' order is reshuffled every epoch from ``train.seed`` in any case."""
+    shard_timeout_s: float = field(default=60.0, metadata=at_least(0, exclusive=True))
+    """With ``shards``: a shard (a ``pipe:`` command above all) that gives no bytes for this long ends with a warning
+    naming it, like a truncated one, instead of hanging the run."""
     height: int | None = field(default=None, metadata=at_least(1))
     """Pixel height of a clip; ``null``: ``model.dit.latent_height`` x 8."""
     width: int | None = field(default=None, metadata=at_least(1))

@@ -7,9 +7,10 @@ generator, so training is unchanged (to float rounding) against encoding the cli
 Where entries live:
 
 * in memory, up to ``data.cache_memory_gb`` per rank;
-* then in ``<folder>/<index>.safetensors`` (atomic writes), up to ``data.cache_disk_gb`` for the folder. With several
-  data-parallel ranks every entry is also written there: the sampler deals a clip to another rank in a later epoch,
-  which then reads it instead of encoding it again (so the folder belongs on storage all ranks see, as the run folder).
+* then in ``<folder>/<key>.safetensors`` (atomic writes; the key is the sample's index, or a shard sample's key), up
+  to ``data.cache_disk_gb`` for the folder. With several data-parallel ranks every entry is also written there: the
+  sampler deals a clip to another rank in a later epoch, which then reads it instead of encoding it again (so the
+  folder belongs on storage all ranks see, as the run folder).
 
 The folder is named by a hash of everything the entries depend on (:func:`run_cache_settings`), so a resumed run with
 the same data reuses what is on disk and a run with other settings never reads it. An entry that does not fit either
@@ -25,8 +26,9 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 
 from safetensors import safe_open
@@ -40,10 +42,13 @@ logger = logging.getLogger("sat_video.data")
 GIB = 2**30
 
 
-def run_cache_settings(cache_settings: dict, sources: list[str]) -> dict:
+def run_cache_settings(cache_settings: dict, sources: list[str], shards: list[str] = ()) -> dict:
     """What entries depend on: the latent cache's settings (first stage, text encoder, clip size, buckets) and the
-    sources, whose order defines the sample indices the entries are keyed by."""
-    return {**cache_settings, "data.sources": [str(Path(source).expanduser().resolve()) for source in sources]}
+    sources, whose order defines the sample indices the entries are keyed by (or the shards, whose URLs key theirs)."""
+    settings = {**cache_settings, "data.sources": [str(Path(source).expanduser().resolve()) for source in sources]}
+    if shards:
+        settings["data.shards"] = list(shards)
+    return settings
 
 
 def settings_digest(settings: dict) -> str:
@@ -81,45 +86,50 @@ class RunLatentCache:
         self.folder = Path(folder)
         self.memory_bytes, self.world_size = memory_bytes, world_size
         self.disk_share = disk_bytes // world_size
-        self._memory: dict[int, EncodedClip] = {}
-        self._pending: set[int] = set()  # planned as cached, not stored yet
+        self._memory: dict[int | str, EncodedClip] = {}
+        self._pending: set[int | str] = set()  # planned as cached, not stored yet
         self._lock = threading.Lock()
         self.memory_used = 0
         self.disk_written = 0
         on_disk = list(self.folder.glob("*.safetensors")) if self.folder.is_dir() else []
         self.disk_found = sum(file.stat().st_size for file in on_disk)  # reused from before a resume
-        self._on_disk = {int(file.stem) for file in on_disk}
+        self._on_disk = {int(file.stem) if file.stem.isdigit() else file.stem for file in on_disk}
         self.counts = CacheCounts()
         if on_disk:
             logger.info("run cache %s: reusing %d entries (%.2f GiB) written before", self.folder, len(on_disk),
                         self.disk_found / GIB)
 
-    def _file(self, index: int) -> Path:
+    def _file(self, index: int | str) -> Path:
         return self.folder / f"{index}.safetensors"
 
     @property
     def _accepting(self) -> bool:
         return self.memory_used < self.memory_bytes or self.disk_written < self.disk_share
 
-    def _stored(self, index: int) -> bool:
+    def _stored(self, index: int | str) -> bool:
         return index in self._memory or index in self._on_disk or self._file(index).is_file()
 
-    def planned(self, batch_sampler: Iterable[list[tuple[int, int, int]]]) -> PlannedBatches:
-        """``batch_sampler`` (for ``DataLoader(batch_sampler=...)``) with a fourth element per item: whether the cache will
-        hold it when its batch is encoded (stored now, or drawn earlier by this rank while the cache still accepts
-        entries). Batches are encoded in order, so an earlier draw is stored first; a clip repeated within one batch is
-        decoded each time."""
-        return PlannedBatches(self, batch_sampler)
+    def planned(self, batch_sampler: Iterable[list[tuple]], key: Callable[[tuple], int | str] = itemgetter(0),
+                pending: bool = True) -> PlannedBatches:
+        """``batch_sampler`` (for ``DataLoader(batch_sampler=...)``) with a last element added to each item: whether the
+        cache will hold it when its batch is encoded (stored now, or, with ``pending``, drawn earlier by this rank while
+        the cache still accepts entries). Batches are encoded in order, so an earlier draw is stored first; a clip
+        repeated within one batch is decoded each time. ``key``: an item's key (its first element, the sample index).
+        Without ``pending`` a clip planned as cached is always there: for samples the encoder could not decode again
+        (a shard sample's bytes stay with the worker)."""
+        return PlannedBatches(self, batch_sampler, key, pending)
 
-    def _plan(self, batches: Iterable[list[tuple[int, int, int]]]) -> Iterator[list[tuple[int, int, int, bool]]]:
+    def _plan(self, batches: Iterable[list[tuple]], key: Callable[[tuple], int | str],
+              pending: bool) -> Iterator[list[tuple]]:
         for batch in batches:
+            keys = [key(item) for item in batch]
             with self._lock:
-                marked = [(*item, self._stored(item[0]) or item[0] in self._pending) for item in batch]
-                if self._accepting:
-                    self._pending.update(index for index, *_ in batch)
+                marked = [(*item, self._stored(k) or (pending and k in self._pending)) for item, k in zip(batch, keys)]
+                if self._accepting and pending:
+                    self._pending.update(keys)
             yield marked
 
-    def get(self, index: int) -> EncodedClip | None:
+    def get(self, index: int | str) -> EncodedClip | None:
         with self._lock:
             clip = self._memory.get(index)
             if clip is not None:
@@ -141,7 +151,7 @@ class RunLatentCache:
                 self.memory_used += clip.nbytes
         return clip
 
-    def put(self, index: int, clip: EncodedClip) -> None:
+    def put(self, index: int | str, clip: EncodedClip) -> None:
         """Keep a freshly encoded clip: in memory while it fits, on disk while the share fits (always on disk too with
         several ranks, for the others), else not at all."""
         size = clip.nbytes
@@ -186,7 +196,9 @@ class PlannedBatches:
     """:meth:`RunLatentCache.planned`: an iterable a ``DataLoader`` can restart."""
 
     cache: RunLatentCache
-    batch_sampler: Iterable[list[tuple[int, int, int]]]
+    batch_sampler: Iterable[list[tuple]]
+    key: Callable[[tuple], int | str]
+    pending: bool
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int, bool]]]:
-        return self.cache._plan(self.batch_sampler)
+    def __iter__(self) -> Iterator[list[tuple]]:
+        return self.cache._plan(self.batch_sampler, self.key, self.pending)

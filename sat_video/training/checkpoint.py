@@ -62,6 +62,9 @@ class LoopState:
     period: int = 0
     """Index of the ``train.stages`` entry (:class:`~sat_video.training.progressive.TrainingPeriod`) ``data_position``
     belongs to."""
+    data_stream: dict = field(default_factory=dict)
+    """With ``data.shards``: this rank's shard stream after the batch before ``data_position`` (cursor, shuffle buffer and
+    queues as sample positions: :meth:`~sat_video.data.shard_stream.RankStream.state`). Empty otherwise."""
 
     def __post_init__(self):  # read back from a checkpoint, tuples are lists
         self.data_position = tuple(self.data_position)

@@ -19,6 +19,10 @@ from sat_video.data.clips import ClipSpec, VideoDataset, collate, source_shape
 from sat_video.data.latent_cache import CachedBatch, LatentCache, cache_settings, collate_cached
 from sat_video.data.run_cache import GIB, RunLatentCache, run_cache_settings, settings_digest
 from sat_video.data.sampler import ClipBatchSampler
+from sat_video.data.shard_dataset import ShardDataset
+from sat_video.data.shard_index import KindRule, load_shard_infos
+from sat_video.data.shard_reader import expand_shards
+from sat_video.data.shard_stream import ShardBatchSampler, ShardPlan
 from sat_video.data.sources import discover
 from sat_video.diffusion.sampling import module_dtype
 from sat_video.model.stages import FrozenStages
@@ -38,7 +42,9 @@ class DataPipeline:
 
     Shares the run's :class:`~sat_video.training.checkpoint.LoopState`: it advances ``data_position``, sets ``period``
     when it switches and adds to ``skipped_files``. Building a period's data is collective with ``data.buckets`` (the
-    ranks share the header reads). ``profile`` gets the ``data_wait`` and ``encode`` time of each batch.
+    ranks share the header reads). ``profile`` gets the ``data_wait`` and ``encode`` time of each batch. With
+    ``data.shards`` each rank streams its own shards (:mod:`sat_video.data.shard_stream`) and ``state.data_stream`` keeps
+    where its stream is.
     """
 
     def __init__(self, cfg: DictConfig, env: DistributedEnv, layout: ParallelLayout, run_folder: RunFolder, state: LoopState,
@@ -51,6 +57,8 @@ class DataPipeline:
         """Of the last batch."""
         self._encode_with: tuple[FrozenStages, bool] | None = None
         self._batches: EncodeAhead | None = None
+        self.shard_plan: ShardPlan | None = None
+        self._shard_batches: ShardBatchSampler | None = None
         self._build(periods[state.period])
 
     @property
@@ -62,11 +70,15 @@ class DataPipeline:
         cfg = period.cfg
         self.period = period
         self.clip_spec = ClipSpec.from_config(cfg.data, cfg.model.dit)
+        self.shard_plan = None
         if self.cached:
             self.dataset = LatentCache(cfg.data.latent_cache)
             self.dataset.check_compatible(cfg.model, cfg.data)
             self.kinds, self.collate = self.dataset.kinds, collate_cached
             self._note_skipped(self.dataset.skipped)
+            return
+        if cfg.data.shards:
+            self._build_shards(cfg)
             return
         refs = discover(list(cfg.data.sources))
         buckets = self._assign_buckets(refs, cfg) if cfg.data.buckets else None
@@ -79,6 +91,26 @@ class DataPipeline:
         self.dataset.first_usable()
         self.kinds, self.collate = self.dataset.kinds, collate
         self.run_cache = self._run_cache(cfg)
+
+    def _build_shards(self, cfg: DictConfig) -> None:
+        """A period on shards: their plan from the index alone (nothing probed), and ``buckets.json`` as counts."""
+        buckets = parse_buckets(cfg.data.buckets, cfg.model.dit.patch_size) if cfg.data.buckets else None
+        rule = KindRule(self.clip_spec, buckets, cfg.data.max_upscale)
+        infos = load_shard_infos(expand_shards(list(cfg.data.shards)), cfg.data.shard_timeout_s)
+        self.shard_plan = ShardPlan(infos, rule, cfg.train.micro_batch_size, self.layout.data_size, cfg.train.seed)
+        self.dataset = ShardDataset(self.clip_spec, rule.buckets, cfg.train.seed)
+        self.kinds, self.collate = None, collate
+        self.run_cache = self._run_cache(cfg)
+        totals = self.shard_plan.totals()
+        unusable = totals.pop(None, 0)
+        if self.env.is_main:
+            logger.info("%d shard(s), %d sample(s) by the index (%d of no kind at this config)", len(infos),
+                        sum(totals.values()) + unusable, unusable)
+            if buckets is not None:
+                table = {b.name: totals.get(b.name, 0) for b in sorted(buckets)}
+                name = "buckets.json" if len(self.periods) == 1 else f"buckets-stage{self.period.index}.json"
+                atomic_write(self.run_folder.path / name, lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
+                logger.info("clips per bucket:\n%s", bucket_table(table))
 
     def _note_skipped(self, items) -> None:
         """Files found unusable; listed in ``skipped_files.txt`` at the end of the run."""
@@ -93,7 +125,7 @@ class DataPipeline:
             if self.env.is_main:
                 logger.info("in-run latent cache off: data.random_start cuts a different clip from each video every epoch")
             return None
-        settings = run_cache_settings(cache_settings(cfg.model, data), list(data.sources))
+        settings = run_cache_settings(cache_settings(cfg.model, data), list(data.sources), list(data.shards))
         root = Path(data.cache_dir) if data.cache_dir else self.run_folder.path / "run_cache"
         cache = RunLatentCache(root / settings_digest(settings), int(data.cache_memory_gb * GIB), int(data.cache_disk_gb * GIB),
                                self.layout.data_size)
@@ -130,7 +162,11 @@ class DataPipeline:
         self._encode_with = frozen_stages, image_condition
         self._open_loader()
 
-    def _sampler(self, data_rank: int, data_size: int) -> ClipBatchSampler:
+    def _sampler(self, data_rank: int, data_size: int) -> ClipBatchSampler | ShardBatchSampler:
+        if self.shard_plan is not None:
+            data = self.period.cfg.data
+            return ShardBatchSampler(self.shard_plan, data_rank, data.shuffle_buffer, data.shard_timeout_s,
+                                     start=self.state.data_position, state=self.state.data_stream)
         weights = self.period.cfg.data.bucket_weights
         return ClipBatchSampler(
             self.kinds,
@@ -146,6 +182,9 @@ class DataPipeline:
     def continue_epoch(self, saved_data_size: int) -> None:
         """After a resume written by ``saved_data_size`` data-parallel ranks (:mod:`~sat_video.training.elastic_resume`):
         the samples its epoch has drawn on all of them, so that this run's ranks are dealt the rest of the epoch."""
+        if self.shard_plan is not None:
+            raise DataError("train.resume_layout=elastic cannot continue a data.shards stream on another number of "
+                            "data-parallel ranks: each rank's position is in its own shards; resume on the same layout")
         epoch, position = self.state.data_position
         drawn = set(self.state.data_drawn)
         for rank in range(saved_data_size):
@@ -159,9 +198,14 @@ class DataPipeline:
     def _open_loader(self) -> None:
         self.close()
         sampler = self._sampler(self.layout.data_rank, self.layout.data_size)
+        self._shard_batches = sampler if isinstance(sampler, ShardBatchSampler) else None
+        if self.run_cache is not None and self._shard_batches is not None:  # keyed by sample key; bytes stay in workers
+            sampler = self.run_cache.planned(sampler, key=lambda item: item[0].key, pending=False)
+        elif self.run_cache is not None:
+            sampler = self.run_cache.planned(sampler)
         loader = torch.utils.data.DataLoader(
             self.dataset,
-            batch_sampler=sampler if self.run_cache is None else self.run_cache.planned(sampler),
+            batch_sampler=sampler,
             num_workers=self.cfg.data.num_workers,
             collate_fn=self.collate,
             pin_memory=self.env.device.type == "cuda",
@@ -181,6 +225,7 @@ class DataPipeline:
             return
         period = period_of(self.periods, iteration)
         self.state.period, self.state.data_position, self.state.data_drawn = period.index, (0, 0), []
+        self.state.data_stream = {}
         self._build(period)
         if self.env.is_main:
             logger.info("stage %d from iteration %d: %s", period.index, period.start + 1,
@@ -199,6 +244,9 @@ class DataPipeline:
         self.state.data_position = (batch.position[0], batch.position[1] + 1)
         self.bucket = batch.bucket
         self._note_skipped(batch.skipped)
+        if self._shard_batches is not None:
+            self.state.data_stream = self._shard_batches.state_after(batch.position)
+            self._note_skipped(self._shard_batches.take_skipped())
         return batch
 
     def record_fields(self) -> dict:

@@ -24,9 +24,9 @@ from sat_video.training.config import ScheduleConfig
 from sat_video.training.optim import lr_lambda
 
 PERIOD_KEYS = (
-    "data.sources", "data.buckets", "data.bucket_weights", "data.max_upscale", "data.fps", "data.skip_frames",
-    "data.min_frames", "data.height", "data.width", "train.micro_batch_size", "train.optimizer.lr",
-    "train.lr_schedule.warmup_iters",
+    "data.sources", "data.shards", "data.shuffle_buffer", "data.buckets", "data.bucket_weights", "data.max_upscale",
+    "data.fps", "data.skip_frames", "data.min_frames", "data.height", "data.width", "train.micro_batch_size",
+    "train.optimizer.lr", "train.lr_schedule.warmup_iters",
 )
 """What a period may set: the data and its batch, the peak LR and warm-up. The model, the frozen stages, DeepSpeed and
 the latent cache are built once per run."""

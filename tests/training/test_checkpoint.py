@@ -14,7 +14,7 @@ from tests.training.runs import BASE, metrics, one_process_group, run_keys, trai
 pytestmark = pytest.mark.slow
 
 LOOP_KEYS = {"iteration", "data_position", "data_drawn", "nonfinite_streak", "skipped_steps", "skipped_files", "layout",
-             "stage"}
+             "stage", "data_stream"}
 
 
 class StepLog(Callback):
