@@ -116,12 +116,13 @@ def _shard_set(root: Path, real: Path, shards: int) -> Path:
 
 def _startup(bench: Bench, assets, data_keys: list[str]) -> float:
     from sat_video.benchmarks.training_steps import run_program
+    from sat_video.training.metrics import read_metrics
 
     save = bench.workdir / f"startup-{len(list(bench.workdir.glob('startup-*')))}"
     run_program([*bench.commands.train, "--base", *map(str, assets.base), f"model.text_encoder.path={assets.t5}",
                  f"train.save={save}", "train.report_to=[none]", "train.train_iters=1", "train.save_interval=1",
                  "train.micro_batch_size=1", BUCKETS, *data_keys])
-    first = json.loads((save / "metrics.jsonl").read_text().splitlines()[0])
+    first = read_metrics(save)[0]
     shutil.rmtree(save)
     return first["startup_s"]
 

@@ -230,6 +230,8 @@ def precompute_latents(commands: Commands, configs: Path, assets: Assets, setup:
 
 def run_sat(commands: Commands, configs: Path, assets: Assets, setup: ComparisonSetup, workdir: Path,
             extra: Sequence[str] = ()) -> dict:
+    from sat_video.training.metrics import read_metrics
+
     save = workdir / f"sat-{len(list(workdir.glob('sat-*')))}"
     command = [
         *commands.train, "--base", *_sat_base(configs), *sat_overrides(assets, setup),
@@ -238,7 +240,7 @@ def run_sat(commands: Commands, configs: Path, assets: Assets, setup: Comparison
         "train.log_interval=1", "train.report_to=[none]", "train.seed=0", f"data.num_workers={SAT_LOADER_WORKERS}", *extra,
     ]
     _run(command, _env(setup), workdir / f"{save.name}-log.txt")
-    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(save)
     data = OmegaConf.load(save / "config.yaml").data
     return {"steps": [sat_step(r, setup.steps_per_epoch) for r in records],
             "startup_s": next((r["startup_s"] for r in records if "startup_s" in r), None),

@@ -6,7 +6,6 @@ the planner's tests do not use (held out). Each run is a fresh process. Regenera
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,6 +42,7 @@ def run(bench: Bench) -> dict:
     from sat_video.benchmarks.training_steps import run_program, train_assets
     from sat_video.config.loader import load_config
     from sat_video.training.memory_plan import TrainingMemoryPlan
+    from sat_video.training.metrics import read_metrics
 
     grid: MemoryGrid = bench.preset.training_memory
     assets = train_assets(bench)
@@ -57,7 +57,7 @@ def run(bench: Bench) -> dict:
                         f"data.width={width}", *RECIPES[recipe]]
                 prediction = TrainingMemoryPlan(load_config(list(assets.base), keys), gpus=1).predict()
                 run_program([*bench.commands.train, "--base", *map(str, assets.base), *keys])
-                records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+                records = read_metrics(save)
                 measured = max(record["peak_memory_gb"] for record in records) * 2**30
                 rows.append({"recipe": recipe, "stage": stage, "size": (frames, height, width), "steps": len(records),
                              "predicted": prediction.peak_bytes, "phase": prediction.peak_phase, "measured": measured})

@@ -3,7 +3,6 @@ engine) from raw video and from the latent cache of ``tools/precompute_latents.p
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
@@ -58,6 +57,7 @@ def train_steps(bench: Bench, assets: TrainAssets, label: str, overrides: tuple[
     run's metrics.jsonl; the first quarter of the steps is warm-up. Also the video tokens per second of the timed
     steps (each step's bucket decides its tokens)."""
     from sat_video.config.loader import load_config
+    from sat_video.training.metrics import read_metrics
 
     save = bench.workdir / f"run-{len(list(bench.workdir.glob('run-*')))}"
     iters = bench.preset.train_iters
@@ -74,7 +74,7 @@ def train_steps(bench: Bench, assets: TrainAssets, label: str, overrides: tuple[
         "train.report_to=[none]",
         *overrides,
     ])
-    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(save)
     timed = records[max(1, len(records) // 4) :]
     times = [r["step_time_s"] for r in timed]
     cfg = load_config(save / "config.yaml")

@@ -5,7 +5,6 @@ size; and the bytes of average each rank holds in a real ``tools/train_video.py`
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 import torch
@@ -73,6 +72,7 @@ def _per_rank_memory(bench: Bench) -> dict:
     from sat_video.benchmarks.training_steps import run_program, train_assets
     from sat_video.config.loader import load_config
     from sat_video.model.build import build_dit
+    from sat_video.training.metrics import read_metrics
     from sat_video.training.optim import select_trainable
 
     ranks, assets = bench.preset.ema_ranks, train_assets(bench)
@@ -83,7 +83,7 @@ def _per_rank_memory(bench: Bench) -> dict:
     python, script = bench.commands.train[0], bench.commands.train[1:]
     launcher = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else [python]
     run_program([*launcher, *script, "--base", *map(str, assets.base), *keys])
-    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(save)
     with torch.device("meta"):
         dit = build_dit(load_config(list(assets.base), keys))
     trainable = sum(dit.get_parameter(name).numel() for name in select_trainable(dit, ["*"]))

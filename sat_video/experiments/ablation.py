@@ -40,6 +40,7 @@ from sat_video.experiments.sample_quality import QualityScores
 from sat_video.model.build import build_dit
 from sat_video.model.config import DiTConfig
 from sat_video.model.stages import SPATIAL_COMPRESSION
+from sat_video.training.metrics import read_metrics as run_records
 from sat_video.training.optim import select_trainable
 
 VARIANT_KEYS = ("description", "set", "images")
@@ -236,10 +237,7 @@ def read_metrics(run: Path) -> RunSummary:
     """Loss curve, median step time, peak memory and the last held-out loss from a run folder's ``metrics.jsonl`` (empty
     if absent)."""
     summary = RunSummary()
-    file = run / "metrics.jsonl"
-    if not file.is_file():
-        return summary
-    records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    records = run_records(run)
     evaluations = [r for r in records if "eval_loss" in r]
     if evaluations:
         summary.eval_loss, summary.eval_ema_loss = evaluations[-1]["eval_loss"], evaluations[-1].get("eval_ema_loss")

@@ -3,7 +3,6 @@ the DiT's text width) with a tokenizer trained on the captions, made once per ch
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sat_video.gpu_check.check import Check
@@ -27,12 +26,6 @@ def training_data(check: Check, variant: str) -> tuple[Path, Path]:
     if not t5.exists():
         make_tiny_t5([caption for _, caption in written], t5, **{**check.sizes.tiny_t5, "d_model": text_width})
     return clips, t5
-
-
-def read_records(save: Path) -> list[dict]:
-    """The lines of ``save``'s ``metrics.jsonl`` so far (none before the first)."""
-    file = save / "metrics.jsonl"
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()] if file.exists() else []
 
 
 def run_overrides(check: Check, variant: str, save: Path) -> list[str]:

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from sat_video.gpu_check.check import Check
-from sat_video.gpu_check.training_data import read_records, run_overrides
+from sat_video.gpu_check.training_data import run_overrides
+from sat_video.training.metrics import read_metrics
 
 STEPS = 2
 TOLERANCE = 0.20
@@ -55,13 +56,13 @@ class _Run:
     def finish(self) -> tuple[float, float]:
         """``(peak GiB over the first STEPS steps, seconds)``."""
         while self.process.poll() is None:
-            records = read_records(self.save)
+            records = read_metrics(self.save)
             if records and records[-1]["step"] >= STEPS:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 break
             time.sleep(0.2)
         self.process.wait()
-        peaks = [record["peak_memory_gb"] for record in read_records(self.save) if "peak_memory_gb" in record]
+        peaks = [record["peak_memory_gb"] for record in read_metrics(self.save) if "peak_memory_gb" in record]
         if not peaks:
             lines = self.log.read_text().splitlines()
             cause = next((line for line in reversed(lines) if "Error" in line or "error:" in line), lines[-1] if lines else "")

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from sat_video.gpu_check.check import Check
-from sat_video.gpu_check.training_data import read_records, run_overrides
+from sat_video.gpu_check.training_data import run_overrides
+from sat_video.training.metrics import read_metrics
 
 PHASES = ("data_wait_s", "encode_s", "forward_s", "backward_s", "optimizer_s")
 
@@ -49,14 +50,14 @@ def run(check: Check) -> None:
     first = _launch(check, save)
     started = time.perf_counter()
     while first.poll() is None:  # SIGKILL (no clean-up) once the checkpoint is written and a few more steps logged
-        records = read_records(save)
+        records = read_metrics(save)
         if (save / "latest").exists() and records and records[-1]["step"] >= kill_after:
             os.killpg(first.pid, signal.SIGKILL)
             break
         time.sleep(0.2)
     first.wait()
     killed_at = time.perf_counter() - started
-    before = {r["step"]: r for r in read_records(save)}
+    before = {r["step"]: r for r in read_metrics(save)}
     if first.returncode != -signal.SIGKILL:
         raise RuntimeError(f"the first run ended by itself (status {first.returncode}) before it could be killed:\n"
                            + _tail(save))
@@ -64,7 +65,7 @@ def run(check: Check) -> None:
     resumed.wait()
     if resumed.returncode:
         raise RuntimeError(f"the resumed run failed (status {resumed.returncode}):\n" + _tail(save))
-    after = {r["step"]: r for r in read_records(save) if r["step"] > checkpoint}  # resuming drops the killed run's later lines
+    after = {r["step"]: r for r in read_metrics(save) if r["step"] > checkpoint}  # resuming drops the killed run's later lines
     both = sorted(set(before) & set(after) - set(range(checkpoint + 1)))
     differences = [abs(before[s]["loss"] - after[s]["loss"]) / max(abs(before[s]["loss"]), 1e-12) for s in both]
     first_records = [before[s] for s in sorted(before)]

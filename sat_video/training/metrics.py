@@ -47,6 +47,10 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _log_line(record: dict) -> None:
+    logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+
 def process_age_s() -> float | None:
     """Seconds since this process started (Linux ``/proc``; ``None`` elsewhere). Under torchrun that is the worker,
     started a second or two after the command."""
@@ -56,6 +60,14 @@ def process_age_s() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return uptime_s - started_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def read_metrics(save: Path) -> list[dict]:
+    """The records of ``save``'s ``metrics.jsonl`` in order (none before the first is written)."""
+    file = save / "metrics.jsonl"
+    if not file.exists():
+        return []
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
 
 
 class MetricsLog:
@@ -132,7 +144,7 @@ class MetricsLog:
         if self._startup_s is not None:  # once: in the first record after this process's first step
             record["startup_s"], self._startup_s = self._startup_s, None
         self.write(record)
-        logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        _log_line(record)
         self._loss, self._steps, self._seconds = 0.0, 0, 0.0
 
     def write(self, record: dict, group: str = "train") -> None:
@@ -153,7 +165,7 @@ class MetricsLog:
                 values = {key.replace("eval_", "eval_ema_", 1): value for key, value in values.items() if key != "eval_samples"}
             record.update(values)
         self.write(record, group="eval")
-        logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        _log_line(record)
 
     def add_image(self, tag: str, image_file: Path, iteration: int) -> None:
         """``image_file`` to the trackers."""

@@ -20,6 +20,7 @@ from sat_video.data.sources import discover
 from sat_video.diffusion.conditioning import TrainingInputBuilder
 from sat_video.model.build import build_frozen_stages
 from sat_video.model.config import DiTConfig
+from sat_video.training.metrics import read_metrics
 from tests.conftest import ROOT, tiny_config
 from tests.numerics import assert_close_rel
 
@@ -70,7 +71,7 @@ def ok(proc):
 
 
 def losses(save):
-    return [json.loads(line)["loss"] for line in (save / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in read_metrics(save)]
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from sat_video.common.errors import GridError
 from sat_video.data.sampler import ClipBatchSampler
 from sat_video.data.sources import discover
 from sat_video.experiments.ablation import Variant, error_line, load_grid, measure, seed_folder, variant_config
+from sat_video.training.metrics import read_metrics
 from tests.conftest import ROOT
 
 BASE = [str(ROOT / "configs" / name) for name in ("cogvideox_2b.yaml", "tiny.yaml", "tiny_train.yaml")]
@@ -59,7 +60,7 @@ def table(results, section="Training"):
 
 
 def losses(run):
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in read_metrics(run)]
 
 
 # ---------------------------------------------------------------------- end to end

@@ -2,7 +2,6 @@
 subprocess, under torchrun for several ranks) where several processes, a kill, a hang or a restart is the point."""
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import torch.distributed as dist
 
 from sat_video import load_config
 from sat_video.training.distributed import process_group_threads, shutdown
+from sat_video.training.metrics import read_metrics
 from sat_video.training.trainer import train
 from tests.conftest import ROOT
 from tools.train_video import main as train_video
@@ -51,18 +51,14 @@ def ok(proc):
     return proc
 
 
-def records(save):
-    return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
-
-
 def metrics(save):
     """The training steps' records."""
-    return [record for record in records(save) if "loss" in record]
+    return [record for record in read_metrics(save) if "loss" in record]
 
 
 def evaluations(save):
     """The held-out evaluations' records."""
-    return [record for record in records(save) if "eval_loss" in record]
+    return [record for record in read_metrics(save) if "eval_loss" in record]
 
 
 @contextlib.contextmanager

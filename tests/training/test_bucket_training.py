@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from sat_video.formats.sat_checkpoint import read_state_dict
+from sat_video.training.metrics import read_metrics
 from tests.conftest import BUCKET_CLIPS, BUCKETS, ROOT
 from tests.numerics import FLOAT32_RTOL, assert_close_rel
 
@@ -43,7 +44,7 @@ def test_bucketed_staged_training_with_two_processes_resumes_exactly_in_the_seco
         proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                               text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
-        return proc.stderr, [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+        return proc.stderr, read_metrics(save)
 
     validation = ["train.validation.interval=6", "train.validation.prompts=[a red circle]", "train.validation.steps=2",
                   "train.validation.sizes=[[9,48,64],[5,64,112]]"]

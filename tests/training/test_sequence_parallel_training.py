@@ -3,7 +3,6 @@ DeepSpeed ZeRO-2): the same losses, weights and videos as one process (run in th
 cache, with validation sampling, and an exact resume."""
 
 import filecmp
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import sys
 import pytest
 
 from sat_video.formats.sat_checkpoint import read_state_dict
+from sat_video.training.metrics import read_metrics
 from tests.conftest import ROOT
 from tests.numerics import FLOAT32_RTOL, assert_close_rel
 from tests.training.runs import evaluations, one_process_group, run_keys, train_here
@@ -41,7 +41,7 @@ def finish(*procs):
 
 
 def losses(save):
-    return {r["step"]: r["loss"] for r in map(json.loads, (save / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(save) if "loss" in r}
 
 
 def assert_same_run(a, b, steps):
