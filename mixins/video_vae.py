@@ -152,7 +152,8 @@ def _checked_architecture(architecture: Any) -> dict[str, Any]:
     return architecture
 
 
-def _read_sat_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_sat_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """SAT's VAE file as saved (its names, ``loss.*`` included), unnested, or the VAE's part of a whole engine file."""
     if path.suffix == ".safetensors":
         state_dict = safetensors.torch.load_file(path)
     else:
@@ -174,7 +175,7 @@ def _read_sat_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_sat_checkpoint(path: Path, architecture: dict[str, Any]) -> AutoencoderKLCogVideoX:
-    state_dict = sat_vae_to_diffusers(_read_sat_state_dict(path))
+    state_dict = sat_vae_to_diffusers(read_sat_state_dict(path))
     with torch.device("meta"):
         vae = _autoencoder_class()(**architecture)
     expected = {key: tuple(value.shape) for key, value in vae.state_dict().items()}

@@ -14,8 +14,8 @@ from tests.conftest import ROOT
 # Bottom to top (docs/architecture.md). A module may import its own layer and those below it.
 LAYERS = [
     "sat_video.common", "sat_video.model", "mixins", "sat_video.model.build", "sat_video.data", "sat_video.fixtures",
-    "sat_video.diffusion", "sat_video.formats", "sat_video.training", "sat_video.config", "sat_video.benchmarks",
-    "sat_video.experiments", "sat_video.gpu_check",
+    "sat_video.diffusion", "sat_video.formats", "sat_video.training", "sat_video.vae_training", "sat_video.config",
+    "sat_video.benchmarks", "sat_video.experiments", "sat_video.gpu_check",
 ]
 
 

@@ -8,6 +8,7 @@ from sat_video.data.config import DataConfig
 from sat_video.diffusion.config import DiffusionConfig, SampleConfig
 from sat_video.model.config import DiTConfig, FirstStageConfig, TextEncoderConfig
 from sat_video.training.config import DeepSpeedConfig, ParallelConfig, TrainConfig
+from sat_video.vae_training.config import VaeTrainingConfig
 
 
 @dataclass
@@ -28,3 +29,5 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    vae: VaeTrainingConfig = field(default_factory=VaeTrainingConfig)
+    """Read by ``tools/train_vae.py`` only."""

@@ -55,6 +55,7 @@ class ClipSpec:
         max_source_pixels: files whose declared frames are larger are skipped before decoding.
         random_start: a video's clip starts at a random frame of those that leave room for the whole clip (drawn from
             the ``rng`` :func:`load_clip` is given) instead of right after ``skip_frames``.
+        require_captions: ``False``: a sample without a usable caption gets an empty one instead of being skipped.
     """
 
     num_frames: int
@@ -65,6 +66,7 @@ class ClipSpec:
     min_frames: int | None = None
     max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS
     random_start: bool = False
+    require_captions: bool = True
 
     def __post_init__(self):
         problems = []
@@ -92,6 +94,7 @@ class ClipSpec:
                 width=data.width if data.width is not None else dit.latent_width * SPATIAL_COMPRESSION,
                 fps=data.fps, skip_frames=data.skip_frames, min_frames=data.min_frames,
                 max_source_pixels=data.max_source_pixels, random_start=data.random_start,
+                require_captions=data.require_captions,
             )
         except DataError as err:
             raise DataError(f"{err} (num_frames is model.dit.num_frames; the others are data.*)") from None
@@ -231,6 +234,15 @@ def _check_file(ref: SampleRef) -> None:
         raise UnusableSample(ref.path, "empty file (0 bytes)")
 
 
+def _caption(ref: SampleRef, spec: ClipSpec) -> str:
+    try:
+        return read_caption(ref)
+    except UnusableSample:
+        if spec.require_captions:
+            raise
+        return ""
+
+
 def source_shape(ref: SampleRef, spec: ClipSpec) -> SourceShape:
     """A file's frame size as displayed (a video's rotation applied) and how many frames it gives at ``spec.fps`` after
     ``spec.skip_frames``, from its header and decord's index (nothing is decoded): what bucket assignment needs.
@@ -239,7 +251,7 @@ def source_shape(ref: SampleRef, spec: ClipSpec) -> SourceShape:
         UnusableSample: what :func:`load_clip` would refuse before decoding (a caption missing included).
     """
     _check_file(ref)
-    read_caption(ref)
+    _caption(ref, spec)
     if ref.is_image:
         width, height = _read_image(ref.path, spec.max_source_pixels, decode=False)
         return SourceShape(width, height, 1, True)
@@ -283,7 +295,7 @@ def load_clip(ref: SampleRef, spec: ClipSpec, rng: np.random.Generator | None = 
             missing or empty caption.
     """
     _check_file(ref)
-    caption = read_caption(ref)
+    caption = _caption(ref, spec)
     if ref.is_image:
         return _to_clip(_read_image(ref.path, spec.max_source_pixels), spec.height, spec.width), caption
     return _to_clip(_read_video(ref.path, spec, rng), spec.height, spec.width, spec.num_frames), caption

@@ -30,6 +30,9 @@ class DataConfig:
     shard_timeout_s: float = field(default=60.0, metadata=at_least(0, exclusive=True))
     """With ``shards``: a shard (a ``pipe:`` command above all) that gives no bytes for this long ends with a warning
     naming it, like a truncated one, instead of hanging the run."""
+    require_captions: bool = True
+    """``false``: a clip without a caption (no label file, an empty one) is used with an empty caption; for runs that
+    need none (``tools/train_vae.py``)."""
     height: int | None = field(default=None, metadata=at_least(1))
     """Pixel height of a clip; ``null``: ``model.dit.latent_height`` x 8."""
     width: int | None = field(default=None, metadata=at_least(1))

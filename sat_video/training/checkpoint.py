@@ -70,6 +70,10 @@ class LoopState:
         self.data_position = tuple(self.data_position)
         self.skipped_files = [tuple(item) for item in self.skipped_files]
 
+    def note_skipped(self, items) -> None:
+        """Files found unusable, ``(path, reason)``, each listed once in ``skipped_files.txt`` at the end of the run."""
+        self.skipped_files.extend(item for item in items if item not in self.skipped_files)
+
     def state_dict(self) -> dict[str, Any]:
         return {SAVED_AS.get(f.name, f.name): _as_lists(getattr(self, f.name)) for f in fields(self)}
 
@@ -119,15 +123,19 @@ class Checkpoints:
 
     ``parts``: the named stateful parts of each rank's trainer state file, ``loop`` and ``rng`` among them.
     ``ema_weights``: gathers the average of the weights (collective; filled on the main rank), when there is one.
+    ``companions``: further engines of the run (a GAN's discriminator), each saved whole into ``<iteration>/<name>/``.
+    ``exports``: writes files for users into a checkpoint's folder before it is committed (main rank), e.g. a VAE's
+    diffusers folder.
     """
 
     def __init__(self, run_folder: RunFolder, engine: DeepSpeedEngine, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, parts: Mapping[str, Stateful], layout: ParallelLayout,
                  env: DistributedEnv, keep_last: int | None,
-                 ema_weights: Callable[[], dict[str, torch.Tensor]] | None = None):
+                 ema_weights: Callable[[], dict[str, torch.Tensor]] | None = None,
+                 companions: Mapping[str, DeepSpeedEngine] = {}, exports: Callable[[Path], None] | None = None):
         self.run_folder, self.engine, self.optimizer, self.scheduler = run_folder, engine, optimizer, scheduler
         self.parts, self.layout, self.env, self.keep_last = dict(parts), layout, env, keep_last
-        self.ema_weights = ema_weights
+        self.ema_weights, self.companions, self.exports = ema_weights, dict(companions), exports
 
     def save(self, iteration: int) -> Path:
         """Stage every rank's part of checkpoint ``iteration``, then commit it; returns its folder."""
@@ -138,6 +146,8 @@ class Checkpoints:
         self.engine.save_checkpoint(
             str(self.run_folder.path), tag=staging.name, client_state={"iteration": iteration}, save_latest=False
         )
+        for name, companion in self.companions.items():
+            companion.save_checkpoint(str(staging), tag=name, client_state={"iteration": iteration}, save_latest=False)
         if self.engine.zero_optimization_partition_weights():
             # ZeRO-3 writes only partitions; gather the whole DiT into SAT's file so every loader can read it.
             module = self.engine._zero3_consolidated_16bit_state_dict()
@@ -147,6 +157,8 @@ class Checkpoints:
             average = self.ema_weights()
             if self.env.is_main:
                 torch.save({"module": average, "iteration": iteration}, staging / EMA_STATES)
+        if self.exports is not None and self.env.is_main:
+            self.exports(staging)
         state = {name: part.state_dict() for name, part in self.parts.items()}
         state["loop"]["layout"] = [self.layout.data_size, self.layout.sequence_size]  # checked on resume
         torch.save(state, trainer_state_file(staging, self.env.rank))
@@ -182,6 +194,14 @@ class Checkpoints:
             )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {folder}")
+        for name, companion in self.companions.items():
+            if not (folder / name).is_dir():
+                raise CheckpointError(f"{folder / name} is missing: the run that wrote {folder} had no {name}; start a new "
+                                      f"run from its weights instead")
+            loaded, _ = companion.load_checkpoint(str(folder), tag=name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+            if loaded is None:
+                raise CheckpointError(f"DeepSpeed could not load {folder / name}")
         # The optimizer state carries the LR of the saved step; take it from the schedule of this config, which
         # may extend the run (a larger train.train_iters) or change its decay.
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):

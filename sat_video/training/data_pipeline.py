@@ -75,7 +75,7 @@ class DataPipeline:
             self.dataset = LatentCache(cfg.data.latent_cache)
             self.dataset.check_compatible(cfg.model, cfg.data)
             self.kinds, self.collate = self.dataset.kinds, collate_cached
-            self._note_skipped(self.dataset.skipped)
+            self.state.note_skipped(self.dataset.skipped)
             return
         if cfg.data.shards:
             self._build_shards(cfg)
@@ -112,10 +112,6 @@ class DataPipeline:
                 atomic_write(self.run_folder.path / name, lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
                 logger.info("clips per bucket:\n%s", bucket_table(table))
 
-    def _note_skipped(self, items) -> None:
-        """Files found unusable; listed in ``skipped_files.txt`` at the end of the run."""
-        self.state.skipped_files.extend(item for item in items if item not in self.state.skipped_files)
-
     def _run_cache(self, cfg: DictConfig) -> RunLatentCache | None:
         """The in-run latent cache of a period's data, when it is on and exact."""
         data = cfg.data
@@ -147,7 +143,7 @@ class DataPipeline:
         for part_buckets, part_skipped in gather_objects((bucket_of, skipped)):
             merged_buckets.update(part_buckets)
             merged_skipped.update(map(tuple, part_skipped))
-        self._note_skipped(sorted(merged_skipped))
+        self.state.note_skipped(sorted(merged_skipped))
         result = [(ref, merged_buckets[str(ref.path)]) for ref in refs if str(ref.path) in merged_buckets]
         table = {b.name: [str(ref.path) for ref, rb in result if rb == b] for b in sorted(buckets)}
         if env.is_main:
@@ -156,9 +152,10 @@ class DataPipeline:
             logger.info("clips per bucket (%d fit none):\n%s", len(merged_skipped), bucket_table(table))
         return result
 
-    def open(self, frozen_stages: FrozenStages, image_condition: bool) -> None:
+    def open(self, frozen_stages: FrozenStages | None, image_condition: bool = False) -> None:
         """Start loading from ``state.data_position``, encoding with ``frozen_stages`` (``image_condition``: I2V, which also
-        needs each clip's first frame) ``data.prefetch`` batches ahead."""
+        needs each clip's first frame) ``data.prefetch`` batches ahead; ``None``: the decoded clips as they are (a VAE
+        trains on pixels)."""
         self._encode_with = frozen_stages, image_condition
         self._open_loader()
 
@@ -213,6 +210,8 @@ class DataPipeline:
         )
         if self.cached:
             encode = lambda batch: batch.to(self.env.device)  # noqa: E731 - already encoded
+        elif self._encode_with[0] is None:
+            encode = lambda batch: batch  # noqa: E731 - pixels, moved by the step
         else:
             frozen_stages, image_condition = self._encode_with
             encode = BatchEncoder(frozen_stages, self.dataset, self.run_cache, self.env.device,
@@ -243,10 +242,10 @@ class DataPipeline:
             self.state.data_drawn = []  # a continued epoch is over
         self.state.data_position = (batch.position[0], batch.position[1] + 1)
         self.bucket = batch.bucket
-        self._note_skipped(batch.skipped)
+        self.state.note_skipped(batch.skipped)
         if self._shard_batches is not None:
             self.state.data_stream = self._shard_batches.state_after(batch.position)
-            self._note_skipped(self._shard_batches.take_skipped())
+            self.state.note_skipped(self._shard_batches.take_skipped())
         return batch
 
     def record_fields(self) -> dict:

@@ -32,6 +32,25 @@ from sat_video.training.sequence_parallel import ParallelLayout
 logger = logging.getLogger("sat_video.train")
 
 
+def heldout_clips(cfg: DictConfig, sources: list[str], max_samples: int | None, clip_spec: ClipSpec,
+                  key: str) -> tuple[list[tuple[SampleRef, ClipSpec]], list[tuple[str, str]]]:
+    """The first ``max_samples`` clips of ``sources`` in discovery order, each with how it is cut (its bucket's size with
+    ``data.buckets``, from headers: every rank reads them all, held-out sets are small, and decides alike), and the
+    ``(path, reason)`` of those that fit no bucket. ``key`` names the sources in errors."""
+    refs = discover(sources)[:max_samples]
+    skipped: list[tuple[str, str]] = []
+    specs = [clip_spec] * len(refs)
+    if cfg.data.buckets:
+        buckets = parse_buckets(cfg.data.buckets, cfg.model.dit.patch_size)
+        assigned, skipped = assign_buckets(refs, buckets, lambda ref: source_shape(ref, clip_spec), cfg.data.max_upscale,
+                                           clip_spec.min_frames)
+        refs, specs = [ref for ref, _ in assigned], [bucket_spec(clip_spec, bucket) for _, bucket in assigned]
+    if not refs:
+        raise DataError(f"{key} ({', '.join(sources)}): no usable clip"
+                        + (f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""))
+    return list(zip(refs, specs)), skipped
+
+
 class EvalLoss:
     """The held-out clips of this rank and how to evaluate them. ``skipped``: ``(path, reason)`` of the clips left out
     (headers that fit no bucket at construction; files that fail to decode at the first evaluation)."""
@@ -46,20 +65,11 @@ class EvalLoss:
             raise DataError(f"train.eval.timesteps: expected timesteps in [0, {cfg.model.diffusion.num_train_timesteps}), "
                             f"found {list(evaluation.timesteps)}")
         self.seed, self.env, self.sequence_size = int(evaluation.seed), env, layout.sequence_size
-        refs = discover(list(evaluation.sources))[:evaluation.max_samples]
-        self.skipped: list[tuple[str, str]] = []
-        specs = [clip_spec] * len(refs)
-        if cfg.data.buckets:  # headers only: every rank reads them all (held-out sets are small) and decides alike
-            buckets = parse_buckets(cfg.data.buckets, cfg.model.dit.patch_size)
-            assigned, self.skipped = assign_buckets(refs, buckets, lambda ref: source_shape(ref, clip_spec),
-                                                    cfg.data.max_upscale, clip_spec.min_frames)
-            refs, specs = [ref for ref, _ in assigned], [bucket_spec(clip_spec, bucket) for _, bucket in assigned]
-        self.size = len(refs)
-        if self.size == 0:
-            raise DataError(f"train.eval.sources ({', '.join(evaluation.sources)}): no usable clip"
-                            + (f", e.g. {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""))
+        clips, self.skipped = heldout_clips(cfg, list(evaluation.sources), evaluation.max_samples, clip_spec,
+                                            "train.eval.sources")
+        self.size = len(clips)
         self.mine: list[tuple[int, SampleRef, ClipSpec]] = [
-            (i, refs[i], specs[i]) for i in range(layout.data_rank, self.size, layout.data_size)]
+            (i, *clips[i]) for i in range(layout.data_rank, self.size, layout.data_size)]
         self.rounds = -(-self.size // layout.data_size)
         self._encoded: list[tuple[int, EncodedClip]] | None = None
 

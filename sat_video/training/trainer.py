@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sat_video.common.errors import ConfigError, RunStopped
-from sat_video.common.files import atomic_write
 from sat_video.data.buckets import bucket_table
 from sat_video.diffusion.conditioning import TrainingInputBuilder
 from sat_video.diffusion.loss import DiffusionLoss
@@ -39,10 +36,10 @@ from sat_video.training.callbacks import Callback, StepEnd
 from sat_video.training.checkpoint import Checkpoints, LoopState, RngState, saved_period
 from sat_video.training.data_pipeline import DataPipeline
 from sat_video.training.deepspeed_setup import deepspeed_config, frozen_stage_dtype
-from sat_video.training.distributed import DistributedEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from sat_video.training.distributed import DistributedEnv, all_reduce_sum, init_distributed
 from sat_video.training.elastic_resume import check_resume_layout
 from sat_video.training.eval_loss import EvalLoss
-from sat_video.training.folder_lock import FolderLock, hold_folder_lock
+from sat_video.training.job import open_run_folder, run_job
 from sat_video.training.metrics import MetricsLog
 from sat_video.training.optim import FiniteAdamW, parameter_groups, select_trainable
 from sat_video.training.progressive import lr_lambda_by_period, plan_periods
@@ -73,7 +70,7 @@ class Trainer:
         self.state = LoopState()
         self.metrics = MetricsLog(self.run_folder, cfg, self.env)  # a tracker not installed is refused here
         self.layout = ParallelLayout.of(self.env.rank, self.env.world_size, cfg.parallel.sequence_parallel_size)
-        resume_from = self._open_run_folder()
+        resume_from = open_run_folder(self.run_folder, cfg, self.env, self._check_resume)
 
         # Data first: a dataset without a usable sample fails before any model is built; a resumed run builds only
         # the data of the period it stopped in.
@@ -130,29 +127,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ construction
 
-    def _open_run_folder(self) -> Path | None:
-        """The checkpoint ``train.resume`` names, or ``None`` for a fresh start in a folder made ready for it."""
-        train, run_folder = self.cfg.train, self.run_folder
-        resume_from = run_folder.resolve_resume(train.resume)
-        # Before anything in the folder is written or loaded; every rank reads the same file and decides alike.
+    def _check_resume(self, resume_from: Path | None) -> None:
+        """What this config cannot resume or run with, decided before anything in the folder is written or loaded (every
+        rank reads the same file and decides alike)."""
+        train = self.cfg.train
         self.elastic = None if resume_from is None else check_resume_layout(
             train.resume_layout, resume_from, self.layout, self._deepspeed_config()["zero_optimization"]["stage"])
         ema.check_ema(train.ema, self._deepspeed_config()["zero_optimization"]["stage"], self.cfg.deepspeed.precision,
-                  elastic=self.elastic is not None)
+                      elastic=self.elastic is not None)
         if train.validation.weights != "live" and not train.ema.enabled:
             raise ConfigError(f"train.validation.weights={train.validation.weights} needs train.ema.enabled=true")
-        if self.env.is_main:
-            if resume_from is None:
-                # auto found no complete checkpoint: what a run killed before its first save left is replaced
-                run_folder.start_fresh(train.overwrite or train.resume == "auto")
-            else:
-                run_folder.remove_partial()
-            if train.resume == "auto":
-                logger.info("train.resume=auto: %s", f"resuming from {resume_from}" if resume_from else
-                            f"starting fresh in {run_folder.path} (no complete checkpoint there)")
-            atomic_write(run_folder.path / "config.yaml", lambda tmp: OmegaConf.save(self.cfg, tmp))
-        barrier()
-        return resume_from
 
     def _build_dit(self) -> DiffusionTransformer:
         """The DiT with its initial weights, what trains, and how it runs (checkpointing, compile, split over
@@ -341,7 +325,7 @@ class Trainer:
             if self.average is not None:
                 with ema.swapped_in(self.engine):
                     results["ema"] = evaluate()
-        self.state.skipped_files.extend(item for item in self.evaluation.skipped if item not in self.state.skipped_files)
+        self.state.note_skipped(self.evaluation.skipped)
         if self.env.is_main:
             self.metrics.log_evaluation(self.state.iteration, results)
         self.watchdog.completed(f"held-out evaluation at iteration {self.state.iteration}")
@@ -353,25 +337,6 @@ class Trainer:
 
 
 def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> LoopState:
-    """Run a whole training job in this process (one rank of a ``torchrun`` job, or a single process), and leave no
+    """Run a whole DiT training job in this process (one rank of a ``torchrun`` job, or a single process), and leave no
     process group behind."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    rank = int(os.environ.get("RANK", 0))  # the watchdog also watches joining the process group
-    run_folder = RunFolder(cfg.train.save)
-    watch = Watchdog(cfg.train.hang_timeout_s, cfg.train.slow_stage_timeout_s, run_folder.hang_file(rank), rank)
-    with watch:
-        env = init_distributed(cfg.train.collective_timeout_s)
-        if not env.is_main:
-            logging.getLogger("sat_video").setLevel(logging.WARNING)
-        try:
-            # taken before anything in train.save is read or written, released once every rank is done with it
-            lock = FolderLock(run_folder.lock_file, f"train.save={cfg.train.save}", cfg.train.lock_stale_s)
-            with hold_folder_lock(lock, env.is_main):
-                trainer = Trainer(cfg, env, watch, callbacks)
-                try:
-                    return trainer.run()
-                finally:
-                    trainer.close()
-                    del trainer  # its engine and model hold the process groups, which shutdown() must see go
-        finally:
-            shutdown()
+    return run_job(cfg, lambda env, watchdog: Trainer(cfg, env, watchdog, callbacks))
