@@ -106,7 +106,7 @@ def build_lpips(cfg: DictConfig, loss_state: dict[str, torch.Tensor]) -> LPIPS |
     files = cfg.vae.lpips
     if files.vgg16:
         return lpips_from_files(files.vgg16, files.heads)
-    network = lpips_from_state_dict(loss_state)
+    network = lpips_from_state_dict(loss_state, source=str(cfg.model.first_stage.path))
     if network is None and cfg.vae.loss.perceptual_weight > 0:
         raise ConfigError(f"vae.loss.perceptual_weight={cfg.vae.loss.perceptual_weight} needs LPIPS weights: "
                           f"{cfg.model.first_stage.path} carries no loss.perceptual_model.* and vae.lpips names no files. "

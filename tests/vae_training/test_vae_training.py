@@ -19,9 +19,9 @@ from sat_video.formats.sat_checkpoint import MODEL_STATES
 from sat_video.training.metrics import read_metrics
 from sat_video.vae_training.autoencoder import TrainableAutoencoder, load_autoencoder
 from sat_video.vae_training.discriminator import discriminator_from_state_dict
-from sat_video.vae_training.lpips import random_lpips
+from sat_video.vae_training.lpips import lpips_from_files, random_lpips
 from sat_video.vae_training.quality import psnr
-from sat_video.vae_training.trainer import check_vae_run, train_vae
+from sat_video.vae_training.trainer import VaeTrainer, check_vae_run, train_vae
 from tests.conftest import ROOT
 from tests.numerics import assert_identical
 from tests.training.runs import one_process_group, train_here
@@ -163,6 +163,25 @@ def test_gan_training_resumes_exactly_across_disc_start(clips, tmp_path):
         assert_identical(value, da[name], name)
     assert any(key.startswith("loss.perceptual_model.lin0") for key in sat)
     assert train_vae_tool(["--export-sat", str(straight / "6"), str(out)]) == 2  # never overwritten unasked
+
+    # a run from that file warm-starts both loss networks from its loss.* (no LPIPS files named)
+    with one_process_group():
+        warm = keys(clips, tmp_path / "warm", *GAN, f"model.first_stage.path={out}")
+        networks = built_loss_networks(load_config(VAE_BASE, warm))
+    for name, value in networks["discriminator"].items():
+        assert_identical(value, da[name], name)
+    files = lpips_from_files(clips / "vgg16.pth", clips / "lpips_vgg.pth").state_dict()
+    for name, value in networks["lpips"].items():
+        assert_identical(value, files[name], name)
+
+
+def built_loss_networks(cfg) -> dict:
+    """The state dicts of the discriminator and LPIPS a VAE run starts with (its engines closed again)."""
+    trainer = VaeTrainer(cfg)
+    try:
+        return {"discriminator": trainer.disc_engine.module.state_dict(), "lpips": trainer.lpips.state_dict()}
+    finally:
+        trainer.close()
 
 
 def read_folder(folder):
