@@ -35,6 +35,9 @@ over interleaved repetitions after warm-up):
 * Data at scale (``shards``): start-up of ``tools/train_video.py`` on 1k to 100k samples from shards and from folder
   sources, ``tools/make_shards.py``'s speed, decoding per core at 480x720 and 768x1360, the projection to 10M samples on
   64 ranks (several minutes: the folder sources at 10k samples read 10k headers).
+* VAE training (``vae``): a training step of ``tools/train_vae.py``'s VAE at CogVideoX's architecture (random weights)
+  on small clips, decoder and all, gradient checkpointing off and on: step time, peak memory, and the peak predicted at
+  the recipe's 17x256x256 crops and at whole 49x480x720 clips (about 9 minutes on an idle 2-core CPU).
 
 The sections named in parentheses also regenerate alone: ``--only NAME [NAME ...]`` runs just those and replaces them
 inside an existing ``--out`` (a section it lacks goes where the report's order puts it), leaving the rest as it was;
@@ -42,6 +45,7 @@ each shows the command that regenerates it:
 
     python tools/bench.py --only trainers --trainer-steps 24 --trainer-rounds 2
     python tools/bench.py --only fp8_storage block_streaming training_memory ema --dtypes fp32
+    python tools/bench.py --only vae
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from pathlib import Path
 
 import torch
 
-from sat_video.benchmarks import fine_tuning, training_memory
+from sat_video.benchmarks import fine_tuning, training_memory, vae_training
 from sat_video.benchmarks.context import Bench, Commands, measure, standalone
 from sat_video.benchmarks.presets import DTYPES, PRESETS, Preset
 from sat_video.benchmarks.report import SECTIONS, assemble, update
@@ -137,6 +141,8 @@ def _alone_arguments(args, name: str) -> list[str]:
     if name == fine_tuning.STANDALONE:
         given |= {"--trainer-steps": args.trainer_steps, "--trainer-rounds": args.trainer_rounds,
                   "--diffusers-script": args.diffusers_script}
+    elif name == vae_training.STANDALONE:  # its device; always fp32
+        given |= {"--device": args.device}
     elif name != training_memory.STANDALONE:  # the DiT sections' device and precisions (training runs on the CPU, fp32)
         given |= {"--device": args.device, "--dtypes": args.dtypes}
     given["--out"] = args.out

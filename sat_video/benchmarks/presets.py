@@ -11,6 +11,8 @@ from sat_video.benchmarks.sampling_memory import DecodeCase
 from sat_video.benchmarks.shard_streaming import ShardScale
 from sat_video.benchmarks.trainer_comparison import ComparisonSetup
 from sat_video.benchmarks.training_memory import MemoryGrid
+from sat_video.benchmarks.vae_training import VaeTrainingScale
+from sat_video.fixtures.tiny_vae import TINY_VAE_ARCHITECTURE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -63,6 +65,8 @@ class Preset:
     code path; the tests check the split over two)."""
     shards: ShardScale
     """Sample counts, shard size and decode sizes of the data-at-scale section."""
+    vae_training: VaeTrainingScale
+    """The VAE and clips of the VAE-training section (``tools/bench.py --only vae``)."""
 
 
 def _dit(
@@ -83,7 +87,10 @@ PRESETS = {
         full_size=False, trainers=None,
         # one run: the section's code path, not the validation
         training_memory=MemoryGrid(recipes=("LoRA",), stages=(2,), sizes=((5, 48, 80),)), ema_ranks=1,
-        shards=ShardScale(samples=(20,), folder=(), per_shard=10, decode_sizes=((9, 64, 96),), decode_clips=2)),
+        shards=ShardScale(samples=(20,), folder=(), per_shard=10, decode_sizes=((9, 64, 96),), decode_clips=2),
+        vae_training=VaeTrainingScale("The tiny VAE (`TINY_VAE_ARCHITECTURE`)", sizes=((9, 16, 16), (9, 16, 32)),
+                                      timed=((9, 16, 16),), reps=1, architecture=TINY_VAE_ARCHITECTURE,
+                                      trainable=("decoder",))),  # the code path; all would double its seconds
     "default": Preset(
         dits=(
             # 5B layout (3D RoPE), 4 x 16 x 16 latents -> 256 video + 64 text tokens
@@ -105,5 +112,9 @@ PRESETS = {
         ema_ranks=2,
         # start-up at 1k to 100k samples (folder sources to 10k: a header read per file); decoding at 1.0's and 1.5's sizes
         shards=ShardScale(samples=(1_000, 10_000, 100_000), folder=(1_000, 10_000), per_shard=1_000,
-                          decode_sizes=((49, 480, 720), (49, 768, 1360)), decode_clips=4)),
+                          decode_sizes=((49, 480, 720), (49, 768, 1360)), decode_clips=4),
+        # CogVideoX's VAE (AutoencoderKLCogVideoX's defaults): 17 and 25 frames at 32 x 32 and 17 at 32 x 64, differing in
+        # frames and in area; 5 and 7 latent frames decode in two and three chunks, as every target decodes in several
+        vae_training=VaeTrainingScale("CogVideoX's VAE (`AutoencoderKLCogVideoX()`'s default arguments)",
+                                      sizes=((17, 32, 32), (25, 32, 32), (17, 32, 64)), timed=((17, 32, 32),), reps=2)),
 }

@@ -23,6 +23,7 @@ from sat_video.benchmarks import (
     targets,
     training_memory,
     training_steps,
+    vae_training,
     weight_average,
 )
 from sat_video.benchmarks.context import Section, standalone
@@ -30,7 +31,7 @@ from sat_video.benchmarks.markdown import begin_marker, marked, replace_section
 
 SECTIONS: tuple[Section, ...] = (machine, targets, gemm_peak, dit_steps, kernel_profile, checkpointing, training_steps,
                                  mixed_sizes, data_loading, sequence_parallel, sampling_memory, fine_tuning, fp8_storage,
-                                 block_streaming, training_memory, weight_average, shard_streaming, method)
+                                 block_streaming, training_memory, weight_average, shard_streaming, vae_training, method)
 """In the report's order, which is also the order they measure in (the summaries aside: see ``Section``)."""
 
 

@@ -39,11 +39,12 @@ def test_bench_tiny_writes_every_section(tmp_path):
         "## Training memory: the planner against measured peaks",
         "## Moving average of the weights (train.ema)",
         "## Data at scale: shards vs folder sources",
+        "## VAE training: step time and peak memory",
         "## How these figures are measured",
     ):
         assert heading in report
     # each can be replaced alone later
-    for name in ("trainers", "fp8_storage", "block_streaming", "training_memory", "ema", "shards"):
+    for name in ("trainers", "fp8_storage", "block_streaming", "training_memory", "ema", "shards", "vae"):
         assert f"<!-- bench:{name} -->" in report and f"`python tools/bench.py --only {name} --sizes tiny" in report
     assert "| torch threads | 1 |" in report
     # one comparison row per dtype, with positive times for both implementations
@@ -74,5 +75,11 @@ def test_bench_tiny_writes_every_section(tmp_path):
     assert sorted(dtype for dtype, *_ in ema) == ["bf16", "fp32"] and all(float(a) > 0 and float(b) > 0 for _, a, b, _ in ema)
     assert re.search(r"ZeRO-2 on 1 process\(es\), fp32, every weight trained: rank 0 holds [\d.]+ MiB of average "
                      r"\(`ema_memory_gb`\), 1.00 of the whole", report)
+    # VAE training: the tiny VAE's decoder step per size and checkpointing mode (timed at the first size), and the
+    # full-size prediction of each mode, the recipe's marked
+    vae = re.findall(r"^\| 9x16x(16|32) \| decoder \| [\d.]+ M \| (off|on) \| ([\d.]+|-) \|", report, re.M)
+    assert len(vae) == 4 and all((time != "-") == (size == "16") for size, _, time in vae), vae
+    assert re.search(r"^\| decoder \(recipe\) \| on \| [\d.]+ \| [-\d.]+ \| [-\d.]+ \| [-+\d.]+%, [-+\d.]+% \| "
+                     r"[\d.]+, [\d.]+ \| [\d.]+ \| [\d.]+ \|$", report, re.M)
     workers = [int(w) for w in re.findall(r"^\| (\d+) \| [\d.]+ \|$", report, re.M)]  # data loading: 0, 1, ... workers
     assert workers[0] == 0 and len(workers) >= 2 and workers == sorted(set(workers))
