@@ -70,6 +70,17 @@ class LoopState:
         self.data_position = tuple(self.data_position)
         self.skipped_files = [tuple(item) for item in self.skipped_files]
 
+    def count_step(self, skipped: bool) -> None:
+        """One more iteration; ``skipped``: it had a non-finite loss or gradients and changed no weight."""
+        self.iteration += 1
+        if skipped:
+            self.skipped_steps += 1
+            self.nonfinite_streak += 1
+            logger.warning("iteration %d: non-finite loss or gradients, step skipped (%d in a row)", self.iteration,
+                           self.nonfinite_streak)
+        else:
+            self.nonfinite_streak = 0
+
     def note_skipped(self, items) -> None:
         """Files found unusable, ``(path, reason)``, each listed once in ``skipped_files.txt`` at the end of the run."""
         self.skipped_files.extend(item for item in items if item not in self.skipped_files)

@@ -258,17 +258,10 @@ class Trainer:
         totals = all_reduce_sum(torch.tensor([losses.nan_to_num(0.0, 0.0, 0.0).sum().item(),
                                               float((~torch.isfinite(losses)).sum()), float(losses.numel())]))
         skipped = bool((not self.engine.was_step_applied()) or self.optimizer.last_step_skipped or totals[1] > 0)
-        self.state.iteration += 1
+        self.state.count_step(skipped)
         self.watchdog.completed(f"iteration {self.state.iteration}")
         if first:
             self.metrics.first_step_done()
-        if skipped:
-            self.state.skipped_steps += 1
-            self.state.nonfinite_streak += 1
-            logger.warning("iteration %d: non-finite loss or gradients, step skipped (%d in a row)", self.state.iteration,
-                           self.state.nonfinite_streak)
-        else:
-            self.state.nonfinite_streak = 0
         loss = None if skipped else (totals[0] / totals[2]).item()
         self.metrics.add_step(loss, time.perf_counter() - step_start)
         return StepEnd(self.state.iteration, loss, lr, skipped)

@@ -273,17 +273,11 @@ class VaeTrainer:
         if gan:
             applied = applied and self.disc_engine.was_step_applied() and not self.disc_optimizer.last_step_skipped
         skipped = not applied or totals[-2] > 0
-        self.state.iteration += 1
+        self.state.count_step(skipped)
         self.watchdog.completed(f"iteration {self.state.iteration}")
         if first:
             self.metrics.first_step_done()
-        if skipped:
-            self.state.skipped_steps += 1
-            self.state.nonfinite_streak += 1
-            logger.warning("iteration %d: non-finite loss or gradients, step skipped (%d in a row)", self.state.iteration,
-                           self.state.nonfinite_streak)
-        else:
-            self.state.nonfinite_streak = 0
+        if not skipped:
             means = {name: float(totals[i] / totals[-1]) for i, name in enumerate(names)}
             for name, value in means.items():  # the GAN's parts join the window at disc_start
                 self._window[name][0] += value
